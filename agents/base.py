@@ -1,0 +1,186 @@
+"""The shared shape of every resource agent: quote a round, hold, commit, release.
+
+Subclasses supply the physics (costs, times, capacity); this class owns the protocol,
+so hold and commit rules cannot drift between resource kinds.
+"""
+from __future__ import annotations
+
+import heapq
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from agents.holds import HoldBook, HoldError
+from market.catalogue import Catalogue
+from market.config import AgentCfg
+from market.geo import CityGrid
+from market.round import Round
+from market.types import CATEGORY_CODES, AwardLine, Kind, Quote
+from policies.base import BidContext, BiddingStrategy, BidDecision
+
+RELIABILITY_ALPHA = 0.02  # EWMA weight of one delivery in the reliability estimate
+WIN_RATE_ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class AgentEnv:
+    """What every agent needs from the market around it."""
+
+    grid: CityGrid
+    catalogue: Catalogue
+    seed: int = 0
+
+
+def agent_seed(seed: int, agent_id: str) -> list[int]:
+    """A per-agent RNG seed that does not depend on Python's salted hash."""
+    return [seed, zlib.crc32(agent_id.encode())]
+
+
+class Agent(ABC):
+    """A fulfilment resource that bids in rounds from its own live state."""
+
+    kind: ClassVar[Kind]
+
+    def __init__(self, cfg: AgentCfg, env: AgentEnv) -> None:
+        self.cfg = cfg
+        self.agent_id = cfg.id
+        self.env = env
+        self.category_ok = np.zeros(len(CATEGORY_CODES), dtype=bool)
+        self.category_ok[[CATEGORY_CODES[c] for c in cfg.categories]] = True
+        self.reliability = float(cfg.reliability)
+        self.win_rate = 0.5
+        self.holds = HoldBook()
+        self.now_s = 0.0
+        self.rng = np.random.default_rng(agent_seed(env.seed, cfg.id))
+        self._completions: list[tuple[float, int, Any]] = []
+        self._completion_seq = 0
+        self.committed_units = 0
+        self.holds_expired = 0
+
+    # -- capacity -------------------------------------------------------------------
+    @abstractmethod
+    def capacity_total(self) -> int:
+        """Nominal capacity (riders, compartments, picks in the queue window...)."""
+
+    @abstractmethod
+    def capacity_free(self) -> int:
+        """Capacity not committed, before holds."""
+
+    def available(self) -> int:
+        """Capacity a new round may hold: free minus what open rounds hold."""
+        return max(0, self.capacity_free() - self.holds.units)
+
+    @abstractmethod
+    def utilization(self, now: float) -> float:
+        """Time-averaged share of capacity in use since the start."""
+
+    # -- time -----------------------------------------------------------------------
+    def advance(self, now: float) -> None:
+        """Brings live state up to `now`: expired holds, finished jobs, refills."""
+        for hold in self.holds.expire(now):
+            self.holds_expired += 1
+            self._on_release(hold.payload)
+        while self._completions and self._completions[0][0] <= now:
+            done_s, _, payload = heapq.heappop(self._completions)
+            self._on_complete(done_s, payload)
+        self._advance(now)
+        self.now_s = max(self.now_s, now)
+
+    def _advance(self, now: float) -> None:
+        """Kind-specific dynamics; default none."""
+
+    def schedule_completion(self, done_s: float, payload: Any) -> None:
+        """Registers when a committed job frees its capacity (called by the world)."""
+        self._completion_seq += 1
+        heapq.heappush(self._completions, (done_s, self._completion_seq, payload))
+
+    def _on_complete(self, done_s: float, payload: Any) -> None:
+        """Frees capacity of a finished job; default nothing."""
+
+    def record_outcome(self, on_time: bool) -> None:
+        """Updates the reliability estimate the agent quotes with."""
+        self.reliability += RELIABILITY_ALPHA * (float(on_time) - self.reliability)
+
+    # -- the bidding protocol ---------------------------------------------------------
+    def context(self, rnd: Round, now: float, available: int) -> BidContext:
+        """The strategy's view of this agent and round."""
+        total = max(1, self.capacity_total())
+        return BidContext(
+            kind=self.kind,
+            agent_id=self.agent_id,
+            now_s=now,
+            hour_of_day=(now / 3600.0) % 24.0,
+            load=min(1.0, max(0.0, 1.0 - available / total)),
+            available=available,
+            capacity_total=total,
+            round_size=rnd.size,
+            round_vip_share=rnd.vip_share,
+            win_rate=self.win_rate,
+            reliability=self.reliability,
+        )
+
+    def quote(self, rnd: Round, now: float, strategy: BiddingStrategy, hold_ttl_s: float) -> Quote | None:
+        """Prices the round, holds the capacity offered, and returns the quote (or None)."""
+        self.advance(now)
+        avail = self.available()
+        if avail <= 0 or rnd.size == 0:
+            return None
+        reach = self.category_ok[rnd.category] & self._reach(rnd)
+        if not reach.any():
+            return None
+        decision = strategy.decide(self.context(rnd, now, avail)).clipped()
+        eligible = self._after_holdback(rnd, reach, avail, decision)
+        quote, payload = self._price(rnd, now, eligible, decision.markup) if eligible.any() else (None, None)
+        if quote is None or len(quote.order_idx) == 0:
+            self._on_release(payload)
+            return None
+        quote.capacity = min(avail, int(np.count_nonzero(np.bincount(quote.order_idx, minlength=rnd.size))))
+        self.holds.place(rnd.round_id, quote.capacity, now, hold_ttl_s, payload)
+        return quote
+
+    def _reach(self, rnd: Round) -> np.ndarray:
+        """Orders this agent can physically serve (area, consent, size); default all."""
+        return np.ones(rnd.size, dtype=bool)
+
+    def _after_holdback(self, rnd: Round, reach: np.ndarray, avail: int, decision: BidDecision) -> np.ndarray:
+        """When only the VIP reserve is left, only VIP orders are quoted."""
+        if avail <= int(decision.holdback * self.capacity_total()):
+            return reach & rnd.vip
+        return reach
+
+    @abstractmethod
+    def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[Quote | None, Any]:
+        """Kind-specific quote for the eligible orders, plus the hold payload."""
+
+    def commit(self, round_id: int, lines: list[AwardLine], now: float) -> None:
+        """Turns the round's hold into committed work; refuses awards beyond the hold."""
+        self.advance(now)
+        hold = self.holds.take(round_id, len(lines), now)
+        self._on_release(hold.payload)
+        for line in lines:
+            self._commit_line(line, now, hold.payload)
+        self.committed_units += len(lines)
+        self._update_win_rate(len(lines) / max(1, hold.units))
+
+    def _update_win_rate(self, won_share: float) -> None:
+        self.win_rate += WIN_RATE_ALPHA * (won_share - self.win_rate)
+
+    @abstractmethod
+    def _commit_line(self, line: AwardLine, now: float, payload: Any) -> None:
+        """Applies one award to live state."""
+
+    def release(self, round_id: int, now: float) -> None:
+        """Drops the round's hold without an award."""
+        hold = self.holds.release(round_id)
+        if hold is not None:
+            self._on_release(hold.payload)
+            self._update_win_rate(0.0)
+
+    def _on_release(self, payload: Any) -> None:
+        """Frees a hold's payload (stock for warehouses); default nothing."""
+
+
+__all__ = ["Agent", "AgentEnv", "HoldError", "agent_seed"]

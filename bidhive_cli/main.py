@@ -1,0 +1,111 @@
+"""The `bidhive` command line: simulate, replay, bench (and more as shells land)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer._click.exceptions import ClickException  # typer 0.29 vendors click; its errors live here
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bidhive_cli.errors import UserError
+from bidhive_cli.output import print_kpis, to_json
+from market.config import ConfigError, load_profile, load_scenario
+from market.simulator import SimSetup, Simulator
+from policies.registry import PolicyError, make_policy
+
+app = typer.Typer(
+    name="bidhive",
+    help="bidhive: a real-time multi-agent resource auction for order fulfilment.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, PolicyError, FileNotFoundError)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        disable=not enabled, transient=True,
+    )
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Option(help="Scenario name (configs/scenarios) or YAML path.")],
+    policy: Annotated[str, typer.Option(help="static, heuristic or rl:PATH.")] = "heuristic",
+    orders: Annotated[Optional[int], typer.Option(min=1, max=5_000_000, help="Orders in the day (default: the scenario's).")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for demand, agents and the world.")] = 0,
+    profile: Annotated[Optional[str], typer.Option(help="Strategy profile (default: the scenario's).")] = None,
+    payment: Annotated[Optional[str], typer.Option(help="first_score or second_score (default: the scenario's).")] = None,
+    journal: Annotated[Optional[Path], typer.Option(help="Write the auction journal to this file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print KPIs as JSON.")] = False,
+    timing: Annotated[bool, typer.Option(help="Include wall-clock clearing times (--no-timing for byte-stable JSON).")] = True,
+) -> None:
+    """Simulate a day of fulfilment auctions and print its KPIs."""
+    sc = load_scenario(scenario)
+    rule = payment or sc.payment
+    if rule not in ("first_score", "second_score"):
+        raise UserError(f"unknown payment rule '{rule}' (known: first_score, second_score)")
+    setup = SimSetup.build(
+        sc, make_policy(policy, rule), seed=seed, n_orders=orders,  # type: ignore[arg-type]
+        profile=load_profile(profile) if profile else None,
+        recorder=_journal_recorder(journal),
+    )
+    sim = Simulator(setup)
+    with _progress(not json_out and sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"{sc.name} / {policy}", total=len(sim.orders))
+        kpis = sim.run(lambda done, total: bar.update(task, completed=done))
+    if not timing:
+        kpis = sim.report(timing=False)
+    if json_out:
+        typer.echo(to_json(kpis))
+    else:
+        print_kpis(f"bidhive simulate --scenario {sc.name} (seed {seed})", {policy: kpis})
+
+
+def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
+    """The journal recorder for `--journal`, or the null recorder."""
+    from market.recorder import NullRecorder
+
+    if path is None:
+        return NullRecorder()
+    raise UserError("--journal is not available yet: the auction journal has not landed")
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark: clearing.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON only.")] = False,
+    quick: Annotated[bool, typer.Option(help="Fewer repetitions (smoke runs).")] = False,
+) -> None:
+    """Run a benchmark and print its JSON."""
+    from bench import registry
+
+    result = registry.run(name, quick=quick)
+    typer.echo(to_json(result))
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as err:
+        typer.echo(f"bidhive: {err.format_message()}", err=True)
+        sys.exit(2)
+    except USER_ERRORS as err:
+        typer.echo(f"bidhive: {err}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("bidhive: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The quote book: joins source and last-mile quotes into scored combinations.
+
+One broadcast suffices because each leg quotes per source; the join is a dense
+lookup of the source matrix, so there is no Python loop over combinations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from market.config import ProfileCfg
+from market.round import Round
+from market.scoring import score as score_fn
+from market.scoring import unfulfilled_penalty
+from market.types import Kind, LegQuote, Quote, SourceQuote
+
+
+@dataclass(slots=True)
+class Combos:
+    """Source + last-mile combinations, one element per combination."""
+
+    order: np.ndarray
+    src: np.ndarray  # bidder index of the warehouse
+    leg: np.ndarray  # bidder index of the last-mile bidder
+    src_price: np.ndarray
+    leg_price: np.ndarray
+    ready_s: np.ndarray
+    pickup_s: np.ndarray
+    delivery_s: np.ndarray
+    reliability: np.ndarray
+    score: np.ndarray
+    admissible: np.ndarray  # hard constraints: reserve, category, VIP promise
+    feasible: np.ndarray  # admissible and better than leaving the order unserved
+
+    @property
+    def price(self) -> np.ndarray:
+        """Total price the retailer pays for the combination."""
+        return self.src_price + self.leg_price
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+@dataclass(slots=True)
+class QuoteBook:
+    """Everything a mechanism needs to clear one round."""
+
+    rnd: Round
+    profile: ProfileCfg
+    bidder_ids: tuple[str, ...]
+    kinds: tuple[Kind, ...]
+    capacity: np.ndarray  # per bidder, units it can take this round
+    reliability: np.ndarray  # per bidder, as quoted
+    combos: Combos
+    penalty: np.ndarray  # per order: cost of leaving it unserved
+
+    def bidder_index(self) -> dict[str, int]:
+        """Bidder id to index."""
+        return {b: i for i, b in enumerate(self.bidder_ids)}
+
+
+def _source_matrix(rnd: Round, sources: list[SourceQuote]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense [site, order] price and ready time, plus site to bidder index (-1: no quote)."""
+    site_of = {sid: i for i, sid in enumerate(rnd.sources.ids)}
+    n_sites = len(rnd.sources.ids)
+    price = np.full((n_sites, rnd.size), np.inf)
+    ready = np.full((n_sites, rnd.size), np.inf)
+    bidder = np.full(n_sites, -1, dtype=np.int64)
+    for b, q in enumerate(sources):
+        site = site_of[q.agent_id]
+        price[site, q.order_idx] = q.price
+        ready[site, q.order_idx] = q.ready_s
+        bidder[site] = b
+    return price, ready, bidder
+
+
+def _join_legs(
+    rnd: Round, legs: list[LegQuote], first_leg: int, src: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Joins each leg row to the source quote for the same (site, order)."""
+    price_m, ready_m, site_bidder = src
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("order", "src", "leg", "sp", "lp", "ready", "pickup", "travel")}
+    for j, q in enumerate(legs):
+        sp = price_m[q.source_idx, q.order_idx]
+        ok = np.isfinite(sp)
+        parts["order"].append(q.order_idx[ok])
+        parts["src"].append(site_bidder[q.source_idx[ok]])
+        parts["leg"].append(np.full(int(ok.sum()), first_leg + j, dtype=np.int64))
+        parts["sp"].append(sp[ok])
+        parts["lp"].append(q.price[ok])
+        parts["ready"].append(ready_m[q.source_idx[ok], q.order_idx[ok]])
+        parts["pickup"].append(q.pickup_s[ok])
+        parts["travel"].append(q.travel_s[ok])
+    empty = {"order": np.int64, "src": np.int64, "leg": np.int64}
+    return {k: np.concatenate(v) if v else np.zeros(0, dtype=empty.get(k, np.float64)) for k, v in parts.items()}
+
+
+def build_book(
+    rnd: Round,
+    quotes: list[Quote],
+    kinds: dict[str, Kind],
+    profile: ProfileCfg,
+    category_ok: dict[str, np.ndarray] | None = None,
+) -> QuoteBook:
+    """Scores every feasible source + last-mile combination of the round.
+
+    Args:
+        quotes: validated quotes, at most one per bidder.
+        kinds: the kind of every bidder id.
+        category_ok: declared category masks per bidder; a quote for an order
+            outside them is infeasible whatever the bidder claims.
+    """
+    sources = [q for q in quotes if isinstance(q, SourceQuote)]
+    legs = [q for q in quotes if isinstance(q, LegQuote)]
+    ordered: list[Quote] = [*sources, *legs]
+    j = _join_legs(rnd, legs, len(sources), _source_matrix(rnd, sources))
+    rel = np.array([q.reliability for q in ordered], dtype=np.float64)
+    order = j["order"]
+    combo_rel = rel[j["src"]] * rel[j["leg"]]
+    delivery = np.maximum(j["ready"], j["pickup"]) + j["travel"]
+    price = j["sp"] + j["lp"]
+    vip = rnd.vip[order]
+    scores = score_fn(price, delivery, rnd.opened_s, rnd.promise_s[order], combo_rel, vip, profile)
+    penalty = unfulfilled_penalty(rnd.vip, profile)
+    admissible = price <= rnd.reserve[order]
+    if profile.vip_hard_promise:
+        admissible &= ~vip | (delivery <= rnd.promise_s[order])
+    ids = tuple(q.agent_id for q in ordered)
+    if category_ok is not None:
+        cat = rnd.category[order]
+        allowed = np.stack([category_ok[b] for b in ids]) if ids else np.zeros((0, 4), dtype=bool)
+        admissible &= allowed[j["src"], cat] & allowed[j["leg"], cat]
+    feasible = admissible & (scores < penalty[order])
+    combos = Combos(
+        order, j["src"], j["leg"], j["sp"], j["lp"], j["ready"], j["pickup"], delivery, combo_rel, scores, admissible, feasible
+    )
+    return QuoteBook(
+        rnd=rnd,
+        profile=profile,
+        bidder_ids=ids,
+        kinds=tuple(kinds[b] for b in ids),
+        capacity=np.array([q.capacity for q in ordered], dtype=np.int64),
+        reliability=rel,
+        combos=combos,
+        penalty=penalty,
+    )

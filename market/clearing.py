@@ -1,0 +1,212 @@
+"""Round clearing: who wins each order, and what each winner is paid.
+
+The mechanism is pluggable behind one small interface, `allocate(book) -> Allocation`
+(AuctionGym's shape). `ScoringAuction` clears greedily in priority order (VIP, then
+urgency) or exactly with a MILP; both pay by `first_score` or `second_score` (VCG).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+from scipy.optimize import LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from market.book import QuoteBook
+
+Payment = Literal["first_score", "second_score"]
+Method = Literal["greedy", "exact"]
+PAYMENT_RULES: tuple[Payment, ...] = ("first_score", "second_score")
+
+NO_QUOTE = "no_quote"
+NO_FEASIBLE = "no_feasible_quote"
+NO_CAPACITY = "no_capacity"
+
+
+@dataclass(slots=True)
+class Allocation:
+    """The outcome of clearing one round.
+
+    Attributes:
+        winner: per order, the index of the winning combination or -1.
+        reason: per order, why it went unserved ('' when awarded).
+        total_cost: winners' scores plus the penalty of every unserved order; the
+            quantity both greedy and exact clearing minimise.
+    """
+
+    winner: np.ndarray
+    src_payment: np.ndarray
+    leg_payment: np.ndarray
+    reason: tuple[str, ...]
+    total_cost: float
+
+
+class Mechanism(Protocol):
+    """Anything that clears a quote book."""
+
+    name: str
+
+    def allocate(self, book: QuoteBook) -> Allocation:
+        """Clears one round."""
+        ...
+
+
+def priority_sequence(book: QuoteBook) -> np.ndarray:
+    """Orders in clearing priority: VIP first, then earliest promise, then arrival."""
+    rnd = book.rnd
+    return np.lexsort((np.arange(rnd.size), rnd.promise_s, ~rnd.vip))
+
+
+def scan_assign(
+    book: QuoteBook,
+    sequence: np.ndarray,
+    keys: tuple[np.ndarray, ...],
+    capacity: np.ndarray,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Gives each order, in `sequence`, its best-keyed feasible combination with capacity left.
+
+    Args:
+        sequence: order indices in the order they are served.
+        keys: per-combination sort keys, least significant first (np.lexsort style).
+        capacity: per-bidder capacity for this round (not modified).
+        allowed: combinations that may win (default: the feasible ones).
+
+    Returns:
+        Per order, the winning combination index or -1.
+    """
+    c = book.combos
+    cand = np.flatnonzero(c.feasible if allowed is None else allowed)
+    rank = np.empty(book.rnd.size, dtype=np.int64)
+    rank[sequence] = np.arange(len(sequence))
+    ranked = cand[np.lexsort(tuple(k[cand] for k in keys) + (rank[c.order[cand]],))]
+    winner = [-1] * book.rnd.size
+    if len(ranked) == 0:
+        return np.array(winner, dtype=np.int64)
+    order_r = c.order[ranked]
+    bounds = (np.nonzero(np.diff(order_r))[0] + 1).tolist()
+    starts, ends = [0, *bounds], [*bounds, len(ranked)]
+    src, leg, combo, cap = c.src[ranked].tolist(), c.leg[ranked].tolist(), ranked.tolist(), capacity.tolist()
+    first_order = order_r[starts].tolist()
+    for o, a, b in zip(first_order, starts, ends):
+        for k in range(a, b):
+            s, l = src[k], leg[k]
+            if cap[s] > 0 and cap[l] > 0:
+                cap[s] -= 1
+                cap[l] -= 1
+                winner[o] = combo[k]
+                break
+    return np.array(winner, dtype=np.int64)
+
+
+def greedy_winners(book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray:
+    """Greedy clearing: best score first within each order, ties by price then bidder."""
+    c = book.combos
+    keys = (c.leg, c.src, c.price, c.score)
+    return scan_assign(book, priority_sequence(book), keys, book.capacity if capacity is None else capacity)
+
+
+def exact_winners(book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray:
+    """Minimum total-cost assignment (MILP), the reference greedy is measured against."""
+    c = book.combos
+    cap = book.capacity if capacity is None else capacity
+    cand = np.flatnonzero(c.feasible & (cap[c.src] > 0) & (cap[c.leg] > 0))
+    winner = np.full(book.rnd.size, -1, dtype=np.int64)
+    if len(cand) == 0:
+        return winner
+    n_orders, n_bidders, n = book.rnd.size, len(cap), len(cand)
+    cols = np.arange(n)
+    rows = np.concatenate([c.order[cand], n_orders + c.src[cand], n_orders + c.leg[cand]])
+    matrix = csr_array((np.ones(3 * n), (rows, np.tile(cols, 3))), shape=(n_orders + n_bidders, n))
+    upper = np.concatenate([np.ones(n_orders), cap.astype(np.float64)])
+    gain = c.score[cand] - book.penalty[c.order[cand]]
+    res = milp(gain, constraints=LinearConstraint(matrix, -np.inf, upper), integrality=np.ones(n), bounds=(0, 1))
+    if res.x is None:
+        raise RuntimeError(f"exact clearing failed: {res.message}")
+    chosen = cand[res.x > 0.5]
+    winner[c.order[chosen]] = chosen
+    return winner
+
+
+def total_cost(book: QuoteBook, winner: np.ndarray) -> float:
+    """Winners' scores plus the penalties of unserved orders."""
+    won = winner >= 0
+    return float(book.combos.score[winner[won]].sum() + book.penalty[~won].sum())
+
+
+def unserved_reasons(book: QuoteBook, winner: np.ndarray) -> tuple[str, ...]:
+    """Why each unserved order has no award: no quote, none feasible, or no capacity."""
+    c = book.combos
+    n = book.rnd.size
+    quoted = np.bincount(c.order, minlength=n) > 0
+    feasible = np.bincount(c.order[c.feasible], minlength=n) > 0
+    reasons = np.where(feasible, NO_CAPACITY, np.where(quoted, NO_FEASIBLE, NO_QUOTE))
+    return tuple("" if w >= 0 else str(r) for w, r in zip(winner.tolist(), reasons.tolist()))
+
+
+def first_score_payments(book: QuoteBook, winner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each winner is paid its own quote."""
+    won = winner >= 0
+    src_pay, leg_pay = np.zeros(book.rnd.size), np.zeros(book.rnd.size)
+    src_pay[won] = book.combos.src_price[winner[won]]
+    leg_pay[won] = book.combos.leg_price[winner[won]]
+    return src_pay, leg_pay
+
+
+def second_score_payments(
+    book: QuoteBook, winner: np.ndarray, clear: "WinnerFn"
+) -> tuple[np.ndarray, np.ndarray]:
+    """VCG: each winner gets its quote plus its marginal contribution to total cost.
+
+    The contribution of bidder b is cost(without b) - cost(with b), shared equally over
+    b's awards in the round. With exact clearing it is never negative; greedy clearing
+    can show small anomalies, which are clamped at zero so no winner is paid below
+    its quote (truthfulness then holds only approximately).
+    """
+    src_pay, leg_pay = first_score_payments(book, winner)
+    base = total_cost(book, winner)
+    won = np.flatnonzero(winner >= 0)
+    c = book.combos
+    src_of, leg_of = c.src[winner[won]], c.leg[winner[won]]
+    for b in np.unique(np.concatenate([src_of, leg_of])).tolist():
+        cap = book.capacity.copy()
+        cap[b] = 0
+        marginal = max(0.0, total_cost(book, clear(book, cap)) - base)
+        mine_src, mine_leg = won[src_of == b], won[leg_of == b]
+        share = marginal / (len(mine_src) + len(mine_leg))
+        src_pay[mine_src] += share
+        leg_pay[mine_leg] += share
+    return src_pay, leg_pay
+
+
+class WinnerFn(Protocol):
+    """A winner-determination function with optional capacity override."""
+
+    def __call__(self, book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ScoringAuction:
+    """The weighted-score auction: greedy or exact winners, first or second score payments."""
+
+    payment: Payment = "first_score"
+    method: Method = "greedy"
+
+    @property
+    def name(self) -> str:
+        """e.g. 'auction/greedy/first_score'."""
+        return f"auction/{self.method}/{self.payment}"
+
+    def winners(self, book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray:
+        """Winner determination only."""
+        return (exact_winners if self.method == "exact" else greedy_winners)(book, capacity)
+
+    def allocate(self, book: QuoteBook) -> Allocation:
+        """Clears the round and prices the awards."""
+        winner = self.winners(book)
+        if self.payment == "second_score":
+            src_pay, leg_pay = second_score_payments(book, winner, self.winners)
+        else:
+            src_pay, leg_pay = first_score_payments(book, winner)
+        return Allocation(winner, src_pay, leg_pay, unserved_reasons(book, winner), total_cost(book, winner))

@@ -1,0 +1,247 @@
+"""Typed configuration: fleet, strategy profiles and scenarios, loaded from YAML.
+
+Pydantic models give every bad value a precise location, which `ConfigError` turns
+into the one-line message a user sees: file, key, what is wrong.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from market.types import Category
+
+CONFIG_DIR = Path(os.environ.get("BIDHIVE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message is one readable line."""
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CityCfg(Strict):
+    origin_lat: float = Field(31.2304, ge=-90, le=90)
+    origin_lon: float = Field(121.4737, ge=-180, le=180)
+    size_km: float = Field(20.0, gt=0)
+
+
+class CatalogueCfg(Strict):
+    skus: int = Field(400, ge=1, le=100_000)
+    zipf_a: float = Field(1.1, gt=0)
+
+
+class AgentCfg(Strict):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    reliability: float = Field(0.97, gt=0, le=1)
+    categories: tuple[Category, ...] = (Category.AMBIENT,)
+
+
+class WarehouseCfg(AgentCfg):
+    tier: Literal["central", "front"]
+    x_km: float
+    y_km: float
+    picks_per_min: float = Field(gt=0)
+    pick_s: float = Field(300.0, ge=0)
+    max_queue_s: float = Field(1800.0, gt=0)
+    handling_cost: float = Field(1.2, ge=0)
+    unit_cost: float = Field(0.15, ge=0)
+    cold_surcharge: float = Field(0.8, ge=0)
+    assortment: float = Field(1.0, gt=0, le=1)
+    stock_per_sku: int = Field(200, ge=0)
+    replenish_every_h: float = Field(6.0, gt=0)
+
+
+class RiderPoolCfg(AgentCfg):
+    x_km: float
+    y_km: float
+    riders: int = Field(ge=1, le=10_000)
+    radius_km: float = Field(3.0, gt=0)
+    pickup_radius_km: float = Field(8.0, gt=0)
+    speed_kmh: float = Field(18.0, gt=0)
+    base_fee: float = Field(1.8, ge=0)
+    per_km: float = Field(0.55, ge=0)
+    handover_s: float = Field(180.0, ge=0)
+
+
+class CrowdCfg(AgentCfg):
+    base_couriers: int = Field(ge=1)
+    amplitude: float = Field(0.35, ge=0, le=1)
+    noise: float = Field(0.1, ge=0, le=1)
+    speed_kmh: float = Field(20.0, gt=0)
+    base_fee: float = Field(2.6, ge=0)
+    per_km: float = Field(0.65, ge=0)
+    surge_k: float = Field(1.2, ge=0)
+    pickup_mean_s: float = Field(600.0, ge=0)
+    handover_s: float = Field(180.0, ge=0)
+
+
+class LockerCfg(AgentCfg):
+    x_km: float
+    y_km: float
+    compartments: int = Field(ge=1)
+    max_units: int = Field(6, ge=1)
+    walk_km: float = Field(1.0, gt=0)
+    shuttle_every_s: float = Field(1800.0, gt=0)
+    shuttle_speed_kmh: float = Field(25.0, gt=0)
+    fee: float = Field(0.9, ge=0)
+    per_km: float = Field(0.12, ge=0)
+    collect_mean_h: float = Field(5.0, gt=0)
+
+
+class FleetCfg(Strict):
+    city: CityCfg = CityCfg()
+    catalogue: CatalogueCfg = CatalogueCfg()
+    warehouses: tuple[WarehouseCfg, ...] = Field(min_length=1)
+    rider_pools: tuple[RiderPoolCfg, ...] = ()
+    crowd: tuple[CrowdCfg, ...] = ()
+    lockers: tuple[LockerCfg, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> FleetCfg:
+        ids = [a.id for group in (self.warehouses, self.rider_pools, self.crowd, self.lockers) for a in group]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"agent ids must be unique, repeated: {', '.join(dupes)}")
+        if not (self.rider_pools or self.crowd or self.lockers):
+            raise ValueError("a fleet needs at least one last-mile resource")
+        return self
+
+
+class ProfileCfg(Strict):
+    """Score weights in money: lower score wins."""
+
+    value_of_time_per_h: float = Field(ge=0)
+    lateness_penalty: float = Field(ge=0)
+    reliability_penalty: float = Field(ge=0)
+    vip_lateness_multiplier: float = Field(1.0, ge=1)
+    vip_hard_promise: bool = False
+    unfulfilled_penalty: float = Field(gt=0)
+    vip_unfulfilled_penalty: float = Field(gt=0)
+    delay_mean_s: float = Field(900.0, gt=0)
+
+
+class SpikeCfg(Strict):
+    from_h: float = Field(ge=0, le=24)
+    to_h: float = Field(ge=0, le=24)
+    factor: float = Field(gt=0)
+
+
+class RoundCfg(Strict):
+    window_s: float = Field(2.0, gt=0)
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_attempts: int = Field(10, ge=1)
+    retry_after_s: float = Field(120.0, ge=0)
+    hold_ttl_s: float = Field(5.0, gt=0)
+
+
+class ScenarioCfg(Strict):
+    name: str
+    description: str = ""
+    fleet: str = "default"
+    profile: str = "balanced"
+    payment: Literal["first_score", "second_score"] = "first_score"
+    orders_per_day: int = Field(ge=1)
+    hourly_profile: tuple[float, ...] = Field(min_length=24, max_length=24)
+    spikes: tuple[SpikeCfg, ...] = ()
+    vip_share: float = Field(0.1, ge=0, le=1)
+    category_mix: dict[Category, float]
+    locker_ok_share: float = Field(0.3, ge=0, le=1)
+    promise_min: dict[Literal["vip", "regular"], float]
+    channels: dict[str, float] = Field(default_factory=lambda: {"app": 1.0})
+    max_lines: int = Field(4, ge=1)
+    max_qty: int = Field(3, ge=1)
+    value_mean: float = Field(60.0, gt=0)
+    reserve_base: float = Field(10.0, ge=0)
+    reserve_share: float = Field(0.4, ge=0)
+    hotspot_share: float = Field(0.7, ge=0, le=1)
+    hotspot_sigma_km: float = Field(1.5, gt=0)
+    round: RoundCfg = RoundCfg()
+    exact_every: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _positive_mix(self) -> ScenarioCfg:
+        if sum(self.category_mix.values()) <= 0 or min(self.category_mix.values()) < 0:
+            raise ValueError("category_mix weights must be non-negative and not all zero")
+        if min(self.hourly_profile) < 0 or sum(self.hourly_profile) <= 0:
+            raise ValueError("hourly_profile weights must be non-negative and not all zero")
+        return self
+
+
+def _describe(err: ValidationError, most: int = 3) -> str:
+    """The first few problems as 'key: reason' pairs on one line."""
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()[:most]]
+    more = err.error_count() - most
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{path}: {where}: not valid YAML") from None
+
+
+def parse_model(model: type[M], data: Any, source: str) -> M:
+    """Validates `data` into `model`, raising a one-line ConfigError naming `source`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def _resolve(name_or_path: str, folder: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return path
+    return CONFIG_DIR / folder / f"{name_or_path}.yaml"
+
+
+def available(folder: str) -> list[str]:
+    """Names of the configs shipped in `configs/<folder>/`."""
+    return sorted(p.stem for p in (CONFIG_DIR / folder).glob("*.yaml"))
+
+
+def load_fleet(name_or_path: str = "default") -> FleetCfg:
+    """Loads a fleet by name (configs/fleets/NAME.yaml) or path."""
+    path = _resolve(name_or_path, "fleets")
+    return parse_model(FleetCfg, _read_yaml(path), str(path))
+
+
+def load_scenario(name_or_path: str) -> ScenarioCfg:
+    """Loads a scenario by name (configs/scenarios/NAME.yaml) or path."""
+    path = _resolve(name_or_path, "scenarios")
+    if not path.is_file() and not Path(name_or_path).suffix:
+        known = ", ".join(available("scenarios"))
+        raise ConfigError(f"unknown scenario '{name_or_path}' (known: {known})")
+    return parse_model(ScenarioCfg, _read_yaml(path), str(path))
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, ProfileCfg]:
+    """Loads every strategy profile from configs/profiles.yaml (or `path`)."""
+    file = Path(path) if path else CONFIG_DIR / "profiles.yaml"
+    data = _read_yaml(file)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{file}: (top level): expected a mapping of profile names to weights")
+    return {name: parse_model(ProfileCfg, body, f"{file}: {name}") for name, body in data.items()}
+
+
+def load_profile(name: str, path: str | Path | None = None) -> ProfileCfg:
+    """One profile by name, with the known names in the error."""
+    profiles = load_profiles(path)
+    if name not in profiles:
+        raise ConfigError(f"unknown profile '{name}' (known: {', '.join(sorted(profiles))})")
+    return profiles[name]

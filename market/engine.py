@@ -1,0 +1,176 @@
+"""One round, end to end: quote, clear, realise, commit. Shared by every shell.
+
+`Bidders` is the only seam: in-process agents here, Ray actors in the runtime. The
+engine itself never changes per shell, which is what keeps awards identical.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from agents.base import Agent
+from agents.fleet import Fleet
+from market.book import QuoteBook, build_book
+from market.clearing import Allocation, exact_winners, total_cost
+from market.config import ProfileCfg
+from market.kpis import KpiTracker
+from market.recorder import NullRecorder, Recorder
+from market.round import Round, build_round
+from market.types import AwardLine, Kind, Order, Quote
+from market.world import realise
+from policies.base import BiddingStrategy
+from policies.registry import NetworkPolicy
+
+
+class Bidders(Protocol):
+    """How the engine reaches the bidders: ask for quotes, then commit or release holds."""
+
+    def quote_all(self, rnd: Round, now: float, hold_ttl_s: float) -> list[Quote]: ...
+    def settle(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None: ...
+
+
+class LocalBidders:
+    """The fleet's agents called in-process, in fleet order."""
+
+    def __init__(self, agents: list[Agent], strategy: BiddingStrategy) -> None:
+        self.agents = agents
+        self.by_id = {a.agent_id: a for a in agents}
+        self.strategy = strategy
+
+    def quote_all(self, rnd: Round, now: float, hold_ttl_s: float) -> list[Quote]:
+        """Every agent's quote for the round (agents with nothing to offer are skipped)."""
+        quotes = (a.quote(rnd, now, self.strategy, hold_ttl_s) for a in self.agents)
+        return [q for q in quotes if q is not None]
+
+    def settle(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None:
+        """Winners commit their awards; every other quoting bidder releases its hold."""
+        for agent_id in quoted:
+            lines = awards.get(agent_id)
+            if lines:
+                self.by_id[agent_id].commit(round_id, lines, now)
+            else:
+                self.by_id[agent_id].release(round_id, now)
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to each order of a round."""
+
+    rnd: Round
+    book: QuoteBook
+    alloc: Allocation
+    clear_ms: float
+    delivered_s: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class MarketEngine:
+    """Clears rounds against a fleet under a policy and a profile."""
+
+    fleet: Fleet
+    policy: NetworkPolicy
+    profile: ProfileCfg
+    bidders: Bidders
+    seed: int = 0
+    hold_ttl_s: float = 5.0
+    recorder: Recorder = field(default_factory=NullRecorder)
+    kpis: KpiTracker = field(default_factory=KpiTracker)
+    timer: Callable[[], float] = time.perf_counter
+    exact_every: int = 0
+    _round_id: int = 0
+
+    def __post_init__(self) -> None:
+        self.world_rng = np.random.default_rng([self.seed, 2])
+        self.kinds = self.fleet.kinds
+        self.category_ok = {a.agent_id: a.category_ok for a in self.fleet.agents}
+        self.truth = {a.agent_id: a.cfg for a in self.fleet.agents}
+        self.sku_index = self.fleet.env.catalogue.index
+        self.sources = self.fleet.sources
+
+    def open_round(self, orders: list[Order], now: float, attempts: list[int]) -> Round:
+        """Builds the next round and journals it before any bidder sees it."""
+        self._round_id += 1
+        rnd = build_round(self._round_id, now, orders, self.sources, self.fleet.env.grid, self.sku_index)
+        self.recorder.round_opened(rnd, attempts)
+        return rnd
+
+    def clear(self, rnd: Round, quotes: list[Quote]) -> tuple[QuoteBook, Allocation, float]:
+        """Scores combinations and runs the mechanism; returns the clearing time in ms."""
+        start = self.timer()
+        book = build_book(rnd, quotes, self.kinds, self.profile, self.category_ok)
+        alloc = self.policy.mechanism.allocate(book)
+        return book, alloc, (self.timer() - start) * 1000.0
+
+    def run_round(self, orders: list[Order], now: float, attempts: list[int]) -> RoundOutcome:
+        """Quote, clear, journal, realise and commit one round."""
+        rnd = self.open_round(orders, now, attempts)
+        quotes = self.bidders.quote_all(rnd, now, self.hold_ttl_s)
+        book, alloc, ms = self.clear(rnd, quotes)
+        self.kpis.cleared(ms)
+        if self.exact_every and rnd.round_id % self.exact_every == 0:
+            self.kpis.compared(alloc.total_cost, total_cost(book, exact_winners(book)))
+        self.recorder.round_cleared(rnd, quotes, book, alloc, {"clear_ms": ms, "bidders": len(self.fleet.agents)})
+        outcome = RoundOutcome(rnd, book, alloc, ms)
+        awards = self._award_lines(outcome)
+        self.bidders.settle(rnd.round_id, awards, [q.agent_id for q in quotes], now)
+        self._journal_holds(rnd.round_id, awards, [q.agent_id for q in quotes], now)
+        return outcome
+
+    def _journal_holds(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None:
+        for agent_id in quoted:
+            lines = awards.get(agent_id)
+            if lines:
+                self.recorder.hold_committed(round_id, agent_id, [ln.order_id for ln in lines], now)
+            else:
+                self.recorder.hold_released(round_id, agent_id, now)
+
+    def _award_lines(self, out: RoundOutcome) -> dict[str, list[AwardLine]]:
+        """Realises each award in the world and builds the lines each winner commits."""
+        rnd, book, alloc = out.rnd, out.book, out.alloc
+        won = np.flatnonzero(alloc.winner >= 0)
+        c, w = book.combos, alloc.winner[won]
+        src_ids = [book.bidder_ids[i] for i in c.src[w].tolist()]
+        leg_ids = [book.bidder_ids[i] for i in c.leg[w].tolist()]
+        leg_kinds = [self.kinds[i] for i in leg_ids]
+        real = realise(
+            c.ready_s[w], c.pickup_s[w], c.delivery_s[w] - np.maximum(c.ready_s[w], c.pickup_s[w]),
+            np.array([self.truth[i].reliability for i in src_ids]),
+            np.array([self.truth[i].reliability for i in leg_ids]),
+            leg_kinds,
+            np.array([getattr(self.truth[i], "collect_mean_h", 0.0) * 3600.0 for i in leg_ids]),
+            self.world_rng,
+        )
+        site = {sid: k for k, sid in enumerate(rnd.sources.ids)}
+        awards: dict[str, list[AwardLine]] = {}
+        for k, o in enumerate(won.tolist()):
+            order, combo = rnd.orders[o], int(w[k])
+            s = site[src_ids[k]]
+            common = dict(
+                round_id=rnd.round_id, order_id=order.order_id, order_idx=o, source_id=src_ids[k], leg_id=leg_ids[k],
+                ready_s=float(c.ready_s[combo]), pickup_s=float(c.pickup_s[combo]), delivery_s=float(c.delivery_s[combo]),
+                source_x=float(rnd.sources.x[s]), source_y=float(rnd.sources.y[s]),
+                dest_x=float(rnd.x[o]), dest_y=float(rnd.y[o]), units=int(rnd.units[o]),
+            )
+            awards.setdefault(src_ids[k], []).append(AwardLine(
+                price=float(c.src_price[combo]), payment=float(alloc.src_payment[o]),
+                done_s=float(real.ready_s[k]), on_time=bool(real.src_on_time[k]), **common))
+            awards.setdefault(leg_ids[k], []).append(AwardLine(
+                price=float(c.leg_price[combo]), payment=float(alloc.leg_payment[o]),
+                done_s=float(real.leg_done_s[k]), on_time=bool(real.leg_on_time[k]), **common))
+            delivered = float(real.delivered_s[k])
+            out.delivered_s[o] = delivered
+            self.kpis.awarded(bool(rnd.vip[o]), float(alloc.src_payment[o] + alloc.leg_payment[o]),
+                              delivered <= order.promise_s, leg_kinds[k])
+        return awards
+
+    def utilization(self, now: float) -> list[tuple[Kind, float]]:
+        """Per-agent utilization up to `now`."""
+        return [(a.kind, a.utilization(now)) for a in self.fleet.agents]
+
+    def facts(self) -> dict[str, Any]:
+        """Counters for logs and metrics."""
+        return {"rounds": self.kpis.rounds, "orders": self.kpis.orders}

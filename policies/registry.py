@@ -1,0 +1,35 @@
+"""Named network policies: a bidding strategy for the bidders plus a clearing mechanism."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from market.clearing import Mechanism, Payment, ScoringAuction
+from policies.base import BiddingStrategy, CostPricing
+from policies.heuristic import LoadMarkup
+from policies.static import StaticRule
+
+POLICY_NAMES = ("static", "heuristic", "rl:PATH")
+
+
+class PolicyError(ValueError):
+    """An unknown or unusable policy spec; the message is one readable line."""
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """How the network decides: how bidders price, and how rounds clear."""
+
+    name: str
+    strategy: BiddingStrategy
+    mechanism: Mechanism
+
+
+def make_policy(spec: str, payment: Payment = "first_score") -> NetworkPolicy:
+    """Builds a policy from its CLI spec: `static`, `heuristic` or `rl:PATH`."""
+    if spec == "static":
+        return NetworkPolicy("static", CostPricing(), StaticRule())
+    if spec == "heuristic":
+        return NetworkPolicy("heuristic", LoadMarkup(), ScoringAuction(payment=payment))
+    if spec.startswith("rl:"):
+        raise PolicyError("rl policies are not available yet: the learned bidder lands with the RL training work")
+    raise PolicyError(f"unknown policy '{spec}' (known: {', '.join(POLICY_NAMES)})")

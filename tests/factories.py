@@ -1,0 +1,63 @@
+"""Random but valid market inputs for tests: orders, rounds and quote books."""
+from __future__ import annotations
+
+import numpy as np
+
+from market.book import QuoteBook, build_book
+from market.config import ProfileCfg, load_profile
+from market.geo import CityGrid
+from market.round import Round, SourceSites, build_round
+from market.types import Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
+
+GRID = CityGrid(31.2304, 121.4737)
+LEG_KINDS = (Kind.RIDER_POOL, Kind.CROWD, Kind.LOCKER)
+
+
+def make_order(i: int, rng: np.random.Generator, now: float = 0.0) -> Order:
+    """A random order near the city centre."""
+    lat, lon = GRID.to_latlon(rng.uniform(-5, 5), rng.uniform(-5, 5))
+    return Order(
+        order_id=f"t-{i}", created_s=now, customer_id=f"c-{i}",
+        tier=Tier.VIP if rng.uniform() < 0.3 else Tier.REGULAR, channel="app",
+        items=(Item("sku-00001", int(rng.integers(1, 3))),), lat=float(lat), lon=float(lon),
+        promise_s=now + float(rng.uniform(600, 7200)), value=50.0,
+        category=Category.AMBIENT, locker_ok=bool(rng.uniform() < 0.5), reserve=float(rng.uniform(8, 30)),
+    )
+
+
+def random_round(seed: int, n_orders: int, n_sources: int) -> Round:
+    """A round of random orders with `n_sources` warehouse sites."""
+    rng = np.random.default_rng(seed)
+    orders = [make_order(i, rng) for i in range(n_orders)]
+    sites = SourceSites(tuple(f"wh-{s}" for s in range(n_sources)), rng.uniform(-5, 5, n_sources), rng.uniform(-5, 5, n_sources))
+    return build_round(1, 0.0, orders, sites, GRID, {"sku-00001": 1})
+
+
+def random_quotes(rnd: Round, seed: int, n_legs: int) -> tuple[list[Quote], dict[str, Kind]]:
+    """Random source and leg quotes with random coverage and small capacities."""
+    rng = np.random.default_rng(seed + 1)
+    quotes: list[Quote] = []
+    kinds: dict[str, Kind] = {}
+    for sid in rnd.sources.ids:
+        idx = np.nonzero(rng.uniform(size=rnd.size) < 0.8)[0]
+        if len(idx):
+            quotes.append(SourceQuote(sid, idx, rng.uniform(1, 4, len(idx)), rng.uniform(60, 900, len(idx)),
+                                      float(rng.uniform(0.85, 1.0)), int(rng.integers(1, 4))))
+            kinds[sid] = Kind.WAREHOUSE
+    for j in range(n_legs):
+        s_idx, o_idx = (a.ravel() for a in np.meshgrid(np.arange(len(rnd.sources.ids)), np.arange(rnd.size), indexing="ij"))
+        keep = rng.uniform(size=len(o_idx)) < 0.7
+        if keep.any():
+            n = int(keep.sum())
+            lid = f"leg-{j}"
+            quotes.append(LegQuote(lid, o_idx[keep], s_idx[keep], rng.uniform(2, 15, n), rng.uniform(0, 1200, n),
+                                   rng.uniform(300, 3600, n), float(rng.uniform(0.8, 1.0)), int(rng.integers(1, 4))))
+            kinds[lid] = LEG_KINDS[j % 3]
+    return quotes, kinds
+
+
+def random_book(seed: int, n_orders: int, n_sources: int, n_legs: int, profile: ProfileCfg | None = None) -> QuoteBook:
+    """A scored quote book over random quotes."""
+    rnd = random_round(seed, n_orders, n_sources)
+    quotes, kinds = random_quotes(rnd, seed, n_legs)
+    return build_book(rnd, quotes, kinds, profile or load_profile("balanced"))

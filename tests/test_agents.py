@@ -1,0 +1,137 @@
+"""Agents: holds, capacity dynamics and the quoting rules of each resource kind."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents.fleet import build_fleet
+from agents.holds import HoldBook, HoldError
+from market.config import load_fleet
+from market.round import build_round
+from market.types import Category, Item, Kind, Order, Tier
+from policies.base import BidDecision, CostPricing
+
+FLEET_CFG = load_fleet("default")
+
+
+def fleet():  # type: ignore[no-untyped-def]
+    return build_fleet(FLEET_CFG, seed=3)
+
+
+def order_at(i: int, x: float, y: float, *, sku: str = "sku-00000", qty: int = 1, locker_ok: bool = True,
+             category: Category = Category.AMBIENT, tier: Tier = Tier.REGULAR) -> Order:
+    lat, lon = fleet_grid().to_latlon(x, y)
+    return Order(f"o{i}", 0.0, "c", tier, "app", (Item(sku, qty),), float(lat), float(lon), 7200.0, 50.0,
+                 category, locker_ok, 100.0)
+
+
+def fleet_grid():  # type: ignore[no-untyped-def]
+    return build_fleet(FLEET_CFG).env.grid
+
+
+def round_of(f, orders, rid=1, now=0.0):  # type: ignore[no-untyped-def]
+    return build_round(rid, now, orders, f.sources, f.env.grid, f.env.catalogue.index)
+
+
+def test_holdbook_refuses_commits_it_does_not_cover() -> None:
+    book = HoldBook()
+    book.place(1, 2, now=0.0, ttl_s=5.0)
+    with pytest.raises(HoldError):
+        book.take(1, 3, now=1.0)  # more than held: refused, the hold stays for the release
+    assert book.units == 2
+    book.release(1)
+    book.place(2, 1, now=0.0, ttl_s=5.0)
+    with pytest.raises(HoldError):
+        book.take(2, 1, now=6.0)  # expired: refused and dropped
+    with pytest.raises(HoldError):
+        book.take(99, 1, now=0.0)  # unknown
+    assert book.units == 0
+    book.place(3, 2, now=0.0, ttl_s=5.0)
+    assert book.take(3, 2, now=4.0).units == 2 and book.units == 0
+
+
+def test_expired_holds_free_capacity() -> None:
+    f = fleet()
+    riders = next(a for a in f.agents if a.agent_id == "riders-c")
+    rnd = round_of(f, [order_at(0, 1.0, -1.0)])
+    before = riders.available()
+    quote = riders.quote(rnd, 0.0, CostPricing(), hold_ttl_s=5.0)
+    assert quote is not None and riders.available() == before - quote.capacity
+    riders.advance(6.0)
+    assert riders.available() == before and riders.holds_expired == 1
+
+
+def test_warehouse_never_sells_the_same_unit_twice_in_a_round() -> None:
+    f = fleet()
+    wh = next(a for a in f.agents if a.agent_id == "wh-front-c")
+    sku_i = int(np.nonzero(wh.stock)[0][0])
+    sku = f.env.catalogue.sku_ids[sku_i]
+    wh.stock[sku_i] = 3
+    rnd = round_of(f, [order_at(i, 1.0, -1.0, sku=sku, qty=2) for i in range(3)])
+    quote = wh.quote(rnd, 0.0, CostPricing(), 5.0)
+    assert quote is not None and quote.order_idx.tolist() == [0]  # 2 of 3 units; the next order would oversell
+    second = wh.quote(round_of(f, [order_at(9, 1.0, -1.0, sku=sku, qty=2)], rid=2), 0.0, CostPricing(), 5.0)
+    assert second is None  # one unit left free while round 1 holds two
+
+
+def test_rider_pool_only_quotes_inside_its_radius() -> None:
+    f = fleet()
+    riders = next(a for a in f.agents if a.agent_id == "riders-c")
+    near, far = order_at(0, 1.5, -1.0), order_at(1, 9.0, 9.0)
+    quote = riders.quote(round_of(f, [near, far]), 0.0, CostPricing(), 5.0)
+    assert quote is not None and set(quote.order_idx.tolist()) == {0}
+
+
+def test_locker_needs_consent_and_walking_distance() -> None:
+    f = fleet()
+    locker = next(a for a in f.agents if a.agent_id == "locker-7")
+    ok, refuses, far = order_at(0, 2.5, -3.0), order_at(1, 2.5, -3.0, locker_ok=False), order_at(2, -8, 8)
+    quote = locker.quote(round_of(f, [ok, refuses, far]), 0.0, CostPricing(), 5.0)
+    assert quote is not None and set(quote.order_idx.tolist()) == {0}
+
+
+def test_categories_are_respected() -> None:
+    f = fleet()
+    crowd_beta = next(a for a in f.agents if a.agent_id == "crowd-beta")  # ambient and bulky only
+    frozen = order_at(0, 0, 0, category=Category.FROZEN)
+    assert crowd_beta.quote(round_of(f, [frozen]), 0.0, CostPricing(), 5.0) is None
+
+
+def test_rider_capacity_follows_commits_and_completions() -> None:
+    f = fleet()
+    riders = next(a for a in f.agents if a.agent_id == "riders-c")
+    rnd = round_of(f, [order_at(0, 1.5, -1.0)])
+    riders.quote(rnd, 0.0, CostPricing(), 5.0)
+    from market.types import AwardLine
+    line = AwardLine(1, "o0", 0, "wh-front-c", "riders-c", 3.0, 3.0, 240.0, 100.0, 900.0, 1.0, -1.0,
+                     float(rnd.x[0]), float(rnd.y[0]), 1, done_s=1000.0, on_time=True)
+    free = riders.capacity_free()
+    riders.commit(1, [line], 0.0)
+    assert riders.capacity_free() == free - 1
+    riders.advance(999.0)
+    assert riders.capacity_free() == free - 1
+    riders.advance(1000.0)
+    assert riders.capacity_free() == free
+
+
+def test_holdback_keeps_the_last_capacity_for_vips() -> None:
+    class KeepForVip:
+        name = "vip"
+
+        def decide(self, ctx):  # type: ignore[no-untyped-def]
+            return BidDecision(markup=1.0, holdback=0.99)
+
+    f = fleet()
+    riders = next(a for a in f.agents if a.agent_id == "riders-c")
+    regular, vip = order_at(0, 1.5, -1.0), order_at(1, 1.5, -1.0, tier=Tier.VIP)
+    quote = riders.quote(round_of(f, [regular, vip]), 0.0, KeepForVip(), 5.0)
+    assert quote is not None and set(quote.order_idx.tolist()) == {0, 1}  # plenty free: both quoted
+    riders.release(1, 0.0)
+    riders.busy[: int(0.95 * riders.cfg.riders)] = True  # only the VIP reserve (holdback clips to 0.9) is left
+    quote = riders.quote(round_of(f, [regular, vip], rid=2), 0.0, KeepForVip(), 5.0)
+    assert quote is not None and set(quote.order_idx.tolist()) == {1}
+
+
+def test_every_kind_is_in_the_default_fleet() -> None:
+    kinds = {a.kind for a in fleet().agents}
+    assert kinds == set(Kind)
