@@ -39,6 +39,30 @@ def agent_seed(seed: int, agent_id: str) -> list[int]:
     return [seed, zlib.crc32(agent_id.encode())]
 
 
+def nearest_pairs(
+    rnd: Round, dist: np.ndarray, sources: np.ndarray, orders: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest sources able to handle each order's category.
+
+    Args:
+        dist: [len(sources), len(orders)] distances used to rank sources.
+
+    Returns:
+        Flattened (source index, order index) pairs, sources-major.
+    """
+    able = rnd.sources.can_handle(rnd.category[orders])[sources]
+    dist = np.where(able, dist, np.inf)
+    if len(sources) > k:
+        keep = np.argpartition(dist, k - 1, axis=0)[:k]
+        keep.sort(axis=0)
+        s_idx, o_idx = sources[keep], np.broadcast_to(orders, keep.shape)
+        ok = np.take_along_axis(able, keep, axis=0)
+    else:
+        s_idx, o_idx = np.meshgrid(sources, orders, indexing="ij")
+        ok = able
+    return s_idx[ok], o_idx[ok]
+
+
 class Agent(ABC):
     """A fulfilment resource that bids in rounds from its own live state."""
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, AgentEnv, agent_seed
+from agents.base import Agent, AgentEnv, agent_seed, nearest_pairs
 from market.config import CrowdCfg
 from market.geo import distance_km
 from market.round import Round
@@ -69,9 +69,9 @@ class CrowdCarrier(Agent):
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[LegQuote | None, Any]:
         cfg = self.cfg
         orders = np.nonzero(eligible)[0]
-        n_src = len(rnd.sources.ids)
-        s_idx, o_idx = (a.ravel() for a in np.meshgrid(np.arange(n_src), orders, indexing="ij"))
         src = rnd.sources
+        legs = distance_km(src.x[:, None], src.y[:, None], rnd.x[orders], rnd.y[orders])
+        s_idx, o_idx = nearest_pairs(rnd, legs, np.arange(len(src.ids)), orders, cfg.max_sources)
         leg = distance_km(src.x[s_idx], src.y[s_idx], rnd.x[o_idx], rnd.y[o_idx])
         shift = self.on_shift(now)
         surge = 1.0 + cfg.surge_k * (self.active / shift) ** 2

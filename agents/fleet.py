@@ -29,7 +29,12 @@ class Fleet:
     def sources(self) -> SourceSites:
         """The warehouses as the sites every leg bidder may quote from."""
         whs = [a for a in self.agents if isinstance(a, Warehouse)]
-        return SourceSites(tuple(w.agent_id for w in whs), np.array([w.x for w in whs]), np.array([w.y for w in whs]))
+        return SourceSites(
+            tuple(w.agent_id for w in whs),
+            np.array([w.x for w in whs]),
+            np.array([w.y for w in whs]),
+            np.stack([w.category_ok for w in whs]),
+        )
 
     @property
     def kinds(self) -> dict[str, Kind]:

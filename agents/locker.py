@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, AgentEnv
+from agents.base import Agent, AgentEnv, nearest_pairs
 from market.config import LockerCfg
 from market.geo import distance_km
 from market.round import Round
@@ -69,7 +69,8 @@ class PickupLocker(Agent):
         orders = np.nonzero(eligible)[0]
         src = rnd.sources
         shuttle_km = distance_km(src.x, src.y, self.x, self.y)
-        s_idx, o_idx = (a.ravel() for a in np.meshgrid(np.arange(len(src.ids)), orders, indexing="ij"))
+        dist = np.broadcast_to(shuttle_km[:, None], (len(src.ids), len(orders)))
+        s_idx, o_idx = nearest_pairs(rnd, dist, np.arange(len(src.ids)), orders, cfg.max_sources)
         quote = LegQuote(
             agent_id=self.agent_id,
             order_idx=o_idx,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, AgentEnv
+from agents.base import Agent, AgentEnv, nearest_pairs
 from market.config import RiderPoolCfg
 from market.geo import distance_km
 from market.round import Round, SourceSites
@@ -64,9 +64,11 @@ class RiderPool(Agent):
         if len(orders) == 0 or len(sources) == 0 or not free.any():
             return None, None
         to_src = distance_km(self.rider_x[free, None], self.rider_y[free, None], src.x[sources], src.y[sources])
-        reach = to_src.min(axis=0)  # nearest free rider per source
-        s_idx, o_idx = (a.ravel() for a in np.meshgrid(sources, orders, indexing="ij"))
-        r = np.repeat(reach, len(orders))
+        reach = np.zeros(len(src.ids))
+        reach[sources] = to_src.min(axis=0)  # nearest free rider per source
+        legs = distance_km(src.x[sources, None], src.y[sources, None], rnd.x[orders], rnd.y[orders])
+        s_idx, o_idx = nearest_pairs(rnd, legs, sources, orders, cfg.max_sources)
+        r = reach[s_idx]
         leg = distance_km(src.x[s_idx], src.y[s_idx], rnd.x[o_idx], rnd.y[o_idx])
         quote = LegQuote(
             agent_id=self.agent_id,

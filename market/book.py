@@ -78,22 +78,27 @@ def _source_matrix(rnd: Round, sources: list[SourceQuote]) -> tuple[np.ndarray, 
 def _join_legs(
     rnd: Round, legs: list[LegQuote], first_leg: int, src: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Joins each leg row to the source quote for the same (site, order)."""
+    """Joins every leg row to the source quote for the same (site, order) in one lookup."""
     price_m, ready_m, site_bidder = src
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("order", "src", "leg", "sp", "lp", "ready", "pickup", "travel")}
-    for j, q in enumerate(legs):
-        sp = price_m[q.source_idx, q.order_idx]
-        ok = np.isfinite(sp)
-        parts["order"].append(q.order_idx[ok])
-        parts["src"].append(site_bidder[q.source_idx[ok]])
-        parts["leg"].append(np.full(int(ok.sum()), first_leg + j, dtype=np.int64))
-        parts["sp"].append(sp[ok])
-        parts["lp"].append(q.price[ok])
-        parts["ready"].append(ready_m[q.source_idx[ok], q.order_idx[ok]])
-        parts["pickup"].append(q.pickup_s[ok])
-        parts["travel"].append(q.travel_s[ok])
-    empty = {"order": np.int64, "src": np.int64, "leg": np.int64}
-    return {k: np.concatenate(v) if v else np.zeros(0, dtype=empty.get(k, np.float64)) for k, v in parts.items()}
+    if not legs:
+        ints = np.zeros(0, dtype=np.int64)
+        return {"order": ints, "src": ints, "leg": ints, **{k: np.zeros(0) for k in ("sp", "lp", "ready", "pickup", "travel")}}
+    order = np.concatenate([q.order_idx for q in legs])
+    site = np.concatenate([q.source_idx for q in legs])
+    leg = np.repeat(np.arange(first_leg, first_leg + len(legs)), [len(q.order_idx) for q in legs])
+    sp = price_m[site, order]
+    ok = np.isfinite(sp)
+    order, site = order[ok], site[ok]
+    return {
+        "order": order,
+        "src": site_bidder[site],
+        "leg": leg[ok],
+        "sp": sp[ok],
+        "lp": np.concatenate([q.price for q in legs])[ok],
+        "ready": ready_m[site, order],
+        "pickup": np.concatenate([q.pickup_s for q in legs])[ok],
+        "travel": np.concatenate([q.travel_s for q in legs])[ok],
+    }
 
 
 def build_book(

@@ -81,23 +81,36 @@ def scan_assign(
     rank = np.empty(book.rnd.size, dtype=np.int64)
     rank[sequence] = np.arange(len(sequence))
     ranked = cand[np.lexsort(tuple(k[cand] for k in keys) + (rank[c.order[cand]],))]
-    winner = [-1] * book.rnd.size
+    winner = np.full(book.rnd.size, -1, dtype=np.int64)
     if len(ranked) == 0:
-        return np.array(winner, dtype=np.int64)
+        return winner
     order_r = c.order[ranked]
-    bounds = (np.nonzero(np.diff(order_r))[0] + 1).tolist()
-    starts, ends = [0, *bounds], [*bounds, len(ranked)]
-    src, leg, combo, cap = c.src[ranked].tolist(), c.leg[ranked].tolist(), ranked.tolist(), capacity.tolist()
-    first_order = order_r[starts].tolist()
-    for o, a, b in zip(first_order, starts, ends):
+    starts = np.concatenate(([0], np.nonzero(np.diff(order_r))[0] + 1))
+    first = ranked[starts]
+    demand = np.bincount(np.concatenate([c.src[first], c.leg[first]]), minlength=len(capacity))
+    if (demand <= capacity).all():  # no bidder is oversubscribed: every order gets its first choice
+        winner[c.order[first]] = first
+        return winner
+    return _sequential_scan(ranked, starts, c.src, c.leg, c.order, capacity, winner)
+
+
+def _sequential_scan(
+    ranked: np.ndarray, starts: np.ndarray, src: np.ndarray, leg: np.ndarray, order: np.ndarray,
+    capacity: np.ndarray, winner: np.ndarray,
+) -> np.ndarray:
+    """Walks each order's ranked candidates until one has capacity on both sides."""
+    cap = capacity.tolist()
+    ends = [*starts[1:].tolist(), len(ranked)]
+    src_r, leg_r, rank_l = src[ranked].tolist(), leg[ranked].tolist(), ranked.tolist()
+    for a, b in zip(starts.tolist(), ends):
         for k in range(a, b):
-            s, l = src[k], leg[k]
+            s, l = src_r[k], leg_r[k]
             if cap[s] > 0 and cap[l] > 0:
                 cap[s] -= 1
                 cap[l] -= 1
-                winner[o] = combo[k]
+                winner[order[rank_l[k]]] = rank_l[k]
                 break
-    return np.array(winner, dtype=np.int64)
+    return winner
 
 
 def greedy_winners(book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray:

@@ -61,7 +61,13 @@ class WarehouseCfg(AgentCfg):
     replenish_every_h: float = Field(6.0, gt=0)
 
 
-class RiderPoolCfg(AgentCfg):
+class LegCfg(AgentCfg):
+    """Last-mile bidders quote only the `max_sources` nearest warehouses per order."""
+
+    max_sources: int = Field(12, ge=1, le=256)
+
+
+class RiderPoolCfg(LegCfg):
     x_km: float
     y_km: float
     riders: int = Field(ge=1, le=10_000)
@@ -73,7 +79,7 @@ class RiderPoolCfg(AgentCfg):
     handover_s: float = Field(180.0, ge=0)
 
 
-class CrowdCfg(AgentCfg):
+class CrowdCfg(LegCfg):
     base_couriers: int = Field(ge=1)
     amplitude: float = Field(0.35, ge=0, le=1)
     noise: float = Field(0.1, ge=0, le=1)
@@ -85,7 +91,7 @@ class CrowdCfg(AgentCfg):
     handover_s: float = Field(180.0, ge=0)
 
 
-class LockerCfg(AgentCfg):
+class LockerCfg(LegCfg):
     x_km: float
     y_km: float
     compartments: int = Field(ge=1)

@@ -18,6 +18,11 @@ class SourceSites:
     ids: tuple[str, ...]
     x: np.ndarray
     y: np.ndarray
+    category_ok: np.ndarray  # [site, category] declared handling ability (public fleet facts)
+
+    def can_handle(self, category: np.ndarray) -> np.ndarray:
+        """[site, order] mask: which sites may source each order's category."""
+        return self.category_ok[:, category]
 
 
 @dataclass(frozen=True, slots=True)

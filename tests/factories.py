@@ -29,7 +29,8 @@ def random_round(seed: int, n_orders: int, n_sources: int) -> Round:
     """A round of random orders with `n_sources` warehouse sites."""
     rng = np.random.default_rng(seed)
     orders = [make_order(i, rng) for i in range(n_orders)]
-    sites = SourceSites(tuple(f"wh-{s}" for s in range(n_sources)), rng.uniform(-5, 5, n_sources), rng.uniform(-5, 5, n_sources))
+    sites = SourceSites(tuple(f"wh-{s}" for s in range(n_sources)), rng.uniform(-5, 5, n_sources),
+                        rng.uniform(-5, 5, n_sources), np.ones((n_sources, 4), dtype=bool))
     return build_round(1, 0.0, orders, sites, GRID, {"sku-00001": 1})
 
 
