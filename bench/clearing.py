@@ -14,7 +14,7 @@ import numpy as np
 from agents.fleet import build_fleet
 from bench.fleets import synthetic_fleet
 from bench.stats import machine, percentiles_ms
-from market.book import build_book
+from market.book import CategoryTable, build_book
 from market.clearing import ScoringAuction
 from market.config import load_profile, load_scenario
 from market.demand import generate_orders
@@ -37,7 +37,7 @@ def clear_case(n_bidders: int, batch: int, rounds: int) -> dict[str, Any]:
     fleet = build_fleet(fleet_cfg, seed=1)
     profile = load_profile("balanced")
     orders = _orders(fleet_cfg, fleet.env.catalogue, batch * rounds, seed=3)
-    kinds, cats = fleet.kinds, {a.agent_id: a.category_ok for a in fleet.agents}
+    kinds, cats = fleet.kinds, CategoryTable.from_masks({a.agent_id: a.category_ok for a in fleet.agents})
     mech, strategy, idx = ScoringAuction(), LoadMarkup(), fleet.env.catalogue.index
     samples, combos = [], 0
     for r in range(rounds):

@@ -60,6 +60,25 @@ class QuoteBook:
         return {b: i for i, b in enumerate(self.bidder_ids)}
 
 
+@dataclass(frozen=True)
+class CategoryTable:
+    """Declared category abilities of every bidder, as one matrix for fast lookup."""
+
+    index: dict[str, int]
+    matrix: np.ndarray  # [bidder, category] bool
+
+    @classmethod
+    def from_masks(cls, masks: dict[str, np.ndarray]) -> CategoryTable:
+        """Builds the table from per-bidder masks."""
+        ids = list(masks)
+        matrix = np.stack([masks[b] for b in ids]) if ids else np.zeros((0, 4), dtype=bool)
+        return cls({b: i for i, b in enumerate(ids)}, matrix)
+
+    def rows(self, ids: tuple[str, ...]) -> np.ndarray:
+        """[len(ids), category] abilities of the given bidders."""
+        return self.matrix[[self.index[b] for b in ids]]
+
+
 def _source_matrix(rnd: Round, sources: list[SourceQuote]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dense [site, order] price and ready time, plus site to bidder index (-1: no quote)."""
     site_of = {sid: i for i, sid in enumerate(rnd.sources.ids)}
@@ -67,11 +86,13 @@ def _source_matrix(rnd: Round, sources: list[SourceQuote]) -> tuple[np.ndarray, 
     price = np.full((n_sites, rnd.size), np.inf)
     ready = np.full((n_sites, rnd.size), np.inf)
     bidder = np.full(n_sites, -1, dtype=np.int64)
-    for b, q in enumerate(sources):
-        site = site_of[q.agent_id]
-        price[site, q.order_idx] = q.price
-        ready[site, q.order_idx] = q.ready_s
-        bidder[site] = b
+    if sources:
+        site = np.array([site_of[q.agent_id] for q in sources], dtype=np.int64)
+        rows = np.repeat(site, [len(q.order_idx) for q in sources])
+        cols = np.concatenate([q.order_idx for q in sources])
+        price[rows, cols] = np.concatenate([q.price for q in sources])
+        ready[rows, cols] = np.concatenate([q.ready_s for q in sources])
+        bidder[site] = np.arange(len(sources))
     return price, ready, bidder
 
 
@@ -106,14 +127,14 @@ def build_book(
     quotes: list[Quote],
     kinds: dict[str, Kind],
     profile: ProfileCfg,
-    category_ok: dict[str, np.ndarray] | None = None,
+    categories: CategoryTable | None = None,
 ) -> QuoteBook:
     """Scores every feasible source + last-mile combination of the round.
 
     Args:
         quotes: validated quotes, at most one per bidder.
         kinds: the kind of every bidder id.
-        category_ok: declared category masks per bidder; a quote for an order
+        categories: declared category abilities per bidder; a quote for an order
             outside them is infeasible whatever the bidder claims.
     """
     sources = [q for q in quotes if isinstance(q, SourceQuote)]
@@ -132,9 +153,9 @@ def build_book(
     if profile.vip_hard_promise:
         admissible &= ~vip | (delivery <= rnd.promise_s[order])
     ids = tuple(q.agent_id for q in ordered)
-    if category_ok is not None:
+    if categories is not None and ids:
         cat = rnd.category[order]
-        allowed = np.stack([category_ok[b] for b in ids]) if ids else np.zeros((0, 4), dtype=bool)
+        allowed = categories.rows(ids)
         admissible &= allowed[j["src"], cat] & allowed[j["leg"], cat]
     feasible = admissible & (scores < penalty[order])
     combos = Combos(

@@ -150,6 +150,8 @@ def total_cost(book: QuoteBook, winner: np.ndarray) -> float:
 
 def unserved_reasons(book: QuoteBook, winner: np.ndarray) -> tuple[str, ...]:
     """Why each unserved order has no award: no quote, none feasible, or no capacity."""
+    if (winner >= 0).all():
+        return ("",) * len(winner)
     c = book.combos
     n = book.rnd.size
     quoted = np.bincount(c.order, minlength=n) > 0

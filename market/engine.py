@@ -14,7 +14,7 @@ import numpy as np
 
 from agents.base import Agent
 from agents.fleet import Fleet
-from market.book import QuoteBook, build_book
+from market.book import CategoryTable, QuoteBook, build_book
 from market.clearing import Allocation, exact_winners, total_cost
 from market.config import ProfileCfg
 from market.kpis import KpiTracker
@@ -86,7 +86,7 @@ class MarketEngine:
     def __post_init__(self) -> None:
         self.world_rng = np.random.default_rng([self.seed, 2])
         self.kinds = self.fleet.kinds
-        self.category_ok = {a.agent_id: a.category_ok for a in self.fleet.agents}
+        self.categories = CategoryTable.from_masks({a.agent_id: a.category_ok for a in self.fleet.agents})
         self.truth = {a.agent_id: a.cfg for a in self.fleet.agents}
         self.sku_index = self.fleet.env.catalogue.index
         self.sources = self.fleet.sources
@@ -101,7 +101,7 @@ class MarketEngine:
     def clear(self, rnd: Round, quotes: list[Quote]) -> tuple[QuoteBook, Allocation, float]:
         """Scores combinations and runs the mechanism; returns the clearing time in ms."""
         start = self.timer()
-        book = build_book(rnd, quotes, self.kinds, self.profile, self.category_ok)
+        book = build_book(rnd, quotes, self.kinds, self.profile, self.categories)
         alloc = self.policy.mechanism.allocate(book)
         return book, alloc, (self.timer() - start) * 1000.0
 
