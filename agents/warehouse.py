@@ -65,26 +65,27 @@ class Warehouse(Agent):
             self.stock = np.maximum(self.stock, self.target_stock)
             self.next_replenish_s += self.cfg.replenish_every_h * 3600.0
 
-    def _stock_ok(self, rnd: Round, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _stock_ok(self, rnd: Round, eligible: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """Orders whose lines all fit in free stock, counting earlier orders of the round.
 
-        Returns the order mask and the (order, sku, qty) lines to hold. The common case,
-        where the round's whole demand fits, needs one bincount; only a contended SKU
-        takes the cumulative path, which serves orders in round order.
+        Returns the order mask and the (order, sku, qty) lines to hold. Works on the
+        round's lines only; a SKU wanted by several orders takes the cumulative path,
+        which serves them in round order and never oversells.
         """
-        rows = np.nonzero(eligible[rnd.item_order] & (rnd.item_sku != UNKNOWN_SKU))[0]
-        unknown = np.nonzero(rnd.item_sku == UNKNOWN_SKU)[0]
+        ok = eligible & ~rnd.has_unknown_sku
+        rows = np.nonzero(ok[rnd.item_order])[0]
         sku, qty, order = rnd.item_sku[rows], rnd.item_qty[rows], rnd.item_order[rows]
-        free = self.stock - self.held_stock
-        demand = np.bincount(sku, weights=qty, minlength=len(free))
-        row_ok = demand[sku] <= free[sku]
-        if (~row_ok & (qty <= free[sku])).any():  # contended: some orders could still fit
+        free = self.stock[sku] - self.held_stock[sku]
+        sorted_sku = np.sort(sku)
+        if len(sku) > 1 and (sorted_sku[1:] == sorted_sku[:-1]).any():
             row_ok = self._cumulative_fit(sku, qty, order, free)
-        ok = eligible.copy()
-        ok[order[~row_ok]] = False
-        ok[rnd.item_order[unknown]] = False
-        keep = ok[order]
-        return ok, np.stack([order[keep], sku[keep], qty[keep]])
+        else:
+            row_ok = qty <= free
+        if not row_ok.all():
+            ok[order[~row_ok]] = False
+            keep = ok[order]
+            sku, qty, order = sku[keep], qty[keep], order[keep]
+        return ok, (order, sku, qty)
 
     @staticmethod
     def _cumulative_fit(sku: np.ndarray, qty: np.ndarray, order: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ class Warehouse(Agent):
         starts = np.concatenate(([0], np.nonzero(np.diff(sku_s))[0] + 1))
         group_base = np.repeat(cum[starts] - qty_s[starts], np.diff(np.concatenate((starts, [len(sku_s)]))))
         row_ok = np.empty(len(sku), dtype=bool)
-        row_ok[by_sku] = (cum - group_base) <= free[sku_s]
+        row_ok[by_sku] = (cum - group_base) <= free[by_sku]
         return row_ok
 
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[SourceQuote | None, Any]:
@@ -103,8 +104,7 @@ class Warehouse(Agent):
         idx = np.nonzero(ok)[0]
         if len(idx) == 0:
             return None, None
-        reserved = np.bincount(lines[1], weights=lines[2], minlength=len(self.stock)).astype(np.int64)
-        self.held_stock += reserved
+        np.add.at(self.held_stock, lines[1], lines[2])
         cfg = self.cfg
         cost = cfg.handling_cost + cfg.unit_cost * rnd.units[idx] + cfg.cold_surcharge * COLD[rnd.category[idx]]
         ready = max(self.queue_free_s, now) + cfg.pick_s
@@ -116,14 +116,14 @@ class Warehouse(Agent):
             reliability=self.reliability,
             capacity=0,
         )
-        return quote, (reserved, lines)
+        return quote, lines
 
     def _on_release(self, payload: Any) -> None:
         if payload is not None:
-            self.held_stock -= payload[0]
+            np.subtract.at(self.held_stock, payload[1], payload[2])
 
     def _commit_line(self, line: AwardLine, now: float, payload: Any) -> None:
-        lines = payload[1]
+        lines = payload
         mine = lines[0] == line.order_idx
         np.subtract.at(self.stock, lines[1][mine], lines[2][mine])
         self.queue_free_s = max(self.queue_free_s, now) + self.per_order_s

@@ -46,6 +46,7 @@ class Round:
     item_sku: np.ndarray  # catalogue index, UNKNOWN_SKU when not in the catalogue
     item_qty: np.ndarray
     vip_share: float = 0.0
+    has_unknown_sku: np.ndarray | None = None  # per order: a line no warehouse can stock
 
     @property
     def size(self) -> int:
@@ -84,4 +85,5 @@ def build_round(
         item_sku=item[:, 1],
         item_qty=item[:, 2],
         vip_share=float(vip.sum()) / max(1, len(orders)),
+        has_unknown_sku=np.bincount(item[:, 0][item[:, 1] == UNKNOWN_SKU], minlength=len(orders)) > 0,
     )
