@@ -36,7 +36,7 @@ def _progress(enabled: bool) -> Progress:
 @app.command()
 def simulate(
     scenario: Annotated[str, typer.Option(help="Scenario name (configs/scenarios) or YAML path.")],
-    policy: Annotated[str, typer.Option(help="static, heuristic or rl:PATH.")] = "heuristic",
+    policy: Annotated[str, typer.Option(help="static, truthful, heuristic or rl:PATH.")] = "heuristic",
     orders: Annotated[Optional[int], typer.Option(min=1, max=5_000_000, help="Orders in the day (default: the scenario's).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for demand, agents and the world.")] = 0,
     profile: Annotated[Optional[str], typer.Option(help="Strategy profile (default: the scenario's).")] = None,

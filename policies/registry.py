@@ -8,7 +8,7 @@ from policies.base import BiddingStrategy, CostPricing
 from policies.heuristic import LoadMarkup
 from policies.static import StaticRule
 
-POLICY_NAMES = ("static", "heuristic", "rl:PATH")
+POLICY_NAMES = ("static", "truthful", "heuristic", "rl:PATH")
 
 
 class PolicyError(ValueError):
@@ -25,9 +25,16 @@ class NetworkPolicy:
 
 
 def make_policy(spec: str, payment: Payment = "first_score") -> NetworkPolicy:
-    """Builds a policy from its CLI spec: `static`, `heuristic` or `rl:PATH`."""
+    """Builds a policy from its CLI spec.
+
+    `static` routes by rule at cost; `truthful` clears the scoring auction over cost
+    quotes (the mechanism alone); `heuristic` adds load-aware markups; `rl:PATH`
+    uses a learned bidder.
+    """
     if spec == "static":
         return NetworkPolicy("static", CostPricing(), StaticRule())
+    if spec == "truthful":
+        return NetworkPolicy("truthful", CostPricing(), ScoringAuction(payment=payment))
     if spec == "heuristic":
         return NetworkPolicy("heuristic", LoadMarkup(), ScoringAuction(payment=payment))
     if spec.startswith("rl:"):
