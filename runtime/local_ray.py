@@ -1,0 +1,643 @@
+"""Start (or join) the Ray cluster that bidhive's actors run on, loopback-only.
+
+Why this module exists: on Linux, Ray 2.60 picks the machine's LAN address as
+its node IP and then binds every gRPC server (GCS, raylet, object manager, core
+workers, driver), the agents and the metrics exporters to all interfaces.
+Tests, benchmarks and the default embedded cluster must keep every byte on
+127.0.0.1, keep Ray's token authentication on, and leave no session files
+behind. See ``docs/RAY_LOCAL.md`` for the Ray source lines each setting
+relies on.
+
+Usage::
+
+    with local_ray(num_cpus=2) as cluster:
+        ...  # ray.remote / actors as usual
+        assert all(is_loopback(s.ip) for s in cluster.listening_addresses())
+
+If ``RAY_ADDRESS`` is set, the same call joins that cluster instead and only
+disconnects from it on shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = [
+    "LOOPBACK_ENV",
+    "ListeningSocket",
+    "LocalRay",
+    "SocketAddress",
+    "is_loopback",
+    "listening_addresses",
+    "local_ray",
+    "peer_addresses",
+    "session_pids",
+    "start_local_ray",
+]
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_IP = "127.0.0.1"
+
+_GRPC_PATCH_ENV = "BIDHIVE_RAY_LOOPBACK_GRPC"
+_PRELOAD_ENV = "RAY_preload_python_modules"
+
+#: Environment the embedded cluster runs under (inherited by every Ray child).
+#: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray's node-IP lookup return
+#: 127.0.0.1 instead of the LAN address (the macOS/Windows default); every
+#: server then binds to loopback because Ray keys its bind address on
+#: "node IP is localhost". Serve's HTTP default host follows the same policy.
+#: The last two make every Python worker import this module at start-up,
+#: which re-points the one bind Ray hard-codes to ``[::]`` (each Serve
+#: replica's inter-deployment gRPC server) at 127.0.0.1.
+LOOPBACK_ENV: dict[str, str] = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_SERVE_DEFAULT_HTTP_HOST": LOOPBACK_IP,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    _PRELOAD_ENV: __name__,
+    _GRPC_PATCH_ENV: "1",
+}
+
+_ACTIVE: LocalRay | None = None
+
+
+class SocketAddress(NamedTuple):
+    """A process and one socket address of it (its bind or its peer address)."""
+
+    pid: int
+    name: str
+    ip: str
+    port: int
+
+
+ListeningSocket = SocketAddress
+
+
+class _Sock(NamedTuple):
+    proto: str  # "tcp" or "udp"
+    local_ip: str
+    local_port: int
+    remote_ip: str | None
+    remote_port: int | None
+    listening: bool
+
+
+def is_loopback(ip: str) -> bool:
+    """Tell whether ``ip`` only reaches this host.
+
+    gRPC binds IPv4 loopback through an IPv6 socket, so ``::ffff:127.0.0.1``
+    counts as loopback too.
+    """
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+# --------------------------------------------------------------------------
+# Processes and sockets (psutil when importable, else /proc)
+# --------------------------------------------------------------------------
+
+
+def _psutil() -> Any | None:
+    """Return psutil if importable (Ray vendors one once ``ray`` is imported)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """Read (state, ppid, starttime) from /proc/<pid>/stat, or None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace"
+        )
+    except OSError:
+        return ""
+
+
+def _proc_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def session_pids(marker: str) -> set[int]:
+    """Find the processes of one Ray session on this host.
+
+    Ray's system processes (GCS, raylet, monitor, dashboard, log monitor) carry
+    the session's temp/session dir on their command line; workers and agents
+    rename themselves (``ray::IDLE``), so they are found as descendants of
+    those roots instead.
+
+    Args:
+        marker: A path unique to the session (its temp dir or session dir).
+
+    Returns:
+        The pids of the session's live processes (the driver is not included).
+    """
+    parents: dict[int, int] = {}
+    roots: set[int] = set()
+    for pid in _all_pids():
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] == "Z":
+            continue
+        parents[pid] = stat[1]
+        if pid != os.getpid() and marker in _proc_cmdline(pid):
+            roots.add(pid)
+    found = set(roots)
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _hex_to_ip(text: str) -> str:
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc prints IPv6 as four host-order 32-bit words.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def _proc_net_table(pid: int) -> dict[int, _Sock]:
+    """Map socket inode -> socket for the network namespace of ``pid``."""
+    table: dict[int, _Sock] = {}
+    for fname in ("tcp", "tcp6", "udp", "udp6"):
+        proto = fname[:3]
+        try:
+            lines = Path(f"/proc/{pid}/net/{fname}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            (lip, lport), (rip, rport) = (a.split(":") for a in parts[1:3])
+            state, inode = parts[3], int(parts[9])
+            remote_port = int(rport, 16)
+            if proto == "tcp":
+                listening = state == "0A"  # TCP_LISTEN
+            else:
+                listening = remote_port == 0  # unconnected, bound UDP socket
+            table[inode] = _Sock(
+                proto,
+                _hex_to_ip(lip),
+                int(lport, 16),
+                None if listening else _hex_to_ip(rip),
+                None if listening else remote_port,
+                listening,
+            )
+    return table
+
+
+def _proc_sockets(pid: int, tables: dict[str, dict[int, _Sock]]) -> list[_Sock]:
+    try:
+        netns = os.readlink(f"/proc/{pid}/ns/net")
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    if netns not in tables:
+        tables[netns] = _proc_net_table(pid)
+    out = []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sock = tables[netns].get(int(target[8:-1]))
+            if sock is not None:
+                out.append(sock)
+    return out
+
+
+def _psutil_sockets(psutil: Any, pid: int) -> list[_Sock]:
+    try:
+        conns = psutil.Process(pid).net_connections(kind="inet")
+    except psutil.Error:
+        return []
+    out = []
+    for c in conns:
+        proto = "tcp" if c.type == socket.SOCK_STREAM else "udp"
+        listening = c.status == psutil.CONN_LISTEN or (proto == "udp" and not c.raddr)
+        out.append(
+            _Sock(
+                proto,
+                c.laddr.ip,
+                c.laddr.port,
+                c.raddr.ip if c.raddr else None,
+                c.raddr.port if c.raddr else None,
+                listening,
+            )
+        )
+    return out
+
+
+def _sockets(
+    pids: Iterable[int], use_psutil: bool | None
+) -> Iterator[tuple[int, _Sock]]:
+    psutil = _psutil() if use_psutil in (None, True) else None
+    if use_psutil and psutil is None:
+        raise RuntimeError("psutil is not importable")
+    tables: dict[str, dict[int, _Sock]] = {}
+    for pid in sorted(set(pids)):
+        socks = _psutil_sockets(psutil, pid) if psutil else _proc_sockets(pid, tables)
+        for sock in socks:
+            yield pid, sock
+
+
+def _default_pids() -> set[int]:
+    if _ACTIVE is None or _ACTIVE.closed:
+        raise RuntimeError("no active LocalRay; pass pids explicitly")
+    return _ACTIVE.pids()
+
+
+def listening_addresses(
+    pids: Iterable[int] | None = None, *, use_psutil: bool | None = None
+) -> list[ListeningSocket]:
+    """List the TCP/UDP sockets the given processes listen on.
+
+    Args:
+        pids: Processes to inspect; default: every process of the active
+            :class:`LocalRay` session, driver included.
+        use_psutil: Force (True) or forbid (False) psutil; None picks psutil
+            when importable and falls back to /proc/net + /proc/<pid>/fd.
+
+    Returns:
+        One entry per listening socket, sorted by pid.
+    """
+    todo = _default_pids() if pids is None else pids
+    return [
+        SocketAddress(pid, _proc_name(pid), s.local_ip, s.local_port)
+        for pid, s in _sockets(todo, use_psutil)
+        if s.listening
+    ]
+
+
+def peer_addresses(
+    pids: Iterable[int] | None = None, *, use_psutil: bool | None = None
+) -> list[SocketAddress]:
+    """List the remote ends of the given processes' connected sockets.
+
+    Complements :func:`listening_addresses`: a loopback-only cluster also never
+    dials out of the host. Same arguments; ``ip``/``port`` are the peer's.
+    """
+    todo = _default_pids() if pids is None else pids
+    return [
+        SocketAddress(pid, _proc_name(pid), s.remote_ip, s.remote_port)
+        for pid, s in _sockets(todo, use_psutil)
+        if not s.listening and s.remote_ip is not None and s.remote_port
+    ]
+
+
+def _alive(pid: int, start: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[2] == start
+
+
+def _wait_gone(procs: dict[int, int], timeout_s: float) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = {p: s for p, s in procs.items() if _alive(p, s)}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _rmtree(path: str, timeout_s: float = 3.0) -> bool:
+    """Remove ``path``, retrying while exiting processes still write into it."""
+    deadline = time.monotonic() + timeout_s
+    while os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    return not os.path.lexists(path)
+
+
+# --------------------------------------------------------------------------
+# Cluster lifecycle
+# --------------------------------------------------------------------------
+
+
+def _short_temp_root() -> str:
+    """Pick a parent dir short enough for Ray's unix sockets (~107 chars)."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 32 else "/tmp"
+
+
+def _set_cluster_flag(enabled: bool) -> bool:
+    """Set Ray's import-time ``ENABLE_RAY_CLUSTER`` constant; return the old value.
+
+    The env var is read once when ``ray._private.ray_constants`` is imported,
+    so the driver needs the module attribute patched as well.
+    """
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = enabled
+    return old
+
+
+def _refresh_auth_state() -> None:
+    """Make this process re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN*.
+
+    RayConfig and the token loader cache what they read first; Ray's own
+    ``_enable_token_auth`` refreshes them the same way.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@dataclass
+class LocalRay:
+    """Handle on the Ray cluster this process is connected to.
+
+    Attributes:
+        address: GCS address (host:port).
+        namespace: Ray namespace of this driver.
+        embedded: True if this process started the cluster (and owns it).
+        temp_dir: The temp dir created for the embedded cluster, else None.
+        session_dir: Ray's session dir (logs, sockets) of the cluster.
+    """
+
+    address: str
+    namespace: str
+    embedded: bool
+    temp_dir: str | None
+    session_dir: str
+    _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _saved_cluster_flag: bool | None = field(default=None, repr=False)
+    closed: bool = False
+
+    def pids(self, include_driver: bool = True) -> set[int]:
+        """Pids of this session's processes on this host."""
+        marker = self.temp_dir or self.session_dir
+        found = session_pids(marker) if marker else set()
+        if include_driver and not self.closed:
+            found.add(os.getpid())
+        return found
+
+    def listening_addresses(self) -> list[ListeningSocket]:
+        """Listening sockets of every process of this session (driver included)."""
+        return listening_addresses(self.pids())
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Disconnect; for an embedded cluster also reap it and delete its temp dir.
+
+        Waits up to ``timeout_s`` for the session's processes to exit (kills
+        leftovers, verified by start time so a reused pid is never hit), then
+        removes the temp dir, retrying briefly because exiting processes may
+        still flush logs into it. Idempotent.
+        """
+        global _ACTIVE
+        if self.closed:
+            return
+        import ray
+
+        procs: dict[int, int] = {}
+        if self.embedded:
+            for pid in self.pids(include_driver=False):
+                stat = _proc_stat(pid)
+                if stat is not None:
+                    procs[pid] = stat[2]
+        try:
+            ray.shutdown()
+        finally:
+            self.closed = True
+            if _ACTIVE is self:
+                _ACTIVE = None
+            left = _wait_gone(procs, timeout_s)
+            for pid in left:
+                logger.warning("Ray process %d outlived shutdown; killing it", pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if _wait_gone(left, 2.0):
+                logger.warning("Ray processes still alive: %s", sorted(left))
+            if self.temp_dir is not None and not _rmtree(self.temp_dir):
+                logger.warning("could not fully remove %s", self.temp_dir)
+            self._restore()
+
+    def _restore(self) -> None:
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self._saved_cluster_flag is not None:
+            _set_cluster_flag(self._saved_cluster_flag)
+        _refresh_auth_state()
+        self._saved_env = {}
+        self._saved_cluster_flag = None
+
+    def __enter__(self) -> LocalRay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _apply_env(env: Mapping[str, str | None], saved: dict[str, str | None]) -> None:
+    """Set (or, for None, unset) variables, remembering the old values once."""
+    for key, value in env.items():
+        saved.setdefault(key, os.environ.get(key))
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _address_is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or is_loopback(host)
+
+
+def start_local_ray(
+    num_cpus: int | None = None,
+    *,
+    dashboard: bool = False,
+    namespace: str = "bidhive",
+    log_to_driver: bool = False,
+    logging_level: int = logging.WARNING,
+    object_store_memory: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> LocalRay:
+    """Start an embedded loopback-only Ray, or join ``RAY_ADDRESS`` if set.
+
+    Embedded mode: binds everything to 127.0.0.1, keeps token auth on with a
+    fresh per-session token (a 0600 file in the session's own temp dir, so
+    ``~/.ray/auth_token`` is neither read nor written), turns the dashboard UI
+    off unless asked, and puts all session files in a new short temp dir that
+    :meth:`LocalRay.shutdown` deletes.
+
+    Join mode (``RAY_ADDRESS`` set, and not ``local``): plain
+    ``ray.init(address=...)``; nothing is forced and nothing is deleted. For
+    an explicit address Ray sends a token only under ``RAY_AUTH_MODE=token``;
+    if that is unset but ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` is, it
+    is set to ``token`` for this driver (Ray would fail with a bare
+    ``ConnectionError`` after ~20 s instead). A loopback ``RAY_ADDRESS`` is
+    kept as given (Ray would otherwise rewrite 127.0.0.1 to the LAN IP and
+    hang on a loopback-only cluster).
+
+    Args:
+        num_cpus: CPUs the embedded node advertises (ignored in join mode).
+        dashboard: Start the dashboard UI (on 127.0.0.1) in embedded mode.
+        namespace: Ray namespace for named actors.
+        log_to_driver: Stream worker stdout/stderr to this process.
+        logging_level: Level of Ray's driver-side loggers.
+        object_store_memory: Object store bytes (embedded mode only).
+        runtime_env: Job-level runtime env.
+        extra_env: Extra environment for the cluster's processes (embedded)
+            or this driver (join); restored on shutdown.
+
+    Returns:
+        The handle; call :meth:`LocalRay.shutdown` (or use it as a context
+        manager) when done.
+
+    Raises:
+        RuntimeError: If Ray is already initialized in this process.
+    """
+    global _ACTIVE
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialized in this process")
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    join = address not in ("", "local")
+    init_kwargs: dict[str, Any] = {
+        "namespace": namespace,
+        "log_to_driver": log_to_driver,
+        "logging_level": logging_level,
+        "runtime_env": runtime_env,
+    }
+    saved: dict[str, str | None] = {}
+    handle = LocalRay("", namespace, not join, None, "", saved)
+    try:
+        if join:
+            env = dict(extra_env or {})
+            token_vars = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+            token_given = any(os.environ.get(k) for k in token_vars)
+            if token_given and "RAY_AUTH_MODE" not in {**os.environ, **env}:
+                env["RAY_AUTH_MODE"] = "token"
+            _apply_env(env, saved)
+            _refresh_auth_state()
+            if _address_is_loopback(address):
+                handle._saved_cluster_flag = _set_cluster_flag(False)
+            ray.init(address=address, **init_kwargs)
+        else:
+            temp_dir = tempfile.mkdtemp(prefix="bidhive-ray-", dir=_short_temp_root())
+            handle.temp_dir = temp_dir
+            token_path = os.path.join(temp_dir, "auth_token")
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            env: dict[str, str | None] = {
+                **LOOPBACK_ENV,
+                _PRELOAD_ENV: ",".join(
+                    filter(None, (os.environ.get(_PRELOAD_ENV), __name__))
+                ),
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": token_path,
+                "RAY_AUTH_TOKEN": None,  # it would win over our per-session file
+                **(extra_env or {}),
+            }
+            _apply_env(env, saved)
+            handle._saved_cluster_flag = _set_cluster_flag(False)
+            _refresh_auth_state()
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                object_store_memory=object_store_memory,
+                include_dashboard=dashboard,
+                dashboard_host=LOOPBACK_IP,
+                _node_ip_address=LOOPBACK_IP,
+                _temp_dir=temp_dir,
+                **init_kwargs,
+            )
+    except BaseException:
+        handle.shutdown(timeout_s=5.0)
+        raise
+    node = ray._private.worker._global_node
+    handle.address = ray.get_runtime_context().gcs_address
+    handle.session_dir = node.get_session_dir_path() if node is not None else ""
+    _ACTIVE = handle
+    return handle
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int | None = None, **kwargs: Any) -> Iterator[LocalRay]:
+    """Context-manager form of :func:`start_local_ray` (same arguments)."""
+    handle = start_local_ray(num_cpus, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.shutdown()
+
+
+def _patch_wildcard_grpc_binds() -> None:
+    """Bind Ray's Python gRPC servers that ask for ``[::]`` to 127.0.0.1 instead.
+
+    Ray 2.60's Serve replica starts its inter-deployment gRPC server on
+    ``"[::]:0"`` (``ray/serve/_private/replica.py``) whatever the node IP, and
+    no setting changes it. It binds through
+    ``ray._common.tls_utils.add_port_to_grpc_server``, which the replica
+    module imports by name, so patching the helper before Serve is imported
+    (at worker start via ``RAY_preload_python_modules``) is enough.
+    """
+    from ray._common import tls_utils
+
+    original = tls_utils.add_port_to_grpc_server
+    if getattr(original, "_bidhive_loopback", False):
+        return
+
+    def add_port(server: Any, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        if host.strip("[]") in ("", "::", "0.0.0.0"):
+            address = f"{LOOPBACK_IP}:{port}"
+        return original(server, address)
+
+    add_port._bidhive_loopback = True  # type: ignore[attr-defined]
+    tls_utils.add_port_to_grpc_server = add_port
+
+
+# Runs in Ray workers of an embedded cluster (preloaded, see LOOPBACK_ENV); a
+# no-op in the driver, which imports this module before setting the flag.
+if os.environ.get(_GRPC_PATCH_ENV) == "1" and "ray" in sys.modules:
+    _patch_wildcard_grpc_binds()
