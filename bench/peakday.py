@@ -9,11 +9,17 @@ from market.config import load_scenario
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
 
+PEAK_DAY_ORDERS = 50_000
+
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """Simulates the peak scenario (50,000 orders; 2,000 when quick) per policy."""
+    """Simulates a peak day of 50,000 orders (2,000 when quick) per policy.
+
+    The peak scenario's default day is 30,000 orders; the target asks for at least
+    50,000, so the same day's arrival profile is scaled to 50,000.
+    """
     scenario = load_scenario("peak")
-    n = 2_000 if quick else scenario.orders_per_day
+    n = 2_000 if quick else PEAK_DAY_ORDERS
     runs = []
     for policy in ("static", "heuristic"):
         t0, c0 = time.perf_counter(), time.process_time()
