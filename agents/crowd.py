@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, AgentEnv, agent_seed, nearest_pairs
+from agents.occupancy import Occupancy
 from market.config import CrowdCfg
 from market.geo import distance_km
 from market.round import Round
@@ -26,13 +27,11 @@ class CrowdCarrier(Agent):
 
     def __init__(self, cfg: CrowdCfg, env: AgentEnv) -> None:
         super().__init__(cfg, env)
-        self.active = 0
+        self.active = Occupancy()
+        self.shift = Occupancy()
         self.km_per_s = cfg.speed_kmh / 3600.0
         self._slot = -1
         self._on_shift = cfg.base_couriers
-        self._busy_area = 0.0
-        self._shift_area = 0.0
-        self._last_s: float | None = None
 
     def on_shift(self, now: float) -> int:
         """Couriers working now: a daily wave with noise, fixed per 15-minute slot."""
@@ -50,21 +49,17 @@ class CrowdCarrier(Agent):
         return self.on_shift(self.now_s)
 
     def capacity_free(self) -> int:
-        return max(0, self.on_shift(self.now_s) - self.active)
+        return max(0, self.on_shift(self.now_s) - int(self.active.level))
 
     def utilization(self, now: float) -> float:
-        self._integrate(now)
-        return min(1.0, self._busy_area / self._shift_area) if self._shift_area > 0 else 0.0
-
-    def _integrate(self, now: float) -> None:
-        if self._last_s is not None and now > self._last_s:
-            dt = now - self._last_s
-            self._busy_area += self.active * dt
-            self._shift_area += max(self.on_shift(self._last_s), self.active) * dt
-        self._last_s = now if self._last_s is None else max(self._last_s, now)
+        """Busy courier-time over on-shift courier-time."""
+        self._advance(now)
+        shift = self.shift.area(now)
+        return min(1.0, self.active.area(now) / shift) if shift > 0 else 0.0
 
     def _advance(self, now: float) -> None:
-        self._integrate(now)
+        self.active.touch(now)
+        self.shift.set(now, max(self.on_shift(now), self.active.level))
 
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[LegQuote | None, Any]:
         cfg = self.cfg
@@ -74,7 +69,7 @@ class CrowdCarrier(Agent):
         s_idx, o_idx = nearest_pairs(rnd, legs, np.arange(len(src.ids)), orders, cfg.max_sources)
         leg = distance_km(src.x[s_idx], src.y[s_idx], rnd.x[o_idx], rnd.y[o_idx])
         shift = self.on_shift(now)
-        surge = 1.0 + cfg.surge_k * (self.active / shift) ** 2
+        surge = 1.0 + cfg.surge_k * (self.active.level / shift) ** 2
         approach_km = cfg.pickup_mean_s * self.km_per_s
         quote = LegQuote(
             agent_id=self.agent_id,
@@ -89,11 +84,9 @@ class CrowdCarrier(Agent):
         return quote, None
 
     def _commit_line(self, line: AwardLine, now: float, payload: Any) -> None:
-        self._integrate(now)
-        self.active += 1
+        self.active.add(now, 1)
         self.schedule_completion(line.done_s, line.on_time)
 
     def _on_complete(self, done_s: float, payload: Any) -> None:
-        self._integrate(done_s)
-        self.active -= 1
+        self.active.add(done_s, -1)
         self.record_outcome(payload)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, AgentEnv, nearest_pairs
+from agents.occupancy import Occupancy
 from market.config import LockerCfg
 from market.geo import distance_km
 from market.round import Round
@@ -26,34 +27,21 @@ class PickupLocker(Agent):
     def __init__(self, cfg: LockerCfg, env: AgentEnv) -> None:
         super().__init__(cfg, env)
         self.x, self.y = cfg.x_km, cfg.y_km
-        self.occupied = 0
+        self.occupied = Occupancy()
         self.km_per_s = cfg.shuttle_speed_kmh / 3600.0
         self.shuttle_offset_s = float(zlib.crc32(cfg.id.encode()) % int(cfg.shuttle_every_s))
-        self._area = 0.0
-        self._last_s: float | None = None
-        self._start_s: float | None = None
 
     def capacity_total(self) -> int:
         return self.cfg.compartments
 
     def capacity_free(self) -> int:
-        return self.cfg.compartments - self.occupied
+        return self.cfg.compartments - int(self.occupied.level)
 
     def utilization(self, now: float) -> float:
-        self._integrate(now)
-        if self._start_s is None or now <= self._start_s:
-            return 0.0
-        return min(1.0, self._area / (self.cfg.compartments * (now - self._start_s)))
-
-    def _integrate(self, now: float) -> None:
-        if self._last_s is None:
-            self._start_s = self._last_s = now
-        elif now > self._last_s:
-            self._area += self.occupied * (now - self._last_s)
-            self._last_s = now
+        return self.occupied.share(now, self.cfg.compartments)
 
     def _advance(self, now: float) -> None:
-        self._integrate(now)
+        self.occupied.touch(now)
 
     def next_departure(self, now: float) -> float:
         """The next shuttle leaving the warehouses at or after `now`."""
@@ -84,11 +72,9 @@ class PickupLocker(Agent):
         return quote, None
 
     def _commit_line(self, line: AwardLine, now: float, payload: Any) -> None:
-        self._integrate(now)
-        self.occupied += 1
+        self.occupied.add(now, 1)
         self.schedule_completion(line.done_s, line.on_time)
 
     def _on_complete(self, done_s: float, payload: Any) -> None:
-        self._integrate(done_s)
-        self.occupied -= 1
+        self.occupied.add(done_s, -1)
         self.record_outcome(payload)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, AgentEnv, nearest_pairs
+from agents.occupancy import Occupancy
 from market.config import RiderPoolCfg
 from market.geo import distance_km
 from market.round import Round, SourceSites
@@ -31,9 +32,7 @@ class RiderPool(Agent):
         self.rider_y = self.y + radius * np.sin(angle)
         self.busy = np.zeros(cfg.riders, dtype=bool)
         self.km_per_s = cfg.speed_kmh / 3600.0
-        self._busy_time: float = 0.0
-        self._busy_since = np.zeros(cfg.riders)
-        self.start_s: float | None = None
+        self.in_use = Occupancy()
         self._sites: tuple[tuple[str, ...], np.ndarray] | None = None
 
     def capacity_total(self) -> int:
@@ -43,14 +42,10 @@ class RiderPool(Agent):
         return int(self.cfg.riders - self.busy.sum())
 
     def utilization(self, now: float) -> float:
-        if self.start_s is None or now <= self.start_s:
-            return 0.0
-        running = float((now - self._busy_since[self.busy]).sum())
-        return min(1.0, (self._busy_time + running) / (self.cfg.riders * (now - self.start_s)))
+        return self.in_use.share(now, self.cfg.riders)
 
     def _advance(self, now: float) -> None:
-        if self.start_s is None:
-            self.start_s = now
+        self.in_use.touch(now)
 
     def _reach(self, rnd: Round) -> np.ndarray:
         return distance_km(rnd.x, rnd.y, self.x, self.y) <= self.cfg.radius_km
@@ -94,12 +89,12 @@ class RiderPool(Agent):
         d = distance_km(self.rider_x[free], self.rider_y[free], line.source_x, line.source_y)
         rider = int(free[np.argmin(d)])
         self.busy[rider] = True
-        self._busy_since[rider] = now
+        self.in_use.add(now, 1)
         self.schedule_completion(line.done_s, (rider, line.dest_x, line.dest_y, line.on_time))
 
     def _on_complete(self, done_s: float, payload: Any) -> None:
         rider, x, y, on_time = payload
         self.busy[rider] = False
-        self._busy_time += done_s - self._busy_since[rider]
+        self.in_use.add(done_s, -1)
         self.rider_x[rider], self.rider_y[rider] = x, y
         self.record_outcome(on_time)

@@ -135,3 +135,14 @@ def test_holdback_keeps_the_last_capacity_for_vips() -> None:
 def test_every_kind_is_in_the_default_fleet() -> None:
     kinds = {a.kind for a in fleet().agents}
     assert kinds == set(Kind)
+
+
+def test_occupancy_integrates_level_over_time() -> None:
+    from agents.occupancy import Occupancy
+
+    occ = Occupancy()
+    occ.touch(100.0)  # the clock starts here, not at 0
+    occ.add(110.0, 2)  # 2 busy from 110
+    occ.add(130.0, -1)  # 1 busy from 130
+    assert occ.area(150.0) == 2 * 20 + 1 * 20
+    assert occ.share(150.0, capacity=4) == 60 / (50 * 4)

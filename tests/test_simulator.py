@@ -38,12 +38,12 @@ class CheckedBidders(LocalBidders):
             if isinstance(a, RiderPool):
                 assert 0 <= a.busy.sum() <= a.cfg.riders
             elif isinstance(a, PickupLocker):
-                assert 0 <= a.occupied <= a.cfg.compartments
+                assert 0 <= a.occupied.level <= a.cfg.compartments
             elif isinstance(a, Warehouse):
                 assert (a.stock >= 0).all() and (a.held_stock >= 0).all()
                 assert a.queue_free_s - now <= a.cfg.max_queue_s + 1e-6
             elif isinstance(a, CrowdCarrier):
-                assert a.active >= 0
+                assert a.active.level >= 0
             assert a.holds.units == 0  # every hold was committed or released at close
 
 
