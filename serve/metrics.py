@@ -1,0 +1,67 @@
+"""Prometheus text exposition without a client library: counters and histograms."""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+
+LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+class Metrics:
+    """A small registry: named counters with labels, gauges and latency histograms."""
+
+    def __init__(self, prefix: str = "bidhive") -> None:
+        self.prefix = prefix
+        self._counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self._gauges: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self._hist: dict[str, list[int]] = {}
+        self._hist_sum: dict[str, float] = {}
+        self._help: dict[str, str] = {}
+
+    def inc(self, name: str, amount: float = 1.0, help: str = "", **labels: str) -> None:
+        """Adds to a counter."""
+        key = tuple(sorted(labels.items()))
+        self._counters[name][key] = self._counters[name].get(key, 0.0) + amount
+        self._help.setdefault(name, help)
+
+    def set(self, name: str, value: float, help: str = "", **labels: str) -> None:
+        """Sets a gauge."""
+        self._gauges[name][tuple(sorted(labels.items()))] = value
+        self._help.setdefault(name, help)
+
+    def observe_ms(self, name: str, ms: float, help: str = "") -> None:
+        """Records one latency sample in milliseconds."""
+        counts = self._hist.setdefault(name, [0] * (len(LATENCY_BUCKETS_MS) + 1))
+        counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        self._hist_sum[name] = self._hist_sum.get(name, 0.0) + ms
+        self._help.setdefault(name, help)
+
+    def counter(self, name: str, **labels: str) -> float:
+        """Current value of a counter (0 when never touched)."""
+        return self._counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> str:
+        """The Prometheus text format (version 0.0.4)."""
+        out: list[str] = []
+        for kind, family in (("counter", self._counters), ("gauge", self._gauges)):
+            for name, series in sorted(family.items()):
+                full = f"{self.prefix}_{name}"
+                out += [f"# HELP {full} {self._help.get(name, '')}", f"# TYPE {full} {kind}"]
+                out += [f"{full}{_labels(k)} {v:g}" for k, v in sorted(series.items())]
+        for name, counts in sorted(self._hist.items()):
+            full = f"{self.prefix}_{name}"
+            out += [f"# HELP {full} {self._help.get(name, '')}", f"# TYPE {full} histogram"]
+            running = 0
+            for bound, count in zip((*LATENCY_BUCKETS_MS, float("inf")), counts):
+                running += count
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                out.append(f'{full}_bucket{{le="{le}"}} {running}')
+            out += [f"{full}_sum {self._hist_sum[name]:g}", f"{full}_count {running}"]
+        return "\n".join(out) + "\n"

@@ -1,0 +1,78 @@
+"""Serve building blocks without a server: validation, idempotency, metrics."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from serve.idempotency import IdempotencyConflict, IdempotencyStore, body_hash
+from serve.metrics import Metrics
+from serve.models import OrderIn
+
+GOOD = {
+    "customer_id": "c-1",
+    "tier": "vip",
+    "items": [{"sku": "sku-00001", "qty": 2}],
+    "destination": {"lat": 31.23, "lon": 121.47},
+    "promise_minutes": 60,
+    "value": 42.0,
+    "locker_ok": True,
+}
+
+
+def test_a_good_order_becomes_a_market_order() -> None:
+    order = OrderIn.model_validate(GOOD).to_order("o-1", now_s=100.0, reserve_base=10, reserve_share=0.4)
+    assert order.promise_s == 100.0 + 3600.0 and order.reserve == pytest.approx(10 + 0.4 * 42)
+    assert order.units == 2 and order.tier == "vip"
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"items": []}, "items"),
+        ({"items": [{"sku": "x", "qty": 0}]}, "items.0.qty"),
+        ({"destination": {"lat": 91, "lon": 0}}, "destination.lat"),
+        ({"promise_minutes": -5}, "promise_minutes"),
+        ({"tier": "gold"}, "tier"),
+        ({"colour": "red"}, "colour"),
+        ({"items": [{"sku": "a", "qty": 1}, {"sku": "a", "qty": 2}]}, "items"),
+    ],
+)
+def test_bad_orders_name_the_field(patch: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        OrderIn.model_validate({**GOOD, **patch})
+    locs = [".".join(str(p) for p in e["loc"]) for e in err.value.errors()]
+    assert any(field in loc or field in e["msg"] for loc, e in zip(locs, err.value.errors())), locs
+
+
+def test_idempotency_state_machine() -> None:
+    store = IdempotencyStore()
+    h = body_hash(GOOD)
+    assert store.begin("k", h) is None
+    with pytest.raises(IdempotencyConflict) as busy:
+        store.begin("k", h)
+    assert busy.value.status == 409
+    with pytest.raises(IdempotencyConflict) as other:
+        store.begin("k", body_hash({**GOOD, "value": 1.0}))
+    assert other.value.status == 422
+    store.finish("k", {"order_id": "o-1", "status": "awarded"})
+    assert store.begin("k", h) == {"order_id": "o-1", "status": "awarded"}
+
+
+@given(st.dictionaries(st.text(max_size=5), st.integers(), max_size=5))
+def test_body_hash_ignores_key_order(body: dict) -> None:
+    assert body_hash(body) == body_hash(dict(reversed(list(body.items()))))
+
+
+def test_metrics_render_prometheus_text() -> None:
+    m = Metrics()
+    m.inc("orders_total", help="Orders received")
+    m.inc("unfulfilled_total", reason="no_quote")
+    for ms in (0.2, 3.0, 70.0):
+        m.observe_ms("clear_ms", ms, help="Clearing time")
+    text = m.render()
+    assert "bidhive_orders_total 1" in text
+    assert 'bidhive_unfulfilled_total{reason="no_quote"} 1' in text
+    assert 'bidhive_clear_ms_bucket{le="0.5"} 1' in text and 'bidhive_clear_ms_bucket{le="+Inf"} 3' in text
+    assert "bidhive_clear_ms_count 3" in text
