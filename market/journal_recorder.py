@@ -1,0 +1,413 @@
+"""The auction journal as a `Recorder`: every shell that drives `MarketEngine` writes it.
+
+Each hook becomes one record (``docs/JOURNAL.md`` lists every field). ``round_cleared``
+holds everything replay needs to re-clear the round without the bidders: the round's
+orders come from the ``order_received`` records named by ``round_opened``, the fleet's
+bidder table (ids, kinds, declared category masks), the source sites and the city grid
+go once into ``run_started``, and the round's quotes go into ``round_cleared`` as a few
+flat arrays, in the order the engine passed them to ``build_book`` (that order decides
+bidder indices and therefore tie-breaks).
+
+Compactness matters because the journal sits on the clearing path: a round's quotes
+are four arrays whatever the number of bidders, and a round's hold commits and
+releases are one record each rather than one per bidder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.fleet import Fleet, build_fleet
+from market.book import QuoteBook
+from market.clearing import Allocation
+from market.config import ConfigError, FleetCfg, ProfileCfg, load_profile, load_profiles
+from market.journal import FsyncPolicy, JournalWriter
+from market.round import Round, SourceSites
+from market.types import CATEGORY_CODES, LegQuote, Order, Quote, SourceQuote
+
+__all__ = ["JOURNAL_SCHEMA", "JournalRecorder", "award_arrays", "bidder_table", "versions"]
+
+JOURNAL_SCHEMA = 1
+"""Version of the record fields written here (``run_started.schema``)."""
+
+_I8 = np.dtype(np.int64)
+_F8 = np.dtype(np.float64)
+_MINUS1 = np.full(1 << 16, -1, dtype=np.int64)  # source_idx of source rows, sliced per quote
+
+
+def _is(dtype: np.dtype, want: np.dtype) -> bool:
+    """dtype check; identity first (NumPy reuses its builtin dtype objects)."""
+    return dtype is want or dtype == want
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    out: dict[str, str] = {}
+    for dist in ("bidhive", "numpy", "scipy", "msgpack"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    out["python"] = platform.python_version()
+    return tuple(out.items())
+
+
+def versions() -> dict[str, str]:
+    """Versions of what decides the bits of a re-clear: bidhive, NumPy, SciPy, msgpack, Python."""
+    return dict(_versions())
+
+
+def bidder_table(fleet: Fleet) -> dict[str, Any]:
+    """The fleet as replay needs it: ids in fleet order, kinds, declared category masks."""
+    agents = fleet.agents
+    return {
+        "ids": [a.agent_id for a in agents],
+        "kinds": [a.kind.value for a in agents],
+        "category_ok": np.stack([a.category_ok for a in agents]).astype(bool)
+        if agents else np.zeros((0, len(CATEGORY_CODES)), dtype=bool),
+        "categories": [c.value for c in CATEGORY_CODES],
+    }
+
+
+def _sources_dict(sites: SourceSites) -> dict[str, Any]:
+    """Every field of the source sites (ids, x, y, and whatever else they carry)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(sites):
+        value = getattr(sites, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _same_sites(a: SourceSites, b: SourceSites) -> bool:
+    """Same ids and bit-identical arrays, field by field."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _profile_name(given: str | None, weights: dict[str, Any] | None) -> str:
+    """The configured name whose weights are these (the given name first), else 'custom'."""
+    if weights is None:
+        return given or "custom"
+    try:
+        known = load_profiles()
+    except ConfigError:
+        return given or "custom"
+    if given in known and known[given].model_dump(mode="json") == weights:
+        return given
+    for name, cfg in known.items():
+        if cfg.model_dump(mode="json") == weights:
+            return name
+    return "custom"
+
+
+def award_arrays(book: QuoteBook, alloc: Allocation, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A round's result per order, as journaled and as replay compares it.
+
+    Returns ``award_i`` [3, n_orders] int32: winning combination (-1: none), winning
+    source and leg as rows of the bidder table (``index``; -1: none), and ``award_f``
+    [4, n_orders] float64: source payment, leg payment, the winner's score and its
+    predicted delivery time (NaN where unserved).
+    """
+    winner = alloc.winner
+    n = len(winner)
+    award_f = np.empty((4, n))
+    award_f[0] = alloc.src_payment
+    award_f[1] = alloc.leg_payment
+    award_f[2:] = np.nan
+    won = np.flatnonzero(winner >= 0)
+    w = winner[won]
+    ids = book.bidder_ids
+    src = [-1] * n
+    leg = [-1] * n
+    if len(w):
+        c = book.combos
+        for o, s, lg in zip(won.tolist(), c.src[w].tolist(), c.leg[w].tolist()):
+            src[o] = index.get(ids[s], -1)
+            leg[o] = index.get(ids[lg], -1)
+        award_f[2, won] = c.score[w]
+        award_f[3, won] = c.delivery_s[w]
+    award_i = np.array((winner.tolist(), src, leg), dtype=np.int32).reshape(3, n)
+    return award_i, award_f
+
+
+class JournalRecorder:
+    """Writes the auction journal through a `JournalWriter` (see ``docs/JOURNAL.md``).
+
+    Args:
+        path: The journal's first file (created, or continued if it exists).
+        fsync: ``"always"``, ``"interval"`` (default) or ``"never"`` (see `JournalWriter`).
+        rotate_bytes: Start a new file past this size (None: never).
+        fleet: The fleet, if the shell has it; otherwise `run_started` builds the bidder
+            table from the ``fleet`` config in its info dict (or takes ``bidders``,
+            ``sources`` and ``grid`` from it as written here).
+        timing: Journal wall-clock facts (``clear_ms``). False makes the journal of a
+            seeded simulation byte-identical from run to run.
+
+    Raises:
+        ValueError: From `run_started`: neither ``fleet`` nor enough fleet information
+            in the info dict.
+        RuntimeError: An order or a round before `run_started` (the journal would not
+            be replayable).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fsync: FsyncPolicy = "interval",
+        rotate_bytes: int | None = None,
+        *,
+        fleet: Fleet | None = None,
+        timing: bool = True,
+        fsync_interval_s: float = 0.2,
+    ) -> None:
+        self.path = Path(path)
+        self.writer = JournalWriter(self.path, fsync=fsync, rotate_bytes=rotate_bytes, fsync_interval_s=fsync_interval_s)
+        self.timing = timing
+        self._fleet = fleet
+        self._index: dict[str, int] = {}
+        self._sites: SourceSites | None = None
+        self._profile: ProfileCfg | None = None
+        self._profile_name = "custom"
+        self._holds: tuple[int, float] | None = None  # (round_id, now) of the collected hold events
+        self._committed: list[str] = []
+        self._committed_orders: list[list[str]] = []
+        self._released: list[str] = []
+        self._started = False
+
+    def _require_start(self, hook: str) -> None:
+        """A journal without run_started cannot be replayed: fail at the shell's first mistake."""
+        raise RuntimeError(f"JournalRecorder.{hook} before run_started: a shell must call run_started first "
+                           "(with the policy, mechanism, profile and fleet) so the journal can be replayed")
+
+    # -- run and orders -----------------------------------------------------------------
+    def run_started(self, info: dict[str, Any]) -> None:
+        """Journals the run: configs, seed, policy, mechanism, profile, bidders, versions."""
+        self._flush_holds()
+        info = dict(info)
+        bidders, sources, grid = self._fleet_facts(info)
+        self._index = {b: i for i, b in enumerate(bidders["ids"])}
+        profile = info.pop("profile", None)
+        if isinstance(profile, ProfileCfg):
+            profile = profile.model_dump(mode="json")
+        if profile is not None:
+            self._profile = ProfileCfg.model_validate(profile)
+        name = _profile_name(info.pop("profile_name", None), profile)
+        self._profile_name = name
+        fields = {
+            "schema": JOURNAL_SCHEMA,
+            "seed": info.pop("seed", None),
+            "policy": info.pop("policy", None),
+            "mechanism": info.pop("mechanism", None),
+            "profile_name": name,
+            "profile": profile,
+            "bidders": bidders,
+            "sources": sources,
+            "grid": grid,
+            "versions": versions(),
+            "config": {k: v for k, v in info.items() if k not in ("bidders", "sources", "grid")},
+        }
+        self.writer.append("run_started", **fields)
+        self._started = True
+
+    def _fleet_facts(self, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Bidder table, source sites and grid: from the fleet, or from the info dict."""
+        fleet = self._fleet
+        if fleet is None and "bidders" not in info and info.get("fleet") is not None:
+            cfg = info["fleet"]
+            cfg = cfg if isinstance(cfg, FleetCfg) else FleetCfg.model_validate(cfg)
+            info["fleet"] = cfg.model_dump(mode="json")
+            fleet = build_fleet(cfg, int(info.get("seed") or 0))
+        if fleet is not None:
+            self._sites = fleet.sources
+            grid = fleet.env.grid
+            return bidder_table(fleet), _sources_dict(self._sites), {
+                "origin_lat": float(grid.origin_lat), "origin_lon": float(grid.origin_lon)}
+        if all(k in info for k in ("bidders", "sources", "grid")):
+            return info["bidders"], info["sources"], info["grid"]
+        raise ValueError("JournalRecorder needs the fleet: pass fleet=..., or put the 'fleet' config "
+                         "(or 'bidders', 'sources' and 'grid') in the run_started info")
+
+    def order_received(self, order: Order, now: float) -> None:
+        """Journals an order in full, before any bidder is asked about it."""
+        if not self._started:
+            self._require_start("order_received")
+        self._flush_holds()
+        self.writer.append(
+            "order_received",
+            order_id=order.order_id, received_s=now, created_s=order.created_s,
+            customer_id=order.customer_id, tier=str(order.tier), channel=order.channel,
+            items=[[it.sku, it.qty] for it in order.items], lat=order.lat, lon=order.lon,
+            promise_s=order.promise_s, value=order.value, category=str(order.category),
+            locker_ok=order.locker_ok, reserve=order.reserve,
+        )
+
+    # -- rounds -------------------------------------------------------------------------
+    def round_opened(self, rnd: Round, attempts: list[int]) -> None:
+        """Journals which orders a round broadcasts (and new source sites, if they moved)."""
+        if not self._started:
+            self._require_start("round_opened")
+        self._flush_holds()
+        fields: dict[str, Any] = {}
+        if rnd.sources is not self._sites:
+            if self._sites is None or not _same_sites(rnd.sources, self._sites):
+                fields["sources"] = _sources_dict(rnd.sources)
+            self._sites = rnd.sources
+        self.writer.append(
+            "round_opened", round_id=rnd.round_id, opened_s=rnd.opened_s,
+            orders=[o.order_id for o in rnd.orders], attempts=list(attempts), **fields,
+        )
+
+    def round_cleared(self, rnd: Round, quotes: list[Quote], book: QuoteBook, alloc: Allocation, facts: dict[str, Any]) -> None:
+        """Journals the round's quotes and its result, before anyone hears of an award."""
+        self._flush_holds()
+        if book.profile is not self._profile:
+            if self._profile is None or book.profile != self._profile:
+                weights = book.profile.model_dump(mode="json")
+                self._profile_name = _profile_name(self._profile_name, weights)
+                self.writer.append("profile_changed", name=self._profile_name, now_s=rnd.opened_s,
+                                   profile=weights, observed=True)
+            self._profile = book.profile
+        quote_fields = self._quote_fields(quotes)
+        award_i, award_f = award_arrays(book, alloc, self._index)
+        kept = facts if self.timing else {k: v for k, v in facts.items() if k != "clear_ms"}
+        self.writer.append(
+            "round_cleared", round_id=rnd.round_id, **quote_fields, award_i=award_i, award_f=award_f,
+            reason=list(alloc.reason), total_cost=alloc.total_cost, facts=kept,
+        )
+
+    def _quote_fields(self, quotes: list[Quote]) -> dict[str, Any]:
+        """A round's quotes as two flat arrays (or one map per quote for unusual dtypes).
+
+        ``q_counts`` = [n_quotes, n_rows, n_leg_rows]. ``quotes_i`` int32, concatenated:
+        per quote [bidder (row of the run's bidder table), rows, capacity, 1 if last-mile]
+        (n_quotes x 4), then order_idx (n_rows), then source_idx (n_rows; -1 on source
+        rows). ``quotes_f`` float64, concatenated: reliability (n_quotes), price
+        (n_rows), ready_s for source rows or pickup_s for leg rows (n_rows), then
+        travel_s of the leg rows only (n_leg_rows). Rows follow the quotes' order.
+        The fast path takes the agents' int64 indices and float64 values, so the int32
+        on disk reads back to the same int64 values; anything else goes per quote.
+        """
+        index = self._index
+        meta: list[int] = []  # flat: bidder, rows, capacity, is_leg per quote
+        rel: list[float] = []
+        order_idx: list[np.ndarray] = []
+        source_idx: list[np.ndarray] = []
+        price: list[np.ndarray] = []
+        t: list[np.ndarray] = []
+        travel: list[np.ndarray] = []
+        n_rows = n_leg_rows = 0
+        for q in quotes:
+            b = index.get(q.agent_id)
+            o = q.order_idx
+            rows = len(o)
+            if type(q) is LegQuote:
+                if b is None or not (_is(o.dtype, _I8) and _is(q.source_idx.dtype, _I8) and _is(q.price.dtype, _F8)
+                                     and _is(q.pickup_s.dtype, _F8) and _is(q.travel_s.dtype, _F8)):
+                    return self._raw_quote_fields(quotes)
+                source_idx.append(q.source_idx)
+                t.append(q.pickup_s)
+                travel.append(q.travel_s)
+                meta += (b, rows, q.capacity, 1)
+                n_leg_rows += rows
+            else:
+                if b is None or type(q) is not SourceQuote or rows > len(_MINUS1) or not (
+                        _is(o.dtype, _I8) and _is(q.price.dtype, _F8) and _is(q.ready_s.dtype, _F8)):
+                    return self._raw_quote_fields(quotes)
+                source_idx.append(_MINUS1[:rows])
+                t.append(q.ready_s)
+                meta += (b, rows, q.capacity, 0)
+            n_rows += rows
+            order_idx.append(o)
+            price.append(q.price)
+            rel.append(q.reliability)
+        quotes_i = np.concatenate((np.array(meta, dtype=np.int64), *order_idx, *source_idx)).astype(np.int32)
+        quotes_f = np.concatenate((np.array(rel, dtype=np.float64), *price, *t, *travel))
+        return {"q_counts": [len(rel), n_rows, n_leg_rows], "quotes_i": quotes_i, "quotes_f": quotes_f}
+
+    @staticmethod
+    def _raw_quote_fields(quotes: list[Quote]) -> dict[str, Any]:
+        """Every quote as its own map, arrays in their own dtypes: exact whatever they are."""
+        raw = []
+        for q in quotes:
+            entry: dict[str, Any] = {"agent_id": q.agent_id, "reliability": q.reliability, "capacity": q.capacity,
+                                     "order_idx": q.order_idx, "price": q.price}
+            if isinstance(q, SourceQuote):
+                entry.update(kind="source", ready_s=q.ready_s)
+            else:
+                entry.update(kind="leg", source_idx=q.source_idx, pickup_s=q.pickup_s, travel_s=q.travel_s)
+            raw.append(entry)
+        return {"quotes": raw}
+
+    # -- holds and profiles -------------------------------------------------------------
+    def hold_committed(self, round_id: int, agent_id: str, order_ids: list[str], now: float) -> None:
+        """Collects a commit; one ``hold_committed`` record per round carries them all."""
+        self._hold_key(round_id, now)
+        self._committed.append(agent_id)
+        self._committed_orders.append(list(order_ids))
+
+    def hold_released(self, round_id: int, agent_id: str, now: float) -> None:
+        """Collects a release; one ``hold_released`` record per round carries them all."""
+        self._hold_key(round_id, now)
+        self._released.append(agent_id)
+
+    def _hold_key(self, round_id: int, now: float) -> None:
+        if self._holds != (round_id, now):
+            self._flush_holds()
+            self._holds = (round_id, now)
+
+    def _flush_holds(self) -> None:
+        """Writes the collected hold events (called by every other hook and by close)."""
+        if self._holds is None:
+            return
+        round_id, now = self._holds
+        committed, orders, released = self._committed, self._committed_orders, self._released
+        self._holds, self._committed, self._committed_orders, self._released = None, [], [], []
+        if committed:
+            self.writer.append("hold_committed", round_id=round_id, now_s=now, agents=committed, orders=orders)
+        if released:
+            self.writer.append("hold_released", round_id=round_id, now_s=now, agents=released)
+
+    def profile_changed(self, name: str, now: float) -> None:
+        """Journals a live profile switch, with the weights the name stands for."""
+        self._flush_holds()
+        try:
+            profile = load_profile(name)
+        except ConfigError:
+            profile = None
+        self.writer.append("profile_changed", name=name, now_s=now,
+                           profile=None if profile is None else profile.model_dump(mode="json"), observed=False)
+        self._profile_name = name
+        if profile is not None:
+            self._profile = profile
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def flush(self) -> None:
+        """Writes pending hold events and syncs the journal (per its fsync policy)."""
+        self._flush_holds()
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Writes pending hold events, syncs and closes the journal; idempotent."""
+        if not self.writer.closed:
+            self._flush_holds()
+        self.writer.close()
+
+    def __enter__(self) -> JournalRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,984 @@
+"""Replay: re-clear every journaled round without the bidders, verify it, ask what-if.
+
+A journal written by `market.journal_recorder.JournalRecorder` holds each round's
+orders (``order_received`` + ``round_opened``) and quotes (``round_cleared``), so a
+round can be rebuilt and cleared again with the very functions the live run used:
+`market.round.build_round`, `market.book.build_book` and the mechanism's
+``allocate``. Nothing here re-implements clearing.
+
+- `verify` re-clears with the logged mechanism and profile and compares every award,
+  payment, score and predicted delivery bit for bit with the logged result.
+- `replay` does that and computes KPIs for the logged and the re-cleared outcome;
+  with another profile or payment rule it also re-clears a *what-if* and reports its
+  KPIs next to the logged ones.
+- `explain` lists every quote combination of one order, its score and feasibility,
+  and why the winner won.
+
+What-if replays are counterfactual only in the clearing: the bidders' quotes and the
+retry schedule are the logged ones. An order the what-if serves earlier than the live
+run did is dropped from its later rounds; an order the what-if leaves unserved is only
+tried again if the live run tried it again (replay cannot ask bidders for new quotes).
+
+KPIs count each order once, by its final outcome (awarded in some round, or never):
+a retried order appears in several rounds, so a per-round award rate
+(``round_award_rate``, awards / order slots in rounds) is lower than
+``fulfilled_rate`` (awarded orders / orders received) whenever retries happen.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from market.book import CategoryTable, QuoteBook, build_book
+from market.catalogue import Catalogue
+from market.clearing import PAYMENT_RULES, Allocation, Mechanism, ScoringAuction, priority_sequence
+from market.config import CatalogueCfg, ProfileCfg
+from market.geo import CityGrid
+from market.journal import JournalReader
+from market.journal_recorder import award_arrays, versions
+from market.round import Round, SourceSites, build_round
+from market.types import LEG_KINDS, Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
+from policies.static import StaticRule
+
+__all__ = [
+    "JournalReplay",
+    "Mismatch",
+    "ReplayError",
+    "ReplayReport",
+    "ReplayRound",
+    "RunHeader",
+    "explain",
+    "make_mechanism",
+    "replay",
+    "verify",
+]
+
+Progress = Callable[[int, int | None], None]
+_F64 = struct.Struct("<d")
+
+AWARD_INT_FIELDS = ("winner", "source", "leg")
+AWARD_FLOAT_FIELDS = ("src_payment", "leg_payment", "score", "delivery_s")
+TIMING_KEYS = ("p50_clear_ms", "p99_clear_ms")
+
+
+class ReplayError(ValueError):
+    """A journal that cannot be replayed, or a replay request that makes no sense (one line)."""
+
+
+# --------------------------------------------------------------------------- the journal
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """What ``run_started`` says about the run: who bids, where, how rounds clear."""
+
+    seed: int | None
+    policy: str | None
+    mechanism: str
+    profile_name: str
+    profile: ProfileCfg | None
+    bidder_ids: tuple[str, ...]
+    kinds: dict[str, Kind]
+    categories: CategoryTable
+    sources: SourceSites
+    grid: CityGrid
+    sku_index: dict[str, int]
+    versions: dict[str, str]
+    config: dict[str, Any]
+    expected_orders: int | None
+    schema: int
+
+
+@dataclass
+class LoggedResult:
+    """A round's result as journaled (or as re-cleared, in the same layout)."""
+
+    award_i: np.ndarray  # [3, n] int: winner combination, source row, leg row (-1: none)
+    award_f: np.ndarray  # [4, n] float64: src_payment, leg_payment, score, delivery_s
+    reason: tuple[str, ...]
+    total_cost: float
+
+    @property
+    def won(self) -> np.ndarray:
+        """Per order: awarded?"""
+        return self.award_i[0] >= 0
+
+
+@dataclass
+class ReplayRound:
+    """One journaled round, rebuilt: the Round, its quotes and the logged result."""
+
+    seq: int  # of its round_cleared record
+    rnd: Round
+    quotes: list[Quote]
+    attempts: list[int]
+    profile: ProfileCfg
+    profile_name: str
+    logged: LoggedResult
+    facts: dict[str, Any]
+
+
+def _float_bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _f64(x: float) -> bytes:
+    """The 8 bytes of a float64, so -0.0 and NaN payloads compare exactly."""
+    return _F64.pack(x)
+
+
+def _order_from(rec: dict[str, Any]) -> Order:
+    return Order(
+        order_id=rec["order_id"], created_s=rec["created_s"], customer_id=rec["customer_id"], tier=Tier(rec["tier"]),
+        channel=rec["channel"], items=tuple(Item(s, q) for s, q in rec["items"]), lat=rec["lat"], lon=rec["lon"],
+        promise_s=rec["promise_s"], value=rec["value"], category=Category(rec["category"]),
+        locker_ok=rec["locker_ok"], reserve=rec["reserve"],
+    )
+
+
+def _sites(d: dict[str, Any]) -> SourceSites:
+    """Source sites from their journaled fields (lists back to tuples)."""
+    return SourceSites(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _header(rec: dict[str, Any]) -> RunHeader:
+    """Parses ``run_started``; a journal without what replay needs is a ReplayError."""
+    try:
+        bidders, sources, grid = rec["bidders"], rec["sources"], rec["grid"]
+        ids = tuple(bidders["ids"])
+        kinds = {b: Kind(k) for b, k in zip(ids, bidders["kinds"])}
+        masks = np.asarray(bidders["category_ok"], dtype=bool)
+        categories = CategoryTable.from_masks({b: masks[i] for i, b in enumerate(ids)})
+        profile = ProfileCfg.model_validate(rec["profile"]) if rec.get("profile") is not None else None
+        config = rec.get("config") or {}
+        sku_index: dict[str, int] = {}
+        fleet = config.get("fleet")
+        if isinstance(fleet, dict) and "catalogue" in fleet:
+            sku_index = Catalogue.build(CatalogueCfg.model_validate(fleet["catalogue"])).index
+        return RunHeader(
+            seed=rec.get("seed"), policy=rec.get("policy"), mechanism=str(rec.get("mechanism")),
+            profile_name=str(rec.get("profile_name") or "custom"), profile=profile, bidder_ids=ids, kinds=kinds,
+            categories=categories, sources=_sites(sources), grid=CityGrid(grid["origin_lat"], grid["origin_lon"]),
+            sku_index=sku_index, versions=dict(rec.get("versions") or {}), config=config,
+            expected_orders=config.get("orders") if isinstance(config.get("orders"), int) else None,
+            schema=int(rec.get("schema", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReplayError(f"run_started (seq {rec.get('seq')}) lacks what replay needs: {type(exc).__name__}: {exc}") from None
+
+
+class JournalReplay:
+    """Streams a journal and rebuilds its rounds (one pass; memory: the orders, not the rounds).
+
+    Iterate `rounds()` once. ``counts`` (records per type) and ``orders_received`` fill
+    in as it goes; ``header`` is set once ``run_started`` has been read.
+
+    Args:
+        path: The journal's first file.
+        progress: Called as ``progress(orders_received, expected_orders or None)``
+            every few hundred records.
+        on_order: Called with every ``(Order, received_s)`` as it is read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], progress: Progress | None = None,
+                 on_order: Callable[[Order, float], None] | None = None) -> None:
+        self.path = Path(path)
+        self.reader = JournalReader(self.path)
+        self.progress = progress
+        self.on_order = on_order
+        self.header: RunHeader | None = None
+        self.orders: dict[str, Order] = {}
+        self.counts: Counter[str] = Counter()
+        self.orders_received = 0
+        self.profile: ProfileCfg | None = None
+        self.profile_name = "custom"
+        self._sources: SourceSites | None = None
+        self.segments = 1
+
+    def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
+        """Every cleared round in journal order (with ``only_order``: those holding that order)."""
+        opened: dict[int, dict[str, Any]] = {}
+        header: RunHeader | None = None
+        counts = self.counts
+        for n, rec in enumerate(self.reader):
+            kind = rec["type"]
+            counts[kind] += 1
+            if self.progress is not None and n % 256 == 0:
+                self.progress(self.orders_received, header.expected_orders if header else None)
+            if kind == "round_cleared":
+                if header is None:
+                    raise ReplayError(f"round_cleared at seq {rec['seq']} comes before run_started")
+                head = opened.pop(rec.get("round_id"), None)
+                if head is None:
+                    raise ReplayError(f"round {rec.get('round_id')} (seq {rec['seq']}) was cleared but never opened")
+                if only_order is not None and only_order not in head["orders"]:
+                    continue
+                try:
+                    rr = self._round(rec, head, header)
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                    if isinstance(exc, ReplayError):
+                        raise
+                    raise ReplayError(f"malformed round_cleared at seq {rec['seq']}: {type(exc).__name__}: {exc}") from None
+                yield rr
+                continue
+            try:
+                header = self._other(rec, kind, header, opened)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                if isinstance(exc, ReplayError):
+                    raise
+                raise ReplayError(f"malformed {kind} record at seq {rec['seq']}: {type(exc).__name__}: {exc}") from None
+        if header is None:
+            raise ReplayError(f"{self.path}: no run_started record: nothing to replay")
+        if self.progress is not None:
+            self.progress(self.orders_received, header.expected_orders)
+
+    def _other(self, rec: dict[str, Any], kind: str, header: RunHeader | None,
+               opened: dict[int, dict[str, Any]]) -> RunHeader | None:
+        """Applies a record other than round_cleared to the replay state; returns the header."""
+        if kind == "order_received":
+            order = _order_from(rec)
+            self.orders[order.order_id] = order
+            self.orders_received += 1
+            if self.on_order is not None:
+                self.on_order(order, rec["received_s"])
+        elif kind == "round_opened":
+            if "sources" in rec:
+                self._sources = _sites(rec["sources"])
+            rec["sources_obj"] = self._sources
+            opened[rec["round_id"]] = rec
+        elif kind == "run_started":
+            # A restarted shell continues its journal with a new run_started: a new segment
+            # (new bidder table, round ids counting again); rounds still open are abandoned.
+            if header is not None:
+                self.segments += 1
+                opened.clear()
+            header = self.header = _header(rec)
+            self._sources = header.sources
+            self.profile, self.profile_name = header.profile, header.profile_name
+        elif kind == "profile_changed":
+            if rec.get("profile") is not None:
+                self.profile = ProfileCfg.model_validate(rec["profile"])
+            self.profile_name = str(rec.get("name") or "custom")
+        return header
+
+    def _round(self, rec: dict[str, Any], head: dict[str, Any], header: RunHeader) -> ReplayRound:
+        """Rebuilds the Round and the quotes of one round_cleared record."""
+        try:
+            members = [self.orders[o] for o in head["orders"]]
+        except KeyError as exc:
+            raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}) names order {exc.args[0]}, "
+                              "which was never received") from None
+        if self.profile is None:
+            raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): no profile in force")
+        rnd = build_round(rec["round_id"], head["opened_s"], members, head["sources_obj"], header.grid, header.sku_index)
+        quotes = _quotes(rec, header.bidder_ids) if "q_counts" in rec else _raw_quotes(rec["quotes"])
+        logged = LoggedResult(rec["award_i"], rec["award_f"], tuple(rec["reason"]), rec["total_cost"])
+        if logged.award_i.shape != (3, rnd.size):
+            raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): result covers "
+                              f"{logged.award_i.shape[-1]} orders, the round has {rnd.size}")
+        return ReplayRound(rec["seq"], rnd, quotes, head["attempts"], self.profile, self.profile_name, logged,
+                           rec.get("facts") or {})
+
+
+def _quotes(rec: dict[str, Any], ids: tuple[str, ...]) -> list[Quote]:
+    """Quotes from the flat layout (see ``JournalRecorder._quote_fields``), in journal order."""
+    n_q, n_rows, n_leg = rec["q_counts"]
+    qi, qf = rec["quotes_i"], rec["quotes_f"]
+    head = 4 * n_q
+    if len(qi) != head + 2 * n_rows or len(qf) != n_q + 2 * n_rows + n_leg:
+        raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): quote arrays do not match q_counts {rec['q_counts']}")
+    meta = qi[:head].tolist()
+    idx = qi[head:].astype(np.int64)
+    order_idx, source_idx = idx[:n_rows], idx[n_rows:]
+    rel = qf[:n_q].tolist()
+    price, t, travel = qf[n_q:n_q + n_rows], qf[n_q + n_rows:n_q + 2 * n_rows], qf[n_q + 2 * n_rows:]
+    quotes: list[Quote] = []
+    a = la = 0
+    for k in range(n_q):
+        b, n, cap, leg = meta[4 * k:4 * k + 4]
+        e = a + n
+        if leg:
+            le = la + n
+            quotes.append(LegQuote(ids[b], order_idx[a:e], source_idx[a:e], price[a:e], t[a:e], travel[la:le], rel[k], cap))
+            la = le
+        else:
+            quotes.append(SourceQuote(ids[b], order_idx[a:e], price[a:e], t[a:e], rel[k], cap))
+        a = e
+    return quotes
+
+
+def _raw_quotes(raw: list[dict[str, Any]]) -> list[Quote]:
+    """Quotes journaled one map each (arrays in their own dtypes)."""
+    out: list[Quote] = []
+    for q in raw:
+        if q["kind"] == "source":
+            out.append(SourceQuote(q["agent_id"], q["order_idx"], q["price"], q["ready_s"], q["reliability"], q["capacity"]))
+        else:
+            out.append(LegQuote(q["agent_id"], q["order_idx"], q["source_idx"], q["price"], q["pickup_s"], q["travel_s"],
+                                q["reliability"], q["capacity"]))
+    return out
+
+
+# --------------------------------------------------------------------------- clearing
+
+
+def make_mechanism(name: str, payment: str | None = None) -> Mechanism:
+    """The mechanism a journal names (``auction/<method>/<payment>`` or ``static``).
+
+    Args:
+        payment: Override the payment rule (what-if); only auctions have one.
+    """
+    if payment is not None and payment not in PAYMENT_RULES:
+        raise ReplayError(f"unknown payment rule '{payment}' (known: {', '.join(PAYMENT_RULES)})")
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "auction" and parts[1] in ("greedy", "exact") and parts[2] in PAYMENT_RULES:
+        return ScoringAuction(payment=payment or parts[2], method=parts[1])  # type: ignore[arg-type]
+    if name == "static":
+        if payment is not None:
+            raise ReplayError("the journal was cleared by the static rule, which has no payment rule to change")
+        return StaticRule()
+    raise ReplayError(f"unknown mechanism '{name}' in the journal (known: auction/greedy|exact/<payment>, static)")
+
+
+def clear(header: RunHeader, rnd: Round, quotes: list[Quote], profile: ProfileCfg, mechanism: Mechanism) -> tuple[QuoteBook, Allocation]:
+    """Clears a rebuilt round exactly as the engine does: build_book, then allocate."""
+    book = build_book(rnd, quotes, header.kinds, profile, header.categories)
+    return book, mechanism.allocate(book)
+
+
+def _result(book: QuoteBook, alloc: Allocation, index: dict[str, int]) -> LoggedResult:
+    award_i, award_f = award_arrays(book, alloc, index)
+    return LoggedResult(award_i, award_f, tuple(alloc.reason), alloc.total_cost)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """The first difference between a logged and a re-cleared round."""
+
+    round_id: int
+    seq: int
+    order_id: str | None  # None for a round-level field (total_cost)
+    field: str
+    logged: Any
+    replayed: Any
+
+    def __str__(self) -> str:
+        where = f"round {self.round_id} (seq {self.seq})"
+        if self.order_id is not None:
+            where += f" order {self.order_id}"
+        return f"{where}: {self.field} differs: logged {self.logged!r}, replayed {self.replayed!r}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"round_id": self.round_id, "seq": self.seq, "order_id": self.order_id, "field": self.field,
+                "logged": _jsonable(self.logged), "replayed": _jsonable(self.replayed)}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def compare(rr: ReplayRound, got: LoggedResult, ids: tuple[str, ...]) -> Mismatch | None:
+    """Bit-for-bit comparison; the first differing order and field, or None."""
+    want = rr.logged
+    same_i = want.award_i.dtype == got.award_i.dtype and want.award_i.tobytes() == got.award_i.tobytes()
+    if not same_i:
+        same_i = np.array_equal(want.award_i.astype(np.int64), got.award_i.astype(np.int64))
+    same_f = _float_bits_equal(want.award_f, got.award_f)
+    same_cost = _f64(want.total_cost) == _f64(got.total_cost)
+    if same_i and same_f and want.reason == got.reason and same_cost:
+        return None
+
+    def name(row: int) -> str | None:
+        return None if row < 0 else (ids[row] if row < len(ids) else f"#{row}")
+
+    for o, order in enumerate(rr.rnd.orders):
+        for f, fname in enumerate(AWARD_INT_FIELDS):
+            a, b = int(want.award_i[f, o]), int(got.award_i[f, o])
+            if a != b:
+                if fname == "winner":
+                    return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, "winner (combination)", a, b)
+                return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, f"{fname} bidder", name(a), name(b))
+        for f, fname in enumerate(AWARD_FLOAT_FIELDS):
+            a, b = want.award_f[f, o], got.award_f[f, o]
+            if _f64(float(a)) != _f64(float(b)):
+                return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, fname, float(a), float(b))
+        if want.reason[o] != got.reason[o]:
+            return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, "reason", want.reason[o], got.reason[o])
+    return Mismatch(rr.rnd.round_id, rr.seq, None, "total_cost", float(want.total_cost), float(got.total_cost))
+
+
+# --------------------------------------------------------------------------- KPIs
+
+
+@dataclass
+class OutcomeKpis:
+    """KPIs by each order's final outcome, plus a per-minute timeline for plots."""
+
+    orders: int = 0
+    vip_orders: int = 0
+    fulfilled: int = 0
+    vip_fulfilled: int = 0
+    on_time: int = 0
+    vip_on_time: int = 0
+    paid: float = 0.0
+    score_sum: float = 0.0
+    rounds: int = 0
+    slots: int = 0
+    round_awards: int = 0
+    duplicate_awards: int = 0
+    leg_mix: Counter[str] = field(default_factory=Counter)
+    awarded: set[str] = field(default_factory=set)
+    last_reason: dict[str, str] = field(default_factory=dict)
+    clear_ms: list[float] = field(default_factory=list)
+    # per minute of the market clock: awards, money paid, predicted on time, leg kinds
+    t_awards: Counter[int] = field(default_factory=Counter)
+    t_paid: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
+    t_on_time: Counter[int] = field(default_factory=Counter)
+    t_kind: defaultdict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+
+    def order_in(self, vip: bool) -> None:
+        """Counts an order received."""
+        self.orders += 1
+        self.vip_orders += int(vip)
+
+    def add_round(self, rnd: Round, res: LoggedResult, header: RunHeader) -> None:
+        """Adds a round's outcome; an order already awarded in an earlier round is not counted again."""
+        self.rounds += 1
+        self.slots += rnd.size
+        winners = res.award_i[0].tolist()
+        orders = rnd.orders
+        awarded = self.awarded
+        if -1 in winners:
+            for o, w in enumerate(winners):
+                if w < 0 and orders[o].order_id not in awarded:
+                    self.last_reason[orders[o].order_id] = res.reason[o]
+        if len(winners) == winners.count(-1):
+            return
+        minute = int(rnd.opened_s // 60)
+        sp, lp, score, delivery = res.award_f.tolist()
+        legs = res.award_i[2].tolist()
+        promise, vips = rnd.promise_s.tolist(), rnd.vip.tolist()
+        ids, kinds = header.bidder_ids, header.kinds
+        for o, w in enumerate(winners):
+            if w < 0:
+                continue
+            self.round_awards += 1
+            oid = orders[o].order_id
+            if oid in awarded:
+                self.duplicate_awards += 1
+                continue
+            awarded.add(oid)
+            self.last_reason.pop(oid, None)
+            vip = vips[o]
+            pay = sp[o] + lp[o]
+            on_time = delivery[o] <= promise[o]
+            self.fulfilled += 1
+            self.vip_fulfilled += vip
+            self.on_time += on_time
+            self.vip_on_time += vip and on_time
+            self.paid += pay
+            self.score_sum += score[o]
+            b = legs[o]
+            kind = kinds.get(ids[b]) if 0 <= b < len(ids) else None
+            label = kind.value if kind is not None else "unknown"
+            self.leg_mix[label] += 1
+            self.t_awards[minute] += 1
+            self.t_paid[minute] += pay
+            self.t_on_time[minute] += on_time
+            self.t_kind[minute][label] += 1
+
+    def report(self) -> dict[str, Any]:
+        """The KPI dict (see the module docstring for what each rate counts)."""
+        def ratio(a: float, b: float) -> float | None:
+            return round(a / b, 6) if b else None
+
+        ms = np.asarray(self.clear_ms) if self.clear_ms else None
+        unfulfilled = Counter(self.last_reason.values())
+        never_cleared = self.orders - self.fulfilled - len(self.last_reason)
+        if never_cleared > 0:
+            unfulfilled["never_cleared"] += never_cleared
+        return {
+            "orders": self.orders,
+            "fulfilled": self.fulfilled,
+            "fulfilled_rate": ratio(self.fulfilled, self.orders),
+            "cost_per_order": ratio(self.paid, self.fulfilled),
+            "mean_score": ratio(self.score_sum, self.fulfilled),
+            "on_time_rate_predicted": ratio(self.on_time, self.fulfilled),
+            "vip_orders": self.vip_orders,
+            "vip_fulfilled_rate": ratio(self.vip_fulfilled, self.vip_orders),
+            "vip_on_time_rate_predicted": ratio(self.vip_on_time, self.vip_fulfilled),
+            "award_share": {k: ratio(self.leg_mix[k.value], self.fulfilled) or 0.0 for k in LEG_KINDS},
+            "rounds": self.rounds,
+            "round_award_rate": ratio(self.round_awards, self.slots),
+            "duplicate_awards": self.duplicate_awards,
+            "unfulfilled": dict(sorted(unfulfilled.items())),
+            "p50_clear_ms": round(float(np.percentile(ms, 50)), 4) if ms is not None else None,
+            "p99_clear_ms": round(float(np.percentile(ms, 99)), 4) if ms is not None else None,
+        }
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@dataclass
+class ReplayReport:
+    """What a replay found: verification, KPIs (logged, re-cleared, what-if), timeline, speed."""
+
+    path: str
+    header: RunHeader
+    records: dict[str, int]
+    rounds: int
+    verified_rounds: int
+    mismatched_rounds: int
+    first_mismatch: Mismatch | None
+    logged: OutcomeKpis
+    replayed: OutcomeKpis | None
+    what_if: OutcomeKpis | None
+    what_if_settings: dict[str, Any] | None
+    received_per_minute: Counter[int]
+    seconds: float
+    stopped_early: bool = False
+    segments: int = 1  # runs in the journal (a restarted shell continues it)
+
+    @property
+    def ok(self) -> bool:
+        """True when every re-cleared round matched the journal bit for bit."""
+        return self.mismatched_rounds == 0
+
+    def version_drift(self) -> dict[str, tuple[str, str]]:
+        """Packages whose version differs between the journal's writer and this replay.
+
+        A float may then differ in its last bit (NumPy) or an exact clearing may pick
+        another optimum (SciPy's HiGHS), so a failed verify should say so.
+        """
+        now = versions()
+        return {k: (v, now[k]) for k, v in self.header.versions.items()
+                if k in now and k != "python" and v != now[k]}
+
+    def kpi_diff(self) -> dict[str, Any]:
+        """what-if minus logged for every numeric KPI (nested for award_share)."""
+        if self.what_if is None:
+            return {}
+        diff = _diff(self.logged.report(), self.what_if.report())
+        for key in TIMING_KEYS:  # live clearing vs replay clearing: not a what-if effect
+            diff.pop(key, None)
+        return diff
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no timeline)."""
+        h = self.header
+        out: dict[str, Any] = {
+            "journal": self.path,
+            "run": {"seed": h.seed, "policy": h.policy, "mechanism": h.mechanism, "profile": h.profile_name,
+                    "bidders": len(h.bidder_ids), "versions": h.versions},
+            "records": dict(sorted(self.records.items())),
+            "segments": self.segments,
+            "rounds": self.rounds,
+            "verify": {"rounds_checked": self.verified_rounds, "mismatched_rounds": self.mismatched_rounds,
+                       "ok": self.ok, "first_mismatch": self.first_mismatch.as_dict() if self.first_mismatch else None,
+                       "stopped_early": self.stopped_early},
+            "kpis": {"logged": self.logged.report()},
+            "version_drift": {k: {"journal": a, "replay": b} for k, (a, b) in self.version_drift().items()},
+            "seconds": round(self.seconds, 4),
+            "rounds_per_s": round(self.rounds / self.seconds, 1) if self.seconds > 0 else None,
+        }
+        if self.replayed is not None:
+            out["kpis"]["replayed"] = self.replayed.report()
+        if self.what_if is not None:
+            out["kpis"]["what_if"] = self.what_if.report()
+            out["what_if"] = self.what_if_settings
+            out["diff"] = self.kpi_diff()
+        return out
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, va in a.items():
+        vb = b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out[k] = _diff(va, vb)
+        elif isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
+            out[k] = round(vb - va, 6)
+    return {k: v for k, v in out.items() if v != {}}
+
+
+def _drop_orders(rnd: Round, quotes: list[Quote], keep: list[int], header: RunHeader) -> tuple[Round, list[Quote]]:
+    """The round without orders the what-if already served, quotes remapped to the rest."""
+    sub = build_round(rnd.round_id, rnd.opened_s, [rnd.orders[o] for o in keep], rnd.sources, header.grid, header.sku_index)
+    remap = np.full(rnd.size, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    out: list[Quote] = []
+    for q in quotes:
+        new = remap[q.order_idx]
+        m = new >= 0
+        if not m.any():
+            continue
+        if isinstance(q, LegQuote):
+            out.append(LegQuote(q.agent_id, new[m], q.source_idx[m], q.price[m], q.pickup_s[m], q.travel_s[m],
+                                q.reliability, q.capacity))
+        else:
+            out.append(SourceQuote(q.agent_id, new[m], q.price[m], q.ready_s[m], q.reliability, q.capacity))
+    return sub, out
+
+
+def replay(
+    path: str | os.PathLike[str],
+    *,
+    profile: ProfileCfg | None = None,
+    profile_name: str | None = None,
+    payment: str | None = None,
+    verify: bool = True,
+    stop_at_first: bool = False,
+    progress: Progress | None = None,
+) -> ReplayReport:
+    """Streams a journal once: re-clears every round, verifies, and computes KPIs.
+
+    Args:
+        profile: What-if scoring profile (replaces every logged profile).
+        profile_name: Its name, for the report.
+        payment: What-if payment rule (``first_score`` / ``second_score``).
+        verify: Re-clear with the logged settings and compare bit for bit. Without a
+            what-if it is always done (it is what gives the re-cleared KPIs).
+        stop_at_first: Stop at the first mismatching round.
+        progress: ``progress(orders_read, expected_orders or None)``.
+    """
+    what_if = profile is not None or payment is not None
+    verify = verify or not what_if
+    logged, replayed = OutcomeKpis(), OutcomeKpis() if verify else None
+    alt = OutcomeKpis() if what_if else None
+    received: Counter[int] = Counter()
+
+    def on_order(order: Order, now: float) -> None:
+        vip = order.tier == Tier.VIP
+        for k in (logged, replayed, alt):
+            if k is not None:
+                k.order_in(vip)
+        received[int(now // 60)] += 1
+
+    journal = JournalReplay(path, progress=progress, on_order=on_order)
+    mechs: dict[str, tuple[Mechanism, Mechanism | None]] = {}
+    index: dict[str, int] = {}
+    n_rounds = verified = bad = 0
+    first: Mismatch | None = None
+    stopped = False
+    start = time.perf_counter()
+    last: RunHeader | None = None
+    for rr in journal.rounds():
+        header = journal.header
+        assert header is not None
+        if header is not last:  # the first round, or a new run segment
+            last = header
+            if header.mechanism not in mechs:
+                mechs[header.mechanism] = (make_mechanism(header.mechanism),
+                                           make_mechanism(header.mechanism, payment) if what_if else None)
+            index = {b: i for i, b in enumerate(header.bidder_ids)}
+        base_mech, alt_mech = mechs[header.mechanism]
+        n_rounds += 1
+        logged.add_round(rr.rnd, rr.logged, header)
+        if "clear_ms" in rr.facts:
+            logged.clear_ms.append(float(rr.facts["clear_ms"]))
+        if replayed is not None:
+            t0 = time.perf_counter()
+            book, alloc = clear(header, rr.rnd, rr.quotes, rr.profile, base_mech)
+            replayed.clear_ms.append((time.perf_counter() - t0) * 1000.0)
+            got = _result(book, alloc, index)
+            replayed.add_round(rr.rnd, got, header)
+            verified += 1
+            diff = compare(rr, got, header.bidder_ids)
+            if diff is not None:
+                bad += 1
+                first = first or diff
+                if stop_at_first:
+                    stopped = True
+                    break
+        if alt is not None and alt_mech is not None:
+            keep = [o for o, order in enumerate(rr.rnd.orders) if order.order_id not in alt.awarded]
+            rnd, quotes = rr.rnd, rr.quotes
+            if len(keep) < rnd.size:
+                if not keep:
+                    continue
+                rnd, quotes = _drop_orders(rnd, quotes, keep, header)
+            t0 = time.perf_counter()
+            book, alloc = clear(header, rnd, quotes, profile or rr.profile, alt_mech)
+            alt.clear_ms.append((time.perf_counter() - t0) * 1000.0)
+            got = _result(book, alloc, index)
+            alt.add_round(rnd, got, header)
+    seconds = time.perf_counter() - start
+    if journal.header is None:  # a journal with no rounds: rounds() raised already if no run_started
+        raise ReplayError(f"{path}: no run_started record: nothing to replay")
+    settings = None
+    if what_if:
+        settings = {"profile": profile_name or (journal.header.profile_name if profile is None else "custom"),
+                    "payment": payment or _payment_of(journal.header.mechanism)}
+    return ReplayReport(
+        path=str(path), header=journal.header, records=dict(journal.counts), rounds=n_rounds, verified_rounds=verified,
+        mismatched_rounds=bad, first_mismatch=first, logged=logged, replayed=replayed, what_if=alt,
+        what_if_settings=settings, received_per_minute=received, seconds=seconds, stopped_early=stopped,
+        segments=journal.segments,
+    )
+
+
+def _payment_of(mechanism: str) -> str | None:
+    parts = mechanism.split("/")
+    return parts[2] if len(parts) == 3 else None
+
+
+def verify(path: str | os.PathLike[str], progress: Progress | None = None) -> Mismatch | None:
+    """Re-clears every round with the logged settings; the first difference, or None."""
+    return replay(path, verify=True, stop_at_first=True, progress=progress).first_mismatch
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _ranking(book: QuoteBook, mechanism: Mechanism) -> tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray, str]:
+    """The mechanism's preference keys (np.lexsort order), who may win, the service order, and the rule."""
+    c = book.combos
+    if isinstance(mechanism, StaticRule):
+        from policies.static import _leg_class, _source_distance  # the rule's own keys, not a copy
+
+        keys = (c.leg, c.leg_price, _leg_class(book), _source_distance(book))
+        rule = ("static rule: orders in arrival order; per order the nearest warehouse, then the leg class "
+                "(cheap locker < own riders < locker < crowd), then the cheapest leg; reserve, category and capacity "
+                "respected; scores ignored")
+        return keys, c.admissible, np.arange(book.rnd.size), rule
+    keys = (c.leg, c.src, c.price, c.score)
+    if isinstance(mechanism, ScoringAuction) and mechanism.method == "exact":
+        rule = "exact clearing: the feasible assignment with the least total cost (scores + unserved penalties)"
+    else:
+        rule = ("greedy scoring auction: orders served VIP first, then earliest promise; each takes its lowest-score "
+                "feasible combination whose source and leg still have round capacity (ties: price, then bidder)")
+    return keys, c.feasible, priority_sequence(book), rule
+
+
+def _why_not(book: QuoteBook, k: int, header: RunHeader, allowed: bool) -> list[str]:
+    """Why combination k may not win (empty when the mechanism allows it)."""
+    c, rnd, prof = book.combos, book.rnd, book.profile
+    o = int(c.order[k])
+    why = []
+    price = float(c.src_price[k] + c.leg_price[k])
+    if price > rnd.reserve[o]:
+        why.append(f"price {price:.2f} over reserve {float(rnd.reserve[o]):.2f}")
+    if prof.vip_hard_promise and rnd.vip[o] and c.delivery_s[k] > rnd.promise_s[o]:
+        why.append("VIP promise missed under a hard-promise profile")
+    cat = int(rnd.category[o])
+    for role, b in (("source", int(c.src[k])), ("leg", int(c.leg[k]))):
+        bid = book.bidder_ids[b]
+        row = header.categories.index.get(bid)
+        if row is not None and not header.categories.matrix[row, cat]:
+            why.append(f"{role} {bid} has not declared category {list(Category)[cat].value}")
+    if not why and not allowed and not c.feasible[k]:
+        why.append(f"score {float(c.score[k]):.2f} not below the unserved penalty {float(book.penalty[o]):.2f}")
+    return why
+
+
+def explain_round(rr: ReplayRound, header: RunHeader, order_id: str, profile: ProfileCfg | None = None,
+                  payment: str | None = None) -> dict[str, Any]:
+    """Every combination for one order in one round: score, feasibility, and why the winner won."""
+    mech = make_mechanism(header.mechanism, payment)
+    prof = profile or rr.profile
+    book, alloc = clear(header, rr.rnd, rr.quotes, prof, mech)
+    o = next(i for i, order in enumerate(rr.rnd.orders) if order.order_id == order_id)
+    c = book.combos
+    keys, allowed, sequence, rule = _ranking(book, mech)
+    mine = np.flatnonzero(c.order == o)
+    pref = mine[np.lexsort(tuple(key[mine] for key in keys))] if len(mine) else mine
+    # capacity each bidder had left when this order's turn came (orders served before it)
+    turn = int(np.flatnonzero(sequence == o)[0])
+    used = np.zeros(len(book.bidder_ids), dtype=np.int64)
+    for p in sequence[:turn].tolist():
+        w = int(alloc.winner[p])
+        if w >= 0:
+            used[c.src[w]] += 1
+            used[c.leg[w]] += 1
+    left = book.capacity - used
+    winner = int(alloc.winner[o])
+    combos = []
+    for rank, k in enumerate(pref.tolist()):
+        s, lg = int(c.src[k]), int(c.leg[k])
+        why = _why_not(book, k, header, bool(allowed[k]))
+        if not why and not allowed[k]:
+            why.append("not allowed by the mechanism")
+        capacity_ok = bool(left[s] > 0 and left[lg] > 0)
+        if allowed[k] and not capacity_ok and k != winner:
+            short = [book.bidder_ids[b] for b in (s, lg) if left[b] <= 0]
+            why.append(f"no capacity left at {', '.join(short)} (taken by orders served earlier)")
+        combos.append({
+            "rank": rank, "source": book.bidder_ids[s], "leg": book.bidder_ids[lg], "leg_kind": book.kinds[lg].value,
+            "src_price": float(c.src_price[k]), "leg_price": float(c.leg_price[k]), "price": float(c.price[k]),
+            "ready_s": float(c.ready_s[k]), "pickup_s": float(c.pickup_s[k]), "delivery_s": float(c.delivery_s[k]),
+            "eta_min": round(max(0.0, float(c.delivery_s[k]) - rr.rnd.opened_s) / 60.0, 2),
+            "reliability": float(c.reliability[k]), "score": float(c.score[k]),
+            "admissible": bool(c.admissible[k]), "feasible": bool(c.feasible[k]), "capacity_left": capacity_ok,
+            "winner": k == winner, "why_not": why if k != winner else [],
+        })
+    order = rr.rnd.orders[o]
+    if winner >= 0:
+        win = next(x for x in combos if x["winner"])
+        better = [x for x in combos if x["rank"] < win["rank"]]
+        verdict = f"{win['source']} + {win['leg']} won: score {win['score']:.4f}, price {win['price']:.2f}"
+        if better:
+            verdict += f"; {len(better)} better-ranked combination(s) could not win ({better[0]['why_not'][0] if better[0]['why_not'] else 'see why_not'})"
+        else:
+            verdict += "; it was the mechanism's first choice"
+        runner = next((x for x in combos if x["rank"] > win["rank"] and not x["why_not"] and x["feasible"]), None)
+        if runner is not None:
+            verdict += f"; next choice {runner['source']} + {runner['leg']} (score {runner['score']:.4f})"
+    else:
+        verdict = f"unserved: {alloc.reason[o]}"
+    logged_w = int(rr.logged.award_i[0, o])
+    return {
+        "round_id": rr.rnd.round_id, "seq": rr.seq, "opened_s": rr.rnd.opened_s, "attempt": int(rr.attempts[o]),
+        "round_size": rr.rnd.size, "service_position": turn + 1, "profile": rr.profile_name if profile is None else "what-if",
+        "mechanism": getattr(mech, "name", type(mech).__name__), "rule": rule,
+        "order": {"order_id": order.order_id, "tier": order.tier.value, "category": order.category.value,
+                  "promise_s": order.promise_s, "reserve": order.reserve, "locker_ok": order.locker_ok,
+                  "unserved_penalty": float(book.penalty[o])},
+        "combinations": combos, "winner": None if winner < 0 else {
+            "source": book.bidder_ids[int(c.src[winner])], "leg": book.bidder_ids[int(c.leg[winner])],
+            "src_payment": float(alloc.src_payment[o]), "leg_payment": float(alloc.leg_payment[o]),
+            "score": float(c.score[winner])},
+        "reason": alloc.reason[o], "verdict": verdict,
+        "matches_log": logged_w == winner if profile is None and payment is None else None,
+    }
+
+
+def explain(path: str | os.PathLike[str], order_id: str, *, profile: ProfileCfg | None = None,
+            payment: str | None = None) -> dict[str, Any]:
+    """Explains every round an order took part in (retries included), in journal order.
+
+    Raises:
+        ReplayError: The order is not in the journal.
+    """
+    journal = JournalReplay(path)
+    rounds = []
+    for rr in journal.rounds(only_order=order_id):
+        assert journal.header is not None
+        rounds.append(explain_round(rr, journal.header, order_id, profile, payment))
+    if order_id not in journal.orders:
+        raise ReplayError(f"order '{order_id}' is not in the journal {path} ({journal.orders_received} orders)")
+    if not rounds:
+        return {"order_id": order_id, "rounds": [], "verdict": "received but never cleared in this journal"}
+    last = rounds[-1]
+    return {"order_id": order_id, "rounds": rounds, "verdict": last["verdict"],
+            "outcome": "awarded" if last["winner"] else f"unserved ({last['reason']})"}
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def timeline(report: ReplayReport, bins: int | None = None) -> dict[str, Any]:
+    """Per-bin series for plotting: orders/min, cost per order, on-time, award share by leg kind.
+
+    Without ``bins``: about 25 awards per bin on average, between 8 and 96 bins.
+    """
+    if bins is None:
+        bins = int(min(96, max(8, report.logged.fulfilled / 25)))
+    minutes = set(report.received_per_minute) | set(report.logged.t_awards)
+    if report.what_if is not None:
+        minutes |= set(report.what_if.t_awards)
+    if not minutes:
+        return {"t_h": [], "width_min": 1}
+    lo, hi = min(minutes), max(minutes) + 1
+    width = max(1, math.ceil((hi - lo) / bins))
+    edges = list(range(lo, hi + width, width))
+    centers = [(e + width / 2) / 60.0 for e in edges[:-1]]
+
+    def series(k: OutcomeKpis) -> dict[str, list[float | None]]:
+        n = len(centers)
+        awards, paid, on_time = [0] * n, [0.0] * n, [0] * n
+        kinds = {kd.value: [0] * n for kd in LEG_KINDS}
+        for m, v in k.t_awards.items():
+            b = (m - lo) // width
+            awards[b] += v
+            paid[b] += k.t_paid[m]
+            on_time[b] += k.t_on_time[m]
+            for kd, cnt in k.t_kind[m].items():
+                if kd in kinds:
+                    kinds[kd][b] += cnt
+        return {
+            "awards_per_min": [a / width for a in awards],
+            "cost_per_order": [p / a if a else None for p, a in zip(paid, awards)],
+            "on_time_rate": [t / a if a else None for t, a in zip(on_time, awards)],
+            **{f"share_{kd}": [c / a if a else None for c, a in zip(v, awards)] for kd, v in kinds.items()},
+        }
+
+    received = [0] * len(centers)
+    for m, v in report.received_per_minute.items():
+        received[(m - lo) // width] += v
+    out = {"t_h": centers, "width_min": width, "orders_per_min": [r / width for r in received],
+           "logged": series(report.logged)}
+    if report.what_if is not None:
+        out["what_if"] = series(report.what_if)
+    return out
+
+
+def plot(report: ReplayReport, out: str | os.PathLike[str]) -> Path:
+    """Draws KPIs over the market clock into a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = timeline(report)
+    t = tl["t_h"]
+    fig, axes = plt.subplots(4, 1, figsize=(12, 11), sharex=True, constrained_layout=True)
+    h = report.header
+    title = f"bidhive replay: {Path(report.path).name} ({h.policy}, {h.mechanism}, profile {h.profile_name})"
+    if report.what_if_settings:
+        title += f"\nwhat-if: profile {report.what_if_settings['profile']}, payment {report.what_if_settings['payment']}"
+    fig.suptitle(title, fontsize=11)
+    colors = {"rider_pool": "tab:blue", "crowd": "tab:orange", "locker": "tab:green"}
+
+    def nan(xs: list[float | None]) -> list[float]:
+        return [math.nan if x is None else x for x in xs]
+
+    ax = axes[0]
+    ax.plot(t, tl["orders_per_min"], color="0.4", label="orders received")
+    ax.plot(t, tl["logged"]["awards_per_min"], color="tab:blue", label="awards (logged)")
+    if "what_if" in tl:
+        ax.plot(t, tl["what_if"]["awards_per_min"], color="tab:red", ls="--", label="awards (what-if)")
+    ax.set_ylabel("per minute")
+    ax.set_title(f"Orders and awards per minute ({tl['width_min']}-min bins)", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    for i, (key, label, unit) in enumerate((("cost_per_order", "Cost per order", "money"),
+                                             ("on_time_rate", "On-time rate (predicted delivery vs promise)", "share")), 1):
+        ax = axes[i]
+        ax.plot(t, nan(tl["logged"][key]), color="tab:blue", label="logged")
+        if "what_if" in tl:
+            ax.plot(t, nan(tl["what_if"][key]), color="tab:red", ls="--", label="what-if")
+        ax.set_title(label, fontsize=10)
+        ax.set_ylabel(unit)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    axes[2].set_ylim(-0.02, 1.02)
+    ax = axes[3]
+    for kd, col in colors.items():
+        ax.plot(t, nan(tl["logged"][f"share_{kd}"]), color=col, label=f"{kd} (logged)")
+        if "what_if" in tl:
+            ax.plot(t, nan(tl["what_if"][f"share_{kd}"]), color=col, ls="--", label=f"{kd} (what-if)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Award share by leg kind (utilization proxy)", fontsize=10)
+    ax.set_ylabel("share of awards")
+    ax.set_xlabel("market clock (hours)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+__all__ += ["OutcomeKpis", "clear", "compare", "explain_round", "plot", "timeline"]

@@ -1,0 +1,321 @@
+"""The auction journal end to end: record a run, re-clear it, verify, what-if, explain, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agents.fleet import build_fleet
+from market.config import load_fleet, load_profile, load_scenario
+from market.engine import LocalBidders, MarketEngine
+from market.journal import JournalWriter, TornTailWarning, journal_files, read_journal
+from market.journal_recorder import JournalRecorder
+from market.replay import JournalReplay, clear, explain, make_mechanism, replay, verify
+from market.simulator import SimSetup, Simulator
+from policies.registry import make_policy
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "bidhive_cli.main"]
+
+
+def bidhive(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+
+def record(path: Path, policy: str = "heuristic", n_orders: int = 300, seed: int = 21, payment: str = "first_score",
+           **recorder_kw: Any) -> dict[str, Any]:
+    """Simulates a weekday into a journal and returns the simulator's KPIs."""
+    setup = SimSetup.build(load_scenario("weekday"), make_policy(policy, payment), seed=seed,  # type: ignore[arg-type]
+                           n_orders=n_orders, recorder=JournalRecorder(path, **recorder_kw))
+    return Simulator(setup).run()
+
+
+def rewrite(src: Path, dst: Path, edit: Any) -> None:
+    """Copies a journal record by record through the writer, letting `edit` change records."""
+    with JournalWriter(dst, fsync="never") as writer:
+        for rec in read_journal(src):
+            rec = edit(rec) or rec
+            writer.append(rec["type"], **{k: v for k, v in rec.items() if k not in ("seq", "type")})
+
+
+@pytest.fixture(scope="module")
+def heuristic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    path = tmp_path_factory.mktemp("journal") / "heuristic.bhj"
+    return path, record(path)
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def test_journal_holds_every_record_type_in_causal_order(heuristic: tuple[Path, dict[str, Any]]) -> None:
+    path, kpis = heuristic
+    records = list(read_journal(path))
+    first = records[0]
+    assert first["type"] == "run_started"
+    assert {"bidhive", "numpy", "msgpack"} <= set(first["versions"])
+    assert first["mechanism"] == "auction/greedy/first_score" and first["profile_name"] == "balanced"
+    assert len(first["bidders"]["ids"]) == first["bidders"]["category_ok"].shape[0]
+    types = {r["type"] for r in records}
+    assert {"order_received", "round_opened", "round_cleared", "hold_committed", "hold_released"} <= types
+    received, opened = set(), set()
+    for r in records:
+        if r["type"] == "order_received":
+            received.add(r["order_id"])
+        elif r["type"] == "round_opened":
+            assert set(r["orders"]) <= received  # an order is journaled before any bidder is asked
+            opened.add(r["round_id"])
+        elif r["type"] == "round_cleared":
+            assert r["round_id"] in opened
+    assert sum(r["type"] == "round_cleared" for r in records) == kpis["rounds"]
+
+
+def test_simulated_journal_verifies_and_logged_kpis_match_the_run(heuristic: tuple[Path, dict[str, Any]]) -> None:
+    path, kpis = heuristic
+    report = replay(path)
+    assert report.ok, report.first_mismatch
+    assert report.rounds == report.verified_rounds == kpis["rounds"]
+    logged = report.logged.report()
+    assert logged["orders"] == kpis["orders"]
+    assert logged["fulfilled_rate"] == kpis["fulfilled_rate"]
+    assert logged["cost_per_order"] == kpis["cost_per_order"]  # same sums in the same order: equal bits
+    assert report.replayed is not None
+    timing = ("p50_clear_ms", "p99_clear_ms")
+    strip = lambda d: {k: v for k, v in d.items() if k not in timing}  # noqa: E731
+    assert strip(report.replayed.report()) == strip(logged)
+
+
+def test_tampered_award_fails_verify_naming_it(heuristic: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    path, _ = heuristic
+    target: dict[str, Any] = {}
+
+    def tamper(rec: dict[str, Any]) -> None:
+        if rec["type"] == "round_opened":
+            target.setdefault("orders", {})[rec["round_id"]] = rec["orders"]
+        if rec["type"] == "round_cleared" and "round_id" not in target and rec["round_id"] > 20:
+            won = np.flatnonzero(rec["award_i"][0] >= 0)
+            if len(won):
+                o = int(won[0])
+                rec["award_i"][0, o] += 1  # another combination won
+                target.update(round_id=rec["round_id"], order_id=target["orders"][rec["round_id"]][o])
+
+    bad = tmp_path / "tampered.bhj"
+    rewrite(path, bad, tamper)
+    mismatch = verify(bad)
+    assert mismatch is not None
+    assert (mismatch.round_id, mismatch.order_id) == (target["round_id"], target["order_id"])
+    assert mismatch.field.startswith("winner")
+    out = bidhive("replay", str(bad), "--verify")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert f"round {target['round_id']}" in line and target["order_id"] in line and "winner" in line
+
+
+def test_tampered_payment_is_named(heuristic: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    path, _ = heuristic
+    done: list[int] = []
+
+    def tamper(rec: dict[str, Any]) -> None:
+        if rec["type"] == "round_cleared" and not done and (rec["award_i"][0] >= 0).any():
+            o = int(np.flatnonzero(rec["award_i"][0] >= 0)[0])
+            rec["award_f"][1, o] = np.nextafter(rec["award_f"][1, o], np.inf)  # one ulp
+            done.append(rec["round_id"])
+
+    bad = tmp_path / "payment.bhj"
+    rewrite(path, bad, tamper)
+    mismatch = verify(bad)
+    assert mismatch is not None and mismatch.round_id == done[0] and mismatch.field == "leg_payment"
+
+
+# --------------------------------------------------------------------------- what-if
+
+
+def test_what_if_profile_changes_awards(heuristic: tuple[Path, dict[str, Any]]) -> None:
+    path, _ = heuristic
+    journal = JournalReplay(path)
+    mech = None
+    differ = 0
+    cost_first, time_first = load_profile("cost_first"), load_profile("time_first")
+    for rr in journal.rounds():
+        assert journal.header is not None
+        mech = mech or make_mechanism(journal.header.mechanism)
+        _, a = clear(journal.header, rr.rnd, rr.quotes, cost_first, mech)
+        _, b = clear(journal.header, rr.rnd, rr.quotes, time_first, mech)
+        differ += int(not np.array_equal(a.winner, b.winner))
+    assert differ > 0
+    cheap = replay(path, profile=cost_first, profile_name="cost_first")
+    fast = replay(path, profile=time_first, profile_name="time_first")
+    assert cheap.what_if is not None and fast.what_if is not None
+    c, f = cheap.what_if.report(), fast.what_if.report()
+    assert c["award_share"] != f["award_share"] or c["cost_per_order"] != f["cost_per_order"]
+    assert c["duplicate_awards"] == f["duplicate_awards"] == 0  # an order served early is not served again
+    assert cheap.kpi_diff() and "p50_clear_ms" not in cheap.kpi_diff()
+
+
+def test_what_if_payment_rule_raises_payments(heuristic: tuple[Path, dict[str, Any]]) -> None:
+    path, _ = heuristic
+    report = replay(path, payment="second_score", verify=False)
+    assert report.what_if is not None and report.replayed is None
+    assert report.what_if.report()["cost_per_order"] >= report.logged.report()["cost_per_order"]
+
+
+# --------------------------------------------------------------------------- other journals
+
+
+def test_static_and_second_score_journals_verify(tmp_path: Path) -> None:
+    static = tmp_path / "static.bhj"
+    record(static, policy="static", n_orders=150, seed=3)
+    assert replay(static).ok
+    vcg = tmp_path / "vcg.bhj"
+    record(vcg, n_orders=120, seed=4, payment="second_score")
+    report = replay(vcg, stop_at_first=True)
+    assert report.ok, report.first_mismatch
+    assert report.header.mechanism == "auction/greedy/second_score"
+
+
+def test_any_engine_shell_with_a_live_profile_switch_verifies(tmp_path: Path) -> None:
+    """No simulator: a shell drives MarketEngine itself, as the Ray runtime will."""
+    path = tmp_path / "shell.bhj"
+    sc = load_scenario("weekday")
+    fleet = build_fleet(load_fleet(sc.fleet), seed=9)
+    policy = make_policy("heuristic")
+    recorder = JournalRecorder(path, fsync="always", fleet=fleet, rotate_bytes=64_000)
+    engine = MarketEngine(fleet, policy, load_profile("balanced"), LocalBidders(fleet.agents, policy.strategy),
+                          seed=9, recorder=recorder)
+    from market.demand import generate_orders
+
+    orders = generate_orders(sc, fleet.cfg, fleet.env.catalogue, 120, seed=9)
+    recorder.run_started({"policy": policy.name, "mechanism": policy.mechanism.name, "seed": 9,
+                          "profile": engine.profile, "profile_name": "balanced"})
+    for k in range(0, len(orders), 8):
+        batch = orders[k:k + 8]
+        now = batch[-1].created_s
+        if k == 64:
+            engine.profile = load_profile("vip_guard")
+            recorder.profile_changed("vip_guard", now)
+        for o in batch:
+            recorder.order_received(o, now)
+        engine.run_round(batch, now, [0] * len(batch))
+    recorder.close()
+    assert len(journal_files(path)) > 1  # rotated
+    report = replay(path)
+    assert report.ok, report.first_mismatch
+    assert report.rounds == 15
+    assert any(r["type"] == "profile_changed" and r["name"] == "vip_guard" for r in read_journal(path))
+
+
+def test_a_continued_journal_replays_run_after_run(tmp_path: Path) -> None:
+    """A restarted shell reopens its journal: a second run_started starts a new segment."""
+    path = tmp_path / "two.bhj"
+    first = record(path, n_orders=60, seed=1)
+    second = record(path, policy="static", n_orders=60, seed=2)
+    report = replay(path)
+    assert report.ok, report.first_mismatch
+    assert report.segments == 2 and report.rounds == first["rounds"] + second["rounds"]
+
+
+def test_seeded_journal_is_byte_identical_without_timing(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.bhj", tmp_path / "b.bhj"
+    record(a, n_orders=80, seed=6, timing=False)
+    record(b, n_orders=80, seed=6, timing=False)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_torn_tail_still_replays_with_a_warning(heuristic: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    path, _ = heuristic
+    torn = tmp_path / "torn.bhj"
+    data = path.read_bytes()
+    torn.write_bytes(data[:-5])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = replay(torn)
+    assert report.ok and any(issubclass(w.category, TornTailWarning) for w in caught)
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain_names_the_winner(heuristic: tuple[Path, dict[str, Any]]) -> None:
+    path, _ = heuristic
+    rounds = [rr for rr in JournalReplay(path).rounds() if (rr.logged.award_i[0] >= 0).any()]
+    rr = rounds[len(rounds) // 2]
+    o = int(np.flatnonzero(rr.logged.award_i[0] >= 0)[0])
+    order_id = rr.rnd.orders[o].order_id
+    result = explain(path, order_id)
+    last = result["rounds"][-1]
+    assert result["outcome"] == "awarded" and last["matches_log"] is True
+    win = last["winner"]
+    assert win["source"] in result["verdict"] and win["leg"] in result["verdict"]
+    winners = [c for c in last["combinations"] if c["winner"]]
+    assert len(winners) == 1 and winners[0]["feasible"] and winners[0]["source"] == win["source"]
+    assert all(c["why_not"] or c["rank"] > winners[0]["rank"] for c in last["combinations"] if not c["winner"])
+    out = bidhive("replay", str(path), "--order", order_id)
+    assert out.returncode == 0, out.stderr
+    assert "WINNER" in out.stdout and win["leg"] in out.stdout
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "no journal at"),
+        ("not_a_journal", "is not a bidhive journal"),
+        ("corrupt", "byte offset"),
+        ("unknown_profile", "unknown profile 'fastest'"),
+        ("unknown_order", "is not in the journal"),
+        ("bad_payment", "unknown payment rule"),
+    ],
+)
+def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heuristic: tuple[Path, dict[str, Any]],
+                                               tmp_path: Path) -> None:
+    path, _ = heuristic
+    args = [str(path)]
+    if case == "missing":
+        args = [str(tmp_path / "nope.bhj")]
+    elif case == "not_a_journal":
+        (tmp_path / "x.txt").write_text("hello, I am not a journal\n")
+        args = [str(tmp_path / "x.txt")]
+    elif case == "corrupt":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # a damaged record with good ones after it
+        (tmp_path / "corrupt.bhj").write_bytes(bytes(data))
+        args = [str(tmp_path / "corrupt.bhj"), "--verify"]
+    elif case == "unknown_profile":
+        args += ["--profile", "fastest"]
+    elif case == "unknown_order":
+        args += ["--order", "o-nope"]
+    elif case == "bad_payment":
+        args += ["--payment", "vcg"]
+    out = bidhive("replay", *args)
+    assert out.returncode not in (0, 1) or case == "corrupt" and out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_simulate_journal_then_replay_verify_json_and_plot(tmp_path: Path) -> None:
+    path = tmp_path / "cli.bhj"
+    sim = bidhive("simulate", "--scenario", "weekday", "--orders", "150", "--seed", "8", "--journal", str(path), "--json")
+    assert sim.returncode == 0, sim.stderr
+    kpis = json.loads(sim.stdout)
+    out = bidhive("replay", str(path), "--verify")
+    assert out.returncode == 0, out.stderr
+    assert "verified" in out.stdout
+    png = tmp_path / "kpis.png"
+    out = bidhive("replay", str(path), "--profile", "time_first", "--json", "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["kpis"]["logged"]["cost_per_order"] == kpis["cost_per_order"]
+    assert result["what_if"] == {"profile": "time_first", "payment": "first_score"} and "diff" in result
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = bidhive("simulate", "--scenario", "weekday", "--orders", "10", "--journal", str(path))
+    assert again.returncode == 2 and "already exists" in again.stderr
