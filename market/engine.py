@@ -6,7 +6,7 @@ engine itself never changes per shell, which is what keeps awards identical.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,8 +14,8 @@ import numpy as np
 
 from agents.base import Agent
 from agents.fleet import Fleet
-from market.book import CategoryTable, QuoteBook, build_book
-from market.clearing import Allocation, exact_winners, total_cost
+from market.book import CategoryTable, QuoteBook
+from market.clearing import Allocation, clear_round, exact_winners, total_cost
 from market.config import ProfileCfg
 from market.kpis import KpiTracker
 from market.recorder import NullRecorder, Recorder
@@ -26,11 +26,24 @@ from policies.base import BiddingStrategy
 from policies.registry import NetworkPolicy
 
 
+COMMIT_REFUSED = "commit_refused"
+
+
 class Bidders(Protocol):
-    """How the engine reaches the bidders: ask for quotes, then commit or release holds."""
+    """How the engine reaches the bidders: ask for quotes, then commit or release holds.
+
+    `settle` may return the indices (in the round) of awarded orders whose commit a
+    winner refused or never confirmed (a lost hold, a dead bidder); the engine then
+    treats them as unserved with reason `commit_refused`, so they are retried and never
+    counted as awarded. Returning None means every commit went through. A bidders
+    object may also offer `utilization(now) -> list[(Kind, float)]` when the agents'
+    live state is not in this process (the Ray runtime).
+    """
 
     def quote_all(self, rnd: Round, now: float, hold_ttl_s: float) -> list[Quote]: ...
-    def settle(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None: ...
+    def settle(
+        self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float
+    ) -> Collection[int] | None: ...
 
 
 class LocalBidders:
@@ -65,6 +78,7 @@ class RoundOutcome:
     alloc: Allocation
     clear_ms: float
     delivered_s: dict[int, float] = field(default_factory=dict)
+    award_facts: list[tuple[int, tuple[bool, float, bool, Kind]]] = field(default_factory=list)  # counted on confirm
 
 
 @dataclass
@@ -101,24 +115,56 @@ class MarketEngine:
     def clear(self, rnd: Round, quotes: list[Quote]) -> tuple[QuoteBook, Allocation, float]:
         """Scores combinations and runs the mechanism; returns the clearing time in ms."""
         start = self.timer()
-        book = build_book(rnd, quotes, self.kinds, self.profile, self.categories)
-        alloc = self.policy.mechanism.allocate(book)
+        book, alloc = clear_round(rnd, quotes, self.kinds, self.profile, self.categories, self.policy.mechanism)
         return book, alloc, (self.timer() - start) * 1000.0
 
     def run_round(self, orders: list[Order], now: float, attempts: list[int]) -> RoundOutcome:
         """Quote, clear, journal, realise and commit one round."""
-        rnd = self.open_round(orders, now, attempts)
+        return self.trade(self.open_round(orders, now, attempts), now)
+
+    def trade(self, rnd: Round, now: float) -> RoundOutcome:
+        """Quote, clear, journal, realise and commit a round already opened.
+
+        Split from `run_round` so a step-wise driver (the Gymnasium env) can look at the
+        opened round before the bidders are asked.
+        """
         quotes = self.bidders.quote_all(rnd, now, self.hold_ttl_s)
+        outcome, awards = self.close_round(rnd, quotes)
+        quoted = [q.agent_id for q in quotes]
+        refused = self.bidders.settle(rnd.round_id, awards, quoted, now)
+        self.confirm(outcome, awards, quoted, refused or (), now)
+        return outcome
+
+    def close_round(self, rnd: Round, quotes: list[Quote]) -> tuple[RoundOutcome, dict[str, list[AwardLine]]]:
+        """Clears a round on its quotes, journals it and realises its awards (not yet committed).
+
+        Split from `run_round` so a pipelined shell can settle and confirm later.
+        """
         book, alloc, ms = self.clear(rnd, quotes)
         self.kpis.cleared(ms)
         if self.exact_every and rnd.round_id % self.exact_every == 0:
             self.kpis.compared(alloc.total_cost, total_cost(book, exact_winners(book)))
         self.recorder.round_cleared(rnd, quotes, book, alloc, {"clear_ms": ms, "bidders": len(self.fleet.agents)})
         outcome = RoundOutcome(rnd, book, alloc, ms)
-        awards = self._award_lines(outcome)
-        self.bidders.settle(rnd.round_id, awards, [q.agent_id for q in quotes], now)
-        self._journal_holds(rnd.round_id, awards, [q.agent_id for q in quotes], now)
-        return outcome
+        return outcome, self._award_lines(outcome)
+
+    def confirm(
+        self, out: RoundOutcome, awards: dict[str, list[AwardLine]], quoted: list[str],
+        refused: Collection[int], now: float,
+    ) -> None:
+        """Counts the awards that were committed; refused ones become unserved (`commit_refused`)."""
+        refused = set(refused)
+        if refused:
+            reason = list(out.alloc.reason)
+            for o in refused:
+                out.alloc.winner[o] = -1
+                reason[o] = COMMIT_REFUSED
+                out.delivered_s.pop(o, None)
+            out.alloc.reason = tuple(reason)
+        for o, facts in out.award_facts:
+            if o not in refused:
+                self.kpis.awarded(*facts)
+        self._journal_holds(out.rnd.round_id, awards, quoted, now)
 
     def _journal_holds(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None:
         for agent_id in quoted:
@@ -163,12 +209,15 @@ class MarketEngine:
                 done_s=float(real.leg_done_s[k]), on_time=bool(real.leg_on_time[k]), **common))
             delivered = float(real.delivered_s[k])
             out.delivered_s[o] = delivered
-            self.kpis.awarded(bool(rnd.vip[o]), float(alloc.src_payment[o] + alloc.leg_payment[o]),
-                              delivered <= order.promise_s, leg_kinds[k])
+            out.award_facts.append((o, (bool(rnd.vip[o]), float(alloc.src_payment[o] + alloc.leg_payment[o]),
+                                        delivered <= order.promise_s, leg_kinds[k])))
         return awards
 
     def utilization(self, now: float) -> list[tuple[Kind, float]]:
-        """Per-agent utilization up to `now`."""
+        """Per-agent utilization up to `now` (from the bidders when they hold the live state)."""
+        remote = getattr(self.bidders, "utilization", None)
+        if remote is not None:
+            return remote(now)
         return [(a.kind, a.utilization(now)) for a in self.fleet.agents]
 
     def facts(self) -> dict[str, Any]:

@@ -1,0 +1,216 @@
+"""The auctioneer as a Ray actor: one per region, owning a MarketEngine over `RayBidders`.
+
+`AuctioneerHost` wraps `market.auctioneer.AuctioneerCore` (the batching and ledger
+logic, pure) with a background thread that runs rounds as they fall due, and an inbox
+that `submit` fills without waiting for a round in progress. Every region's round ids
+start at `round_id_base(region_index)`, so two auctioneers sharing a bidder never
+collide on its holds; the bidder, the single writer of its capacity, keeps them from
+double-booking it.
+
+Usage (driver)::
+
+    regions = load_regions()                      # configs/regions.yaml
+    handles = spawn_bidders(fleet_specs(fleet_cfg, seed, "heuristic"), state_dir=run_dir)
+    auctioneers = start_auctioneers(regions, fleet_cfg, handles, seed=seed)
+    for r, part in route(orders, regions, fleet_cfg).items():
+        auctioneers[r].submit.remote(part)
+    ray.get([a.wait_idle.remote(30) for a in auctioneers])
+
+Limitation: the auctioneer keeps its open orders in memory; it is started with
+`max_restarts=0`, and a dead auctioneer's open orders are lost (its bidders' holds
+expire by themselves). Bidders are the fault-tolerant part.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agents.fleet import Fleet, build_fleet
+from market.auctioneer import AuctioneerCore, BatchPolicy, RegionsCfg, assign_regions, region_bidders, round_id_base
+from market.config import FleetCfg, load_profile
+from market.engine import MarketEngine
+from market.geo import CityGrid
+from market.types import Order
+from policies.registry import make_policy
+from runtime.ray_bidders import RayBidders
+
+logger = logging.getLogger("bidhive.auctioneer")
+
+
+@dataclass(frozen=True)
+class AuctioneerSpec:
+    """What one region's auctioneer is built from.
+
+    Attributes:
+        bidders: the region's bidder ids (None: the whole fleet).
+        deadline_s: how long a round waits for quotes (wall clock).
+        prefilter: skip bidders that cannot reach any order of the round.
+    """
+
+    region_index: int
+    fleet: FleetCfg
+    policy: str = "heuristic"
+    profile: str = "balanced"
+    seed: int = 0
+    name: str = ""
+    bidders: tuple[str, ...] | None = None
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    deadline_s: float = 0.25
+    hold_ttl_s: float = 5.0
+    quarantine_after: int = 3
+    quarantine_rounds: int = 10
+    prefilter: bool = True
+
+
+def region_fleet(fleet: Fleet, bidders: tuple[str, ...] | None) -> Fleet:
+    """The fleet restricted to a region's bidders (same objects, fleet order)."""
+    if bidders is None:
+        return fleet
+    keep = set(bidders)
+    return Fleet(fleet.cfg, fleet.env, [a for a in fleet.agents if a.agent_id in keep])
+
+
+def build_core(spec: AuctioneerSpec, handles: dict[str, Any]) -> AuctioneerCore:
+    """The auctioneer's engine over Ray bidders, with the region's round-id base."""
+    fleet = region_fleet(build_fleet(spec.fleet, spec.seed), spec.bidders)
+    bidders = RayBidders(
+        fleet, {a.agent_id: handles[a.agent_id] for a in fleet.agents}, deadline_s=spec.deadline_s,
+        quarantine_after=spec.quarantine_after, quarantine_rounds=spec.quarantine_rounds, prefilter=spec.prefilter,
+    )
+    policy = make_policy(spec.policy)
+    engine = MarketEngine(
+        fleet=fleet, policy=policy, profile=load_profile(spec.profile), bidders=bidders,
+        seed=spec.seed + spec.region_index, hold_ttl_s=spec.hold_ttl_s, exact_every=0,
+        _round_id=round_id_base(spec.region_index),
+    )
+    return AuctioneerCore(engine, spec.batch)
+
+
+class AuctioneerHost:
+    """One region's auctioneer: an inbox, a round loop thread, and queries for drivers and tests."""
+
+    def __init__(self, spec: AuctioneerSpec, handles: dict[str, Any], start: bool = True) -> None:
+        self.spec = spec
+        self.core = build_core(spec, handles)
+        self.name = spec.name or f"region-{spec.region_index}"
+        self._inbox: collections.deque[list[Order]] = collections.deque()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._error: str | None = None
+        self._submitted = self._accepted = 0
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Starts the round loop (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"auctioneer-{self.name}", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        core = self.core
+        try:
+            while not self._stop:
+                with self._wake:
+                    while not self._inbox and not self._stop:
+                        due = core.due_in()
+                        if due == 0.0:
+                            break
+                        self._wake.wait(timeout=0.05 if due is None else min(due, 0.05))
+                    batches = list(self._inbox)
+                    self._inbox.clear()
+                for orders in batches:
+                    core.submit(orders)
+                    self._accepted += len(orders)
+                if core.due_in() == 0.0:
+                    core.step()
+        except Exception as err:  # noqa: BLE001 - reported by status() and wait_idle()
+            logger.exception("auctioneer %s: round loop died", self.name)
+            self._error = f"{type(err).__name__}: {err}"
+
+    def submit(self, orders: list[Order]) -> int:
+        """Queues orders for the next rounds; returns how many."""
+        with self._wake:
+            self._inbox.append(list(orders))
+            self._submitted += len(orders)
+            self._wake.notify()
+        return len(orders)
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        """Blocks until every submitted order has ended and every commit is confirmed."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self._error:
+                raise RuntimeError(f"auctioneer {self.name} failed: {self._error}")
+            # every order handed to the core (not just out of the inbox), and the core idle
+            if self._accepted == self._submitted and self.core.idle:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def stop(self) -> None:
+        """Stops the round loop after the current step."""
+        self._stop = True
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def outcomes(self) -> dict[str, tuple[str, str, tuple[str, str] | None]]:
+        """Per order id: (status, reason, (source id, leg id) when awarded)."""
+        return {oid: (st.status, st.reason, st.award) for oid, st in self.core.ledger.orders.items()}
+
+    def status(self) -> dict[str, Any]:
+        """Counts, round latencies, bidder facts and KPIs (without utilization)."""
+        core = self.core
+        bidders: RayBidders = core.bidders  # type: ignore[assignment]
+        return {
+            "name": self.name, "error": self._error, "orders": core.ledger.counts(),
+            "latency": core.latencies_ms(), "bidders": bidders.summary(), "orphaned": dict(bidders.orphaned),
+            "kpis": core.engine.kpis.report({}, timing=True),
+        }
+
+    def round_records(self) -> list[dict[str, Any]]:
+        """Every settled round's timing."""
+        return [asdict(r) for r in self.core.records]
+
+    def round_facts(self) -> list[dict[str, Any]]:
+        """Every round's bidder facts (asked, received, timed out, ...)."""
+        return [asdict(f) for f in self.core.bidders.facts]  # type: ignore[attr-defined]
+
+
+def auctioneer_actor_class(**options: Any) -> Any:
+    """`AuctioneerHost` as a Ray actor (threaded: `submit` never waits for a round)."""
+    import ray
+
+    opts = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 4, **options}
+    return ray.remote(**opts)(AuctioneerHost)
+
+
+def start_auctioneers(
+    regions: RegionsCfg, fleet: FleetCfg, handles: dict[str, Any], *, policy: str = "heuristic",
+    profile: str = "balanced", seed: int = 0, batch: BatchPolicy | None = None, deadline_s: float = 0.25,
+) -> list[Any]:
+    """One auctioneer actor per region (region index = list position), over shared bidder actors."""
+    cls = auctioneer_actor_class()
+    return [
+        cls.remote(AuctioneerSpec(
+            region_index=i, fleet=fleet, policy=policy, profile=profile, seed=seed, name=r.name,
+            bidders=tuple(region_bidders(r, fleet)), batch=batch or BatchPolicy(), deadline_s=deadline_s,
+        ), handles)
+        for i, r in enumerate(regions.regions)
+    ]
+
+
+def route(orders: list[Order], regions: RegionsCfg, fleet: FleetCfg) -> dict[int, list[Order]]:
+    """Orders by region index (the box holding the destination, else the nearest box)."""
+    grid = CityGrid(fleet.city.origin_lat, fleet.city.origin_lon)
+    out: dict[int, list[Order]] = {}
+    for o, r in zip(orders, assign_regions(orders, regions.regions, grid).tolist()):
+        out.setdefault(int(r), []).append(o)
+    return out
