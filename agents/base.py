@@ -23,6 +23,8 @@ from policies.base import BidContext, BiddingStrategy, BidDecision
 
 RELIABILITY_ALPHA = 0.02  # EWMA weight of one delivery in the reliability estimate
 WIN_RATE_ALPHA = 0.05
+PRICE_ALPHA = 0.05  # EWMA weight of one award in the recent clearing price
+RETRY_AGE_S = 30.0  # an order older than this when its round opens is a retry: nobody could take it
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Agent(ABC):
         self.category_ok[[CATEGORY_CODES[c] for c in cfg.categories]] = True
         self.reliability = float(cfg.reliability)
         self.win_rate = 0.5
+        self.recent_price = 0.0  # EWMA of what this agent was paid per award line
         self.holds = HoldBook()
         self.now_s = 0.0
         self.rng = np.random.default_rng(agent_seed(env.seed, cfg.id))
@@ -144,10 +147,23 @@ class Agent(ABC):
             round_vip_share=rnd.vip_share,
             win_rate=self.win_rate,
             reliability=self.reliability,
+            market_load=int(np.count_nonzero(rnd.created_s < now - RETRY_AGE_S)) / max(1, rnd.size),
+            recent_price=self.recent_price,
         )
 
-    def quote(self, rnd: Round, now: float, strategy: BiddingStrategy, hold_ttl_s: float) -> Quote | None:
-        """Prices the round, holds the capacity offered, and returns the quote (or None)."""
+    def bid_context(self, rnd: Round, now: float) -> BidContext | None:
+        """What the strategy will be shown for this round, or None when the agent sits it out.
+
+        `quote` goes through the same steps; a step-wise driver (the Gymnasium env) may
+        call this first to learn whether, and in what state, the agent will bid. It only
+        brings the agent's state up to `now`, which `quote` does anyway, so calling it
+        changes nothing.
+        """
+        ready = self._prepare(rnd, now)
+        return None if ready is None else ready[0]
+
+    def _prepare(self, rnd: Round, now: float) -> tuple[BidContext, np.ndarray] | None:
+        """Brings state up to `now`; the strategy's context and the reachable orders, or None."""
         self.advance(now)
         avail = self.available()
         if avail <= 0 or rnd.size == 0:
@@ -155,7 +171,16 @@ class Agent(ABC):
         reach = self.category_ok[rnd.category] & self._reach(rnd)
         if not reach.any():
             return None
-        decision = strategy.decide(self.context(rnd, now, avail)).clipped()
+        return self.context(rnd, now, avail), reach
+
+    def quote(self, rnd: Round, now: float, strategy: BiddingStrategy, hold_ttl_s: float) -> Quote | None:
+        """Prices the round, holds the capacity offered, and returns the quote (or None)."""
+        ready = self._prepare(rnd, now)
+        if ready is None:
+            return None
+        ctx, reach = ready
+        avail = ctx.available
+        decision = strategy.decide(ctx).clipped()
         eligible = self._after_holdback(rnd, reach, avail, decision)
         quote, payload = self._price(rnd, now, eligible, decision.markup) if eligible.any() else (None, None)
         if quote is None or len(quote.order_idx) == 0:
@@ -187,6 +212,8 @@ class Agent(ABC):
         for line in lines:
             self._commit_line(line, now, hold.payload)
         self.committed_units += len(lines)
+        for line in lines:
+            self.recent_price += PRICE_ALPHA * (line.payment - self.recent_price)
         self._update_win_rate(len(lines) / max(1, hold.units))
 
     def _update_win_rate(self, won_share: float) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from market.demand import generate_orders
 from market.engine import Bidders, LocalBidders, MarketEngine, RoundOutcome
 from market.kpis import utilization_by_kind
 from market.recorder import NullRecorder, Recorder
+from market.round import Round
 from market.types import Order
 from policies.registry import NetworkPolicy
 
@@ -37,13 +38,31 @@ class SimSetup:
     exact_every: int | None = None
     recorder: Recorder = field(default_factory=NullRecorder)
     timer: Callable[[], float] = time.perf_counter
+    profile_name: str = ""
 
     @classmethod
     def build(cls, scenario: ScenarioCfg, policy: NetworkPolicy, **kw: Any) -> SimSetup:
         """Loads the scenario's fleet and profile unless given."""
         fleet_cfg = kw.pop("fleet_cfg", None) or load_fleet(scenario.fleet)
-        profile = kw.pop("profile", None) or load_profile(scenario.profile)
-        return cls(scenario, fleet_cfg, profile, policy, **kw)
+        profile = kw.pop("profile", None)
+        name = kw.pop("profile_name", None) or ("custom" if profile else scenario.profile)
+        return cls(scenario, fleet_cfg, profile or load_profile(name), policy, profile_name=name, **kw)
+
+
+@dataclass
+class PendingRound:
+    """A round opened by `Simulator.rounds()` and not yet traded.
+
+    Attributes:
+        batch: (order, attempts so far) for each order of the round, in round order.
+        outcome: the traded round, once the generator has been resumed.
+        gave_up: indices of the round's orders that ended unfulfilled in it.
+    """
+
+    rnd: Round
+    batch: list[tuple[Order, int]]
+    outcome: RoundOutcome | None = None
+    gave_up: list[int] = field(default_factory=list)
 
 
 class Simulator:
@@ -73,6 +92,18 @@ class Simulator:
 
     def run(self, progress: Progress | None = None) -> dict[str, Any]:
         """Runs the whole day and returns the KPI report."""
+        for _ in self.rounds(progress):
+            pass
+        return self.report()
+
+    def rounds(self, progress: Progress | None = None) -> Iterator[PendingRound]:
+        """Runs the day step-wise: yields each round once opened, before any bidder quotes.
+
+        The round is traded when the generator is resumed, and its `outcome` (and the
+        orders that ended unfulfilled in it) are filled in then. `run()` drains this
+        generator, so a step-wise driver (the Gymnasium env) and `run()` follow exactly
+        the same path and give the same awards and KPIs.
+        """
         rc = self.setup.scenario.round
         orders, i, n = self.orders, 0, len(self.orders)
         self.setup.recorder.run_started(self._run_info())
@@ -88,29 +119,33 @@ class Simulator:
                 batch.append((orders[i], 0))
                 i += 1
             for k in range(0, len(batch), rc.max_batch):
-                self._round(batch[k : k + rc.max_batch], close)
+                part = batch[k : k + rc.max_batch]
+                pending = PendingRound(self.engine.open_round([o for o, _ in part], close, [a for _, a in part]), part)
+                yield pending
+                self._trade(pending, close)
             self.now = close
             if progress:
                 progress(i, n)
         self.setup.recorder.close()
-        return self.report()
 
     def _receive(self, order: Order, now: float) -> None:
         self.engine.kpis.order_in(order.tier == "vip")
         self.setup.recorder.order_received(order, now)
 
-    def _round(self, batch: list[tuple[Order, int]], now: float) -> RoundOutcome:
-        out = self.engine.run_round([o for o, _ in batch], now, [a for _, a in batch])
+    def _trade(self, pending: PendingRound, now: float) -> RoundOutcome:
+        out = self.engine.trade(pending.rnd, now)
         rc = self.setup.scenario.round
         for o, reason in enumerate(out.alloc.reason):
             if not reason:
                 continue
-            order, attempts = batch[o][0], batch[o][1] + 1
+            order, attempts = pending.batch[o][0], pending.batch[o][1] + 1
             if attempts < rc.max_attempts:
                 self._seq += 1
                 heapq.heappush(self._retry, (now + rc.retry_after_s, self._seq, order, attempts))
             else:
                 self.engine.kpis.gave_up(reason)
+                pending.gave_up.append(o)
+        pending.outcome = out
         return out
 
     def _run_info(self) -> dict[str, Any]:
@@ -119,7 +154,7 @@ class Simulator:
             "scenario": s.scenario.model_dump(mode="json"),
             "fleet": s.fleet_cfg.model_dump(mode="json"),
             "profile": s.profile.model_dump(mode="json"),
-            "profile_name": s.scenario.profile,
+            "profile_name": s.profile_name or s.scenario.profile,
             "policy": s.policy.name,
             "mechanism": s.policy.mechanism.name,
             "seed": s.seed,

@@ -30,6 +30,8 @@ class BidContext:
     round_vip_share: float
     win_rate: float
     reliability: float
+    market_load: float = 0.0  # share of the round's orders that are retries: the network could not take them
+    recent_price: float = 0.0  # EWMA of what this bidder was paid per award (its recent clearing price)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,9 @@ def make_policy(spec: str, payment: Payment = "first_score") -> NetworkPolicy:
 
     `static` routes by rule at cost; `truthful` clears the scoring auction over cost
     quotes (the mechanism alone); `heuristic` adds load-aware markups; `rl:PATH`
-    uses a learned bidder.
+    prices every bidder of the policy's kind (its card.json, else rider pools) with the
+    learned policy and the others with the heuristic; a missing or incompatible file
+    falls back to the heuristic with one warning line.
     """
     if spec == "static":
         return NetworkPolicy("static", CostPricing(), StaticRule())
@@ -38,5 +40,10 @@ def make_policy(spec: str, payment: Payment = "first_score") -> NetworkPolicy:
     if spec == "heuristic":
         return NetworkPolicy("heuristic", LoadMarkup(), ScoringAuction(payment=payment))
     if spec.startswith("rl:"):
-        raise PolicyError("rl policies are not available yet: the learned bidder lands with the RL training work")
+        path = spec[3:]
+        if not path:
+            raise PolicyError("rl policy needs a path: rl:PATH/TO/policy.zip")
+        from policies.rl import rl_strategy  # numpy only at import; torch loads with the zip
+
+        return NetworkPolicy("rl", rl_strategy(path), ScoringAuction(payment=payment))
     raise PolicyError(f"unknown policy '{spec}' (known: {', '.join(POLICY_NAMES)})")

@@ -1,0 +1,122 @@
+"""`bidhive train` and `bidhive evaluate`: the learned bidder from the command line.
+
+torch and SB3 are imported inside the commands, so the rest of the CLI stays quick.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bidhive_cli.errors import UserError
+from market.config import load_fleet, load_scenario
+from market.types import Kind
+
+ALGOS = ("ppo", "sac")
+REWARDS = ("profit", "network")
+OTHERS = ("heuristic", "truthful", "static")
+
+
+def _choice(value: str, known: tuple[str, ...], what: str) -> str:
+    if value not in known:
+        raise UserError(f"unknown {what} '{value}' (known: {', '.join(known)})")
+    return value
+
+
+def train(
+    scenario: Annotated[str, typer.Option(help="Scenario name (configs/scenarios) or YAML path.")],
+    out: Annotated[Path, typer.Option(help="Run folder: policy.zip, card.json, TensorBoard logs, checkpoints.")],
+    timesteps: Annotated[int, typer.Option(min=1, max=100_000_000, help="Environment steps (learner bids).")] = 40_000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for the model and every env.")] = 0,
+    algo: Annotated[str, typer.Option(help="ppo or sac.")] = "ppo",
+    reward: Annotated[str, typer.Option(help="profit (the learner's own) or network (the fleet's cost).")] = "profit",
+    kind: Annotated[str, typer.Option(help="Kind of the learning bidder.")] = Kind.RIDER_POOL.value,
+    fleet: Annotated[str, typer.Option(help="Fleet to train in ('scenario' for the scenario's own).")] = "district",
+    orders: Annotated[int, typer.Option(min=1, max=5_000_000, help="Orders in a training day (4,300 suits the district fleet; about 30,000 for --fleet scenario).")] = 4300,
+    others: Annotated[str, typer.Option(help="Policy of the other bidders: heuristic, truthful or static.")] = "heuristic",
+    peers: Annotated[Optional[str], typer.Option(help="rl:PATH: the other bidders of the learner's kind bid with this frozen policy (self-play).")] = None,
+    n_envs: Annotated[int, typer.Option(min=1, max=16, help="Parallel training envs.")] = 2,
+    eval_every: Annotated[int, typer.Option(min=1, help="Steps between evaluations and checkpoints.")] = 20_000,
+    card_episodes: Annotated[int, typer.Option(min=0, help="Held-out episodes summarised in card.json.")] = 3,
+    progress: Annotated[bool, typer.Option(help="Show the SB3 progress bar.")] = True,
+) -> None:
+    """Train a learned bidder with SB3 (progress bar, TensorBoard logs under OUT/tb)."""
+    load_scenario(scenario)  # a bad name fails here, before torch loads
+    _choice(algo, ALGOS, "algorithm")
+    _choice(reward, REWARDS, "reward mode")
+    _choice(others, OTHERS, "policy for the other bidders")
+    try:
+        Kind(kind)
+    except ValueError:
+        raise UserError(f"unknown kind '{kind}' (known: {', '.join(k.value for k in Kind)})") from None
+    if peers is not None and not (peers.startswith("rl:") and Path(peers[3:]).is_file()):
+        raise UserError(f"--peers must be rl:PATH to an existing policy.zip, got '{peers}'")
+    if out.exists() and (out / "policy.zip").exists():
+        raise UserError(f"{out} already holds a trained policy: give a new --out folder")
+    from policies.train import TrainArgs, train as run_training
+
+    args = TrainArgs(
+        scenario=scenario, timesteps=timesteps, out=str(out), seed=seed, algo=algo, reward=reward,  # type: ignore[arg-type]
+        kind=kind, fleet=None if fleet == "scenario" else fleet, n_orders=orders, others=others, peers=peers, n_envs=n_envs,
+        eval_every=eval_every, card_episodes=card_episodes, progress=progress and sys.stderr.isatty(),
+    )
+    card = run_training(args)
+    card["command"] = " ".join(["bidhive", *sys.argv[1:]])  # what reproduces this run
+    (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+    typer.echo(json.dumps({k: card[k] for k in ("algo", "scenario", "seed", "timesteps", "learn_wall_s", "wall_s")}, sort_keys=True))
+    typer.echo(f"wrote {out / 'policy.zip'}, {out / 'card.json'}, {out / 'learning_curve.png'}")
+
+
+def evaluate(
+    policy: Annotated[Path, typer.Option(help="A policy.zip written by `bidhive train`.")],
+    scenario: Annotated[Optional[str], typer.Option(help="Scenario (default: the one the policy was trained on).")] = None,
+    episodes: Annotated[int, typer.Option(min=1, max=1000, help="Held-out days per baseline.")] = 10,
+    orders: Annotated[Optional[int], typer.Option(min=1, max=5_000_000, help="Orders per day (default: as trained).")] = None,
+    fleet: Annotated[Optional[str], typer.Option(help="Fleet (default: as trained; 'scenario' for the scenario's own).")] = None,
+    rows: Annotated[str, typer.Option(help="Comma-separated rows: static, heuristic, truthful, rl, exact.")] = "static,heuristic,rl,exact",
+    workers: Annotated[int, typer.Option(min=1, max=16, help="Episodes run in parallel processes.")] = 2,
+    self_play: Annotated[bool, typer.Option(help="In the rl row, every bidder of the learner's kind uses the policy.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Learning-curve PNG (default: next to the policy).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+) -> None:
+    """Evaluate a learned bidder against static, heuristic and exact on held-out days."""
+    from envs.evaluation import POLICIES, dumps, evaluate as run_eval, learning_curve, summary_table
+
+    if not policy.is_file():
+        raise UserError(f"{policy}: file not found")
+    if scenario:
+        load_scenario(scenario)
+    chosen = tuple(r.strip() for r in rows.split(",") if r.strip())
+    for r in chosen:
+        _choice(r, POLICIES, "row")
+    if fleet and fleet != "scenario":
+        load_fleet(fleet)
+    report = run_eval(policy, scenario=scenario, episodes=episodes, policies=chosen, n_orders=orders, workers=workers,
+                      fleet=fleet, self_play=self_play)
+    png = learning_curve(policy.parent, plot or policy.with_name("learning_curve.png"))
+    report["learning_curve"] = str(png) if png else None
+    if json_out:
+        typer.echo(dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bidhive evaluate {policy} on {report['env']['scenario']} "
+                        f"({episodes} held-out days, mean ± 95% CI; reward: {report['reward']})")
+    table.add_column("metric")
+    for row in report["summary"]:
+        table.add_column(row, justify="right")
+    for line in summary_table(report):
+        table.add_row(*line)
+    console = Console()
+    console.print(table)
+    for name, diffs in report["paired"].items():
+        d = diffs["learner_reward"]
+        if d["mean"] is not None:
+            ci = f" ± {d['ci95']:.2f}" if d["ci95"] is not None else ""
+            console.print(f"paired {name}: learner reward {d['mean']:+.2f}{ci}")
+    if png:
+        console.print(f"learning curve: {png}")
