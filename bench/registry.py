@@ -6,7 +6,14 @@ from typing import Any
 
 from bidhive_cli.errors import UserError
 
-BENCHMARKS = {"clearing": "bench.clearing", "peakday": "bench.peakday"}
+BENCHMARKS = {
+    "clearing": "bench.clearing",
+    "peakday": "bench.peakday",
+    "replay": "bench.replay_bench",
+    "journal": "bench.journal_bench",
+    "ray": "bench.ray_bench",
+    "rl": "bench.rl_bench",
+}
 
 
 def run(name: str, quick: bool = False) -> dict[str, Any]:

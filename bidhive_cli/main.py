@@ -1,6 +1,7 @@
 """The `bidhive` command line: simulate, replay, bench (and more as shells land)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,6 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bidhive_cli.errors import UserError
 from bidhive_cli.output import print_kpis, to_json
+from bidhive_cli.replay_cmd import USER_ERRORS as REPLAY_ERRORS
+from bidhive_cli.replay_cmd import replay
+from bidhive_cli.rl_cmds import evaluate, train
 from market.config import ConfigError, load_profile, load_scenario
 from market.simulator import SimSetup, Simulator
 from policies.registry import PolicyError, make_policy
@@ -23,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, PolicyError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, ConfigError, PolicyError, FileNotFoundError, *REPLAY_ERRORS)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -44,6 +48,7 @@ def simulate(
     journal: Annotated[Optional[Path], typer.Option(help="Write the auction journal to this file.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print KPIs as JSON.")] = False,
     timing: Annotated[bool, typer.Option(help="Include wall-clock clearing times (--no-timing for byte-stable JSON).")] = True,
+    ray_mode: Annotated[bool, typer.Option("--ray", help="Bidders as Ray actors (local loopback Ray, or RAY_ADDRESS); same KPIs.")] = False,
 ) -> None:
     """Simulate a day of fulfilment auctions and print its KPIs."""
     sc = load_scenario(scenario)
@@ -52,19 +57,27 @@ def simulate(
         raise UserError(f"unknown payment rule '{rule}' (known: first_score, second_score)")
     setup = SimSetup.build(
         sc, make_policy(policy, rule), seed=seed, n_orders=orders,  # type: ignore[arg-type]
-        profile=load_profile(profile) if profile else None,
+        profile=load_profile(profile) if profile else None, profile_name=profile,
         recorder=_journal_recorder(journal),
     )
-    sim = Simulator(setup)
-    with _progress(not json_out and sys.stderr.isatty()) as bar:
-        task = bar.add_task(f"{sc.name} / {policy}", total=len(sim.orders))
-        kpis = sim.run(lambda done, total: bar.update(task, completed=done))
-    if not timing:
-        kpis = sim.report(timing=False)
+    with _ray_bidders(policy, seed) if ray_mode else contextlib.nullcontext() as bidders:
+        sim = Simulator(setup, bidders=bidders)
+        with _progress(not json_out and sys.stderr.isatty()) as bar:
+            task = bar.add_task(f"{sc.name} / {policy}", total=len(sim.orders))
+            kpis = sim.run(lambda done, total: bar.update(task, completed=done))
+        if not timing:
+            kpis = sim.report(timing=False)
     if json_out:
         typer.echo(to_json(kpis))
     else:
         print_kpis(f"bidhive simulate --scenario {sc.name} (seed {seed})", {policy: kpis})
+
+
+def _ray_bidders(policy: str, seed: int):  # type: ignore[no-untyped-def]
+    """`simulate --ray`: starts Ray and the bidder actors around the run (imported only when asked)."""
+    from runtime.ray_bidders import ray_simulation
+
+    return ray_simulation(policy, seed)
 
 
 def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
@@ -73,7 +86,19 @@ def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
 
     if path is None:
         return NullRecorder()
-    raise UserError("--journal is not available yet: the auction journal has not landed")
+    from market.journal import journal_files
+    from market.journal_recorder import JournalRecorder
+
+    try:
+        journal_files(path)
+    except FileNotFoundError:
+        pass
+    else:
+        raise UserError(f"{path} already exists: a journal holds one run, give a new file name")
+    try:
+        return JournalRecorder(path, fsync="interval")
+    except OSError as err:
+        raise UserError(f"cannot write the journal {path}: {err.strerror or err}") from None
 
 
 @app.command()
@@ -87,6 +112,11 @@ def bench(
 
     result = registry.run(name, quick=quick)
     typer.echo(to_json(result))
+
+
+app.command("replay")(replay)
+app.command("train")(train)
+app.command("evaluate")(evaluate)
 
 
 def main() -> None:

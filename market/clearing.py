@@ -13,7 +13,10 @@ import numpy as np
 from scipy.optimize import LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from market.book import QuoteBook
+from market.book import CategoryTable, QuoteBook, build_book
+from market.config import ProfileCfg
+from market.round import Round
+from market.types import Kind, Quote
 
 Payment = Literal["first_score", "second_score"]
 Method = Literal["greedy", "exact"]
@@ -225,3 +228,20 @@ class ScoringAuction:
         else:
             src_pay, leg_pay = first_score_payments(book, winner)
         return Allocation(winner, src_pay, leg_pay, unserved_reasons(book, winner), total_cost(book, winner))
+
+
+def clear_round(
+    rnd: Round,
+    quotes: list[Quote],
+    kinds: dict[str, Kind],
+    profile: ProfileCfg,
+    categories: CategoryTable | None,
+    mechanism: Mechanism,
+) -> tuple[QuoteBook, Allocation]:
+    """Scores a round's combinations and clears them: the one clearing step every shell calls.
+
+    The engine (simulator, Ray runtime, HTTP service) and replay both come through here,
+    which is what makes a journal re-clear to the same awards.
+    """
+    book = build_book(rnd, quotes, kinds, profile, categories)
+    return book, mechanism.allocate(book)

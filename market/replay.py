@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from market.book import CategoryTable, QuoteBook, build_book
+from market.book import CategoryTable, QuoteBook
 from market.catalogue import Catalogue
-from market.clearing import PAYMENT_RULES, Allocation, Mechanism, ScoringAuction, priority_sequence
+from market.clearing import PAYMENT_RULES, Allocation, Mechanism, ScoringAuction, clear_round, priority_sequence
 from market.config import CatalogueCfg, ProfileCfg
 from market.geo import CityGrid
 from market.journal import JournalReader
@@ -350,9 +350,8 @@ def make_mechanism(name: str, payment: str | None = None) -> Mechanism:
 
 
 def clear(header: RunHeader, rnd: Round, quotes: list[Quote], profile: ProfileCfg, mechanism: Mechanism) -> tuple[QuoteBook, Allocation]:
-    """Clears a rebuilt round exactly as the engine does: build_book, then allocate."""
-    book = build_book(rnd, quotes, header.kinds, profile, header.categories)
-    return book, mechanism.allocate(book)
+    """Clears a rebuilt round with the engine's own clearing step."""
+    return clear_round(rnd, quotes, header.kinds, profile, header.categories, mechanism)
 
 
 def _result(book: QuoteBook, alloc: Allocation, index: dict[str, int]) -> LoggedResult:
