@@ -13,13 +13,14 @@ def to_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, indent=2)
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
+    """A KPI value for a table cell: 4 decimals, '-' for none, dicts inline."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
+        return ", ".join(f"{k}={fmt_value(v)}" for k, v in value.items()) or "-"
     return str(value)
 
 
@@ -31,7 +32,7 @@ def kpi_table(title: str, columns: dict[str, dict[str, Any]]) -> Table:
         table.add_column(name, justify="right")
     keys = list(next(iter(columns.values())).keys())
     for key in keys:
-        table.add_row(key, *(_fmt(col.get(key)) for col in columns.values()))
+        table.add_row(key, *(fmt_value(col.get(key)) for col in columns.values()))
     return table
 
 

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from bidhive_cli.errors import UserError
-from bidhive_cli.output import to_json
+from bidhive_cli.output import fmt_value, to_json
 from market.clearing import PAYMENT_RULES
 from market.config import load_profile
 from market.journal import JournalError
@@ -77,16 +77,6 @@ def _flat(kpis: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-    return str(value)
-
-
 def _kpi_table(report: ReplayReport) -> Table:
     cols: dict[str, dict[str, Any]] = {"logged": _flat(report.logged.report())}
     if report.replayed is not None:
@@ -100,7 +90,7 @@ def _kpi_table(report: ReplayReport) -> Table:
     for name in cols:
         table.add_column(name, justify="right")
     for key in KPI_ROWS:
-        table.add_row(key, *(_fmt(col.get(key)) for col in cols.values()))
+        table.add_row(key, *(fmt_value(col.get(key)) for col in cols.values()))
     return table
 
 

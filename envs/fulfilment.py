@@ -20,6 +20,7 @@ from agents.base import Agent
 from agents.fleet import build_fleet
 from market.clearing import ScoringAuction
 from market.config import FleetCfg, ProfileCfg, ScenarioCfg, load_fleet, load_profile, load_scenario
+from market.engine import RoundOutcome
 from market.simulator import PendingRound, SimSetup, Simulator
 from market.types import Category, Item, Kind, Order, Tier
 from policies.base import BidContext, BidDecision, BiddingStrategy, CostPricing
@@ -297,19 +298,29 @@ class FulfilmentAuctionEnv(gym.Env[np.ndarray, np.ndarray]):
         weight = np.where(rnd.vip[orders], p.lateness_penalty * p.vip_lateness_multiplier, p.lateness_penalty)
         return late * weight
 
-    def _learner_profit(self, pending: PendingRound) -> float:
-        """Payments - costs - lateness penalties of the learner's awards in one round."""
+    def _awards(self, pending: PendingRound) -> tuple[RoundOutcome, int, np.ndarray, np.ndarray] | None:
+        """The round's outcome, the learner's bidder index, awarded orders and their combinations.
+
+        None when the learner did not quote or nothing was awarded.
+        """
         out = pending.outcome
         assert out is not None
-        book, alloc = out.book, out.alloc
         try:
-            me = book.bidder_ids.index(self.learner_id)
+            me = out.book.bidder_ids.index(self.learner_id)
         except ValueError:
-            return 0.0
-        won = np.flatnonzero(alloc.winner >= 0)
+            return None
+        won = np.flatnonzero(out.alloc.winner >= 0)
         if len(won) == 0:
+            return None
+        return out, me, won, out.alloc.winner[won]
+
+    def _learner_profit(self, pending: PendingRound) -> float:
+        """Payments - costs - lateness penalties of the learner's awards in one round."""
+        found = self._awards(pending)
+        if found is None:
             return 0.0
-        c, w = book.combos, alloc.winner[won]
+        out, me, won, w = found
+        alloc, c = out.alloc, out.book.combos
         if self.kind == Kind.WAREHOUSE:
             mine = c.src[w] == me
             pay, price = alloc.src_payment[won[mine]], c.src_price[w[mine]]
@@ -331,15 +342,11 @@ class FulfilmentAuctionEnv(gym.Env[np.ndarray, np.ndarray]):
         money-valued network cost (price + value of time + expected lateness +
         reliability), so cheaper, faster and VIP-saving wins earn more.
         """
-        out = pending.outcome
-        assert out is not None
-        book, alloc = out.book, out.alloc
-        try:
-            me = book.bidder_ids.index(self.learner_id)
-        except ValueError:
+        found = self._awards(pending)
+        if found is None:
             return 0.0
-        won = np.flatnonzero(alloc.winner >= 0)
-        c, w = book.combos, alloc.winner[won]
+        out, me, won, w = found
+        book, alloc, c = out.book, out.alloc, out.book.combos
         mine = (c.leg[w] == me) | (c.src[w] == me)
         if not mine.any():
             return 0.0
