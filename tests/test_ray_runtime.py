@@ -29,6 +29,8 @@ from market.config import (
     CrowdCfg, FleetCfg, LockerCfg, RiderPoolCfg, RoundCfg, WarehouseCfg, load_fleet, load_profile, load_scenario,
 )
 from market.demand import generate_orders
+from market.journal_recorder import JournalRecorder
+from market.replay import verify
 from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
 from market.round import build_round
 from market.simulator import SimSetup, Simulator
@@ -262,12 +264,16 @@ def test_same_seed_same_kpis_as_in_process(cluster: dict[str, Any], bidders: dic
 
     local = Simulator(setup())
     local.run()
-    remote = Simulator(setup(), bidders=lambda fleet, pol: RayBidders(fleet, bidders, deadline_s=10.0))
+    journal = Path(tempfile.mkdtemp(prefix="bidhive-ray-journal-")) / "ray.bhj"
+    remote_setup = setup()
+    remote_setup.recorder = JournalRecorder(journal, fsync="interval")
+    remote = Simulator(remote_setup, bidders=lambda fleet, pol: RayBidders(fleet, bidders, deadline_s=10.0))
     remote.run()
     assert remote.engine.kpis.rounds > 10
     assert to_json(remote.report(timing=False)) == to_json(local.report(timing=False))
     rb = remote.engine.bidders
     assert rb.totals["timed_out"] == rb.totals["failed"] == rb.totals["invalid"] == 0
+    assert verify(journal) is None  # the Ray run's journal re-clears to the same awards
 
 
 def test_pipelined_ray_rounds_match_in_process(bidders: dict[str, Any]) -> None:
