@@ -257,14 +257,14 @@ def settled_holds(handles: dict[str, Any]) -> dict[str, int]:
     return {s["agent_id"]: s["held_units"] for s in ray.get([h.state.remote() for h in handles.values()])}
 
 
-def test_same_seed_same_kpis_as_in_process(cluster: dict[str, Any], bidders: dict[str, Any]) -> None:
+def test_same_seed_same_kpis_as_in_process(cluster: dict[str, Any], bidders: dict[str, Any], tmp_path: Path) -> None:
     """simulate on Ray actors equals simulate in-process, byte for byte (timings aside)."""
     def setup() -> SimSetup:
         return SimSetup.build(small_scenario(), make_policy("heuristic"), seed=SEED, n_orders=150, fleet_cfg=FLEET)
 
     local = Simulator(setup())
     local.run()
-    journal = Path(tempfile.mkdtemp(prefix="bidhive-ray-journal-")) / "ray.bhj"
+    journal = tmp_path / "ray.bhj"
     remote_setup = setup()
     remote_setup.recorder = JournalRecorder(journal, fsync="interval")
     remote = Simulator(remote_setup, bidders=lambda fleet, pol: RayBidders(fleet, bidders, deadline_s=10.0))
