@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-from scipy.optimize import LinearConstraint, milp
-from scipy.sparse import csr_array
 
 from market.book import CategoryTable, QuoteBook, build_book
 from market.config import ProfileCfg
@@ -125,6 +123,9 @@ def greedy_winners(book: QuoteBook, capacity: np.ndarray | None = None) -> np.nd
 
 def exact_winners(book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray:
     """Minimum total-cost assignment (MILP), the reference greedy is measured against."""
+    from scipy.optimize import LinearConstraint, milp  # 0.5 s to import; only the reference needs it
+    from scipy.sparse import csr_array
+
     c = book.combos
     cap = book.capacity if capacity is None else capacity
     cand = np.flatnonzero(c.feasible & (cap[c.src] > 0) & (cap[c.leg] > 0))
