@@ -62,7 +62,7 @@ def _write(
     return _rates(n, size, seconds)
 
 
-def _read(path: Path) -> dict[str, float]:
+def read_rate(path: Path) -> dict[str, float]:
     """Read every record back with full checks (CRC, decode, seq)."""
     start = time.perf_counter()
     reader = JournalReader(path)
@@ -112,7 +112,7 @@ def run(n_records: int = 50_000, directory: str | None = None, *, quick: bool = 
             else:
                 n, budget_s = n_records, float("inf")
             results["write"][policy] = _write(path, policy, records, n, budget_s)
-        results["read"] = _read(Path(tmp) / "never.bhj")
+        results["read"] = read_rate(Path(tmp) / "never.bhj")
     results["machine"] = {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
