@@ -55,10 +55,6 @@ class QuoteBook:
     combos: Combos
     penalty: np.ndarray  # per order: cost of leaving it unserved
 
-    def bidder_index(self) -> dict[str, int]:
-        """Bidder id to index."""
-        return {b: i for i, b in enumerate(self.bidder_ids)}
-
 
 @dataclass(frozen=True)
 class CategoryTable:

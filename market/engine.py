@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -220,6 +220,3 @@ class MarketEngine:
             return remote(now)
         return [(a.kind, a.utilization(now)) for a in self.fleet.agents]
 
-    def facts(self) -> dict[str, Any]:
-        """Counters for logs and metrics."""
-        return {"rounds": self.kpis.rounds, "orders": self.kpis.orders}

@@ -20,7 +20,6 @@ KPI_NAMES = (
     "p50_clear_ms",
     "p99_clear_ms",
 )
-TIMING_KPIS = ("p50_clear_ms", "p99_clear_ms")
 
 
 def _ratio(num: float, den: float) -> float | None:
