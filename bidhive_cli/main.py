@@ -15,6 +15,7 @@ from bidhive_cli.output import print_kpis, to_json
 from bidhive_cli.replay_cmd import USER_ERRORS as REPLAY_ERRORS
 from bidhive_cli.replay_cmd import replay
 from bidhive_cli.rl_cmds import evaluate, train
+from bidhive_cli.serve_cmds import serve
 from market.config import ConfigError, load_profile, load_scenario
 from market.simulator import SimSetup, Simulator
 from policies.registry import PolicyError, make_policy
@@ -117,6 +118,7 @@ def bench(
 app.command("replay")(replay)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
+app.command("serve")(serve)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ so a backlog replays at its own pace and tests are reproducible.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import time
@@ -332,10 +333,15 @@ class AuctioneerCore:
         batch: the batching policy.
         clock: wall clock in seconds (injectable for tests).
         market: the market clock bidders see (default: `OrdersClock()`).
+        on_end: called with the ids of the orders that reached their terminal state in a
+            settled round (awarded and committed, or unfulfilled for good), so a shell can
+            answer the clients waiting on them.
+        keep_records: the most recent rounds whose timing is kept (a service runs for days).
     """
 
     def __init__(self, engine: MarketEngine, batch: BatchPolicy | None = None,
-                 clock: Callable[[], float] = time.perf_counter, market: OrdersClock | None = None) -> None:
+                 clock: Callable[[], float] = time.perf_counter, market: OrdersClock | None = None,
+                 on_end: Callable[[list[str]], None] | None = None, keep_records: int = 100_000) -> None:
         self.engine = engine
         self.bidders = engine.bidders
         self.batch = batch or BatchPolicy()
@@ -344,7 +350,8 @@ class AuctioneerCore:
         self.batcher = Batcher(self.batch.window_s, self.batch.max_batch)
         self.ledger = OrderLedger()
         self.market = market or OrdersClock()
-        self.records: list[RoundRecord] = []
+        self.records: collections.deque[RoundRecord] = collections.deque(maxlen=keep_records)
+        self.on_end = on_end
         self._open: dict[int, _Open] = {}
         self._flight: tuple[Any, ...] | None = None  # in_flight=2: the call whose quotes are not yet taken
 
@@ -356,7 +363,7 @@ class AuctioneerCore:
         for o in orders:
             self.ledger.submit(o.order_id)
             self.engine.kpis.order_in(o.tier == "vip")
-            self.engine.recorder.order_received(o, self.market.now(wall))
+            self.engine.recorder.order_received(o, max(self.market.now(wall), o.created_s))
             self.batcher.add(o, 0, wall)
         return len(orders)
 
@@ -455,6 +462,7 @@ class AuctioneerCore:
         """Moves every order of a settled round to awarded, back to the queue, or unfulfilled."""
         book, alloc = out.book, out.alloc
         wall = self.clock()
+        ended: list[str] = []
         for o, reason in enumerate(alloc.reason):
             order, attempts = batch[o]
             if not reason:
@@ -462,14 +470,18 @@ class AuctioneerCore:
                 self.ledger.awarded(order.order_id, book.bidder_ids[int(book.combos.src[c])],
                                     book.bidder_ids[int(book.combos.leg[c])])
                 rec.awarded += 1
+                ended.append(order.order_id)
                 continue
             final = attempts + 1 >= self.batch.max_attempts
             self.ledger.unserved(order.order_id, reason, final)
             if final:
                 self.engine.kpis.gave_up(reason)
+                ended.append(order.order_id)
             else:
                 self.batcher.add(order, attempts + 1, wall, self.batch.retry_after_s)
         self.records.append(rec)
+        if ended and self.on_end is not None:
+            self.on_end(ended)
 
     def run_until_idle(self, timeout_s: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> bool:
         """Steps until every order ended and every settle is confirmed; False on timeout."""

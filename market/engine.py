@@ -144,9 +144,15 @@ class MarketEngine:
         self.kpis.cleared(ms)
         if self.exact_every and rnd.round_id % self.exact_every == 0:
             self.kpis.compared(alloc.total_cost, total_cost(book, exact_winners(book)))
-        self.recorder.round_cleared(rnd, quotes, book, alloc, {"clear_ms": ms, "bidders": len(self.fleet.agents)})
+        facts = {"clear_ms": ms, "bidders": len(self.fleet.agents), **self._bidder_facts(rnd.round_id)}
+        self.recorder.round_cleared(rnd, quotes, book, alloc, facts)
         outcome = RoundOutcome(rnd, book, alloc, ms)
         return outcome, self._award_lines(outcome)
+
+    def _bidder_facts(self, round_id: int) -> dict[str, int]:
+        """Who was asked and who missed the deadline, where the bidders keep such facts (Ray)."""
+        facts = getattr(self.bidders, "round_facts", None)
+        return facts(round_id) if facts is not None else {}
 
     def confirm(
         self, out: RoundOutcome, awards: dict[str, list[AwardLine]], quoted: list[str],

@@ -503,6 +503,9 @@ class JournalWriter:
             os.close(self._lock_fd)
             raise
         self._last_sync = clock()
+        #: Called with each record (as a dict, in ``seq`` order) once it is written: lets a
+        #: shell keep views that are exactly what the journal says (the HTTP service).
+        self.on_append: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def next_seq(self) -> int:
@@ -547,7 +550,8 @@ class JournalWriter:
         with self._mutex:
             self._check_usable()
             seq = self._next_seq
-            frame = _frame(pack({"seq": seq, "type": type, **fields}))
+            record = {"seq": seq, "type": type, **fields}
+            frame = _frame(pack(record))
             try:
                 self._write(frame)
                 self._next_seq = seq + 1
@@ -555,6 +559,8 @@ class JournalWriter:
             except BaseException as exc:
                 self._failed = exc
                 raise
+            if self.on_append is not None:
+                self.on_append(record)
             return seq
 
     def flush(self) -> None:

@@ -187,6 +187,7 @@ class JournalRecorder:
         self._committed_orders: list[list[str]] = []
         self._released: list[str] = []
         self._started = False
+        self._order_tags: dict[str, dict[str, Any]] = {}
 
     def _require_start(self, hook: str) -> None:
         """A journal without run_started cannot be replayed: fail at the shell's first mistake."""
@@ -241,13 +242,18 @@ class JournalRecorder:
         raise ValueError("JournalRecorder needs the fleet: pass fleet=..., or put the 'fleet' config "
                          "(or 'bidders', 'sources' and 'grid') in the run_started info")
 
+    def tag_order(self, order_id: str, **fields: Any) -> None:
+        """Extra fields for an order's coming ``order_received`` record (the HTTP service's
+        idempotency key and body hash), so the record that accepts it also carries them."""
+        self._order_tags[order_id] = fields
+
     def order_received(self, order: Order, now: float) -> None:
         """Journals an order in full, before any bidder is asked about it."""
         if not self._started:
             self._require_start("order_received")
         self._flush_holds()
         self.writer.append(
-            "order_received",
+            "order_received", **self._order_tags.pop(order.order_id, {}),
             order_id=order.order_id, received_s=now, created_s=order.created_s,
             customer_id=order.customer_id, tier=str(order.tier), channel=order.channel,
             items=[[it.sku, it.qty] for it in order.items], lat=order.lat, lon=order.lon,

@@ -26,13 +26,17 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agents.fleet import Fleet, build_fleet
-from market.auctioneer import AuctioneerCore, BatchPolicy, RegionsCfg, assign_regions, region_bidders, round_id_base
+from market.auctioneer import (AuctioneerCore, BatchPolicy, OrdersClock, RegionsCfg, assign_regions, region_bidders,
+                               round_id_base)
 from market.config import FleetCfg, load_profile
-from market.engine import MarketEngine
+from market.engine import Bidders, LocalBidders, MarketEngine
+from market.recorder import NullRecorder, Recorder
 from market.geo import CityGrid
 from market.types import Order
 from policies.registry import make_policy
@@ -74,30 +78,42 @@ def region_fleet(fleet: Fleet, bidders: tuple[str, ...] | None) -> Fleet:
     return Fleet(fleet.cfg, fleet.env, [a for a in fleet.agents if a.agent_id in keep])
 
 
-def build_core(spec: AuctioneerSpec, handles: dict[str, Any]) -> AuctioneerCore:
-    """The auctioneer's engine over Ray bidders, with the region's round-id base."""
+def build_core(spec: AuctioneerSpec, handles: dict[str, Any] | None, *, recorder: Recorder | None = None,
+               on_end: Callable[[list[str]], None] | None = None, market: OrdersClock | None = None) -> AuctioneerCore:
+    """The auctioneer's engine over Ray bidders (in-process agents when `handles` is None).
+
+    Round ids start at the region's base, so regions sharing bidders never collide.
+    """
     fleet = region_fleet(build_fleet(spec.fleet, spec.seed), spec.bidders)
-    bidders = RayBidders(
+    policy = make_policy(spec.policy)
+    bidders: Bidders = LocalBidders(fleet.agents, policy.strategy) if handles is None else RayBidders(
         fleet, {a.agent_id: handles[a.agent_id] for a in fleet.agents}, deadline_s=spec.deadline_s,
         quarantine_after=spec.quarantine_after, quarantine_rounds=spec.quarantine_rounds, prefilter=spec.prefilter,
     )
-    policy = make_policy(spec.policy)
     engine = MarketEngine(
         fleet=fleet, policy=policy, profile=load_profile(spec.profile), bidders=bidders,
         seed=spec.seed + spec.region_index, hold_ttl_s=spec.hold_ttl_s, exact_every=0,
-        _round_id=round_id_base(spec.region_index),
+        recorder=recorder or NullRecorder(), _round_id=round_id_base(spec.region_index),
     )
-    return AuctioneerCore(engine, spec.batch)
+    return AuctioneerCore(engine, spec.batch, market=market, on_end=on_end)
 
 
 class AuctioneerHost:
-    """One region's auctioneer: an inbox, a round loop thread, and queries for drivers and tests."""
+    """One region's auctioneer: an inbox, a round loop thread, and queries for drivers and tests.
 
-    def __init__(self, spec: AuctioneerSpec, handles: dict[str, Any], start: bool = True) -> None:
+    Args:
+        handles: bidder actor per agent id; None runs the agents in this process.
+        recorder, on_end, market: passed to the core (see `AuctioneerCore`).
+    """
+
+    def __init__(self, spec: AuctioneerSpec, handles: dict[str, Any] | None, start: bool = True, *,
+                 recorder: Recorder | None = None, on_end: Callable[[list[str]], None] | None = None,
+                 market: OrdersClock | None = None) -> None:
         self.spec = spec
-        self.core = build_core(spec, handles)
+        self.core = build_core(spec, handles, recorder=recorder, on_end=on_end, market=market)
         self.name = spec.name or f"region-{spec.region_index}"
         self._inbox: collections.deque[list[Order]] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[AuctioneerCore], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._stop = False
         self._error: str | None = None
@@ -117,13 +133,17 @@ class AuctioneerHost:
         try:
             while not self._stop:
                 with self._wake:
-                    while not self._inbox and not self._stop:
+                    while not self._inbox and not self._calls and not self._stop:
                         due = core.due_in()
                         if due == 0.0:
                             break
                         self._wake.wait(timeout=0.05 if due is None else min(due, 0.05))
                     batches = list(self._inbox)
                     self._inbox.clear()
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for fn, fut in calls:
+                    _run_call(fn, core, fut)
                 for orders in batches:
                     core.submit(orders)
                     self._accepted += len(orders)
@@ -140,6 +160,19 @@ class AuctioneerHost:
             self._submitted += len(orders)
             self._wake.notify()
         return len(orders)
+
+    def call(self, fn: Callable[[AuctioneerCore], Any]) -> Future[Any]:
+        """Runs `fn(core)` on the round loop between two steps (e.g. a profile switch)."""
+        fut: Future[Any] = Future()
+        with self._wake:
+            self._calls.append((fn, fut))
+            self._wake.notify()
+        return fut
+
+    @property
+    def alive(self) -> bool:
+        """The round loop is running and has not failed."""
+        return self._thread is not None and self._thread.is_alive() and self._error is None
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
         """Blocks until every submitted order has ended and every commit is confirmed."""
@@ -182,6 +215,13 @@ class AuctioneerHost:
     def round_facts(self) -> list[dict[str, Any]]:
         """Every round's bidder facts (asked, received, timed out, ...)."""
         return [asdict(f) for f in self.core.bidders.facts]  # type: ignore[attr-defined]
+
+
+def _run_call(fn: Callable[[AuctioneerCore], Any], core: AuctioneerCore, fut: Future[Any]) -> None:
+    try:
+        fut.set_result(fn(core))
+    except Exception as err:  # noqa: BLE001 - handed to the caller through the future
+        fut.set_exception(err)
 
 
 def auctioneer_actor_class(**options: Any) -> Any:

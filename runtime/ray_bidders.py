@@ -639,6 +639,27 @@ class RayBidders:
         """Totals over all rounds, for logs and reports."""
         return {"rounds": self.rounds_seen, **dict(sorted(self.totals.items())), "quarantined_now": self.quarantined()}
 
+    def ping(self, timeout_s: float = 2.0) -> dict[str, bool]:
+        """Which bidder actors answer a ping within `timeout_s` (for health checks)."""
+        refs = {self.handles[i].ping.remote(): i for i in self.ids}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        alive = dict.fromkeys(self.ids, False)
+        for ref in done:
+            try:
+                ray.get(ref, timeout=0)
+                alive[refs[ref]] = True
+            except (RayError, TimeoutError):
+                pass
+        return alive
+
+    def round_facts(self, round_id: int) -> dict[str, int]:
+        """One recent round's bidder counts, journaled with its result (empty if unknown)."""
+        for f in reversed(self.facts):
+            if f.round_id == round_id:
+                return {"asked": f.asked, "quoted": f.received, "timed_out": f.timed_out, "failed": f.failed,
+                        "invalid": f.invalid, "skipped": f.skipped + f.quarantined}
+        return {}
+
     def last_facts(self, n: int = 1) -> list[dict[str, Any]]:
         """The last n rounds' facts as dicts."""
         return [asdict(f) for f in list(self.facts)[-n:]]

@@ -5,13 +5,14 @@ that names the field, never a half-understood order in the market.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from market.types import Category, Item, Order, Tier
 
 MAX_ITEMS = 50
+KEY_PATTERN = r"^[\x21-\x7e]+$"  # printable ASCII without spaces: what a header can carry as is
 
 
 class Strict(BaseModel):
@@ -100,8 +101,21 @@ class OrderOut(BaseModel):
     auction: AuctionFacts | None = None
 
 
+class OrderDetail(OrderOut):
+    """`GET /orders/{id}`: the answer, the order as journaled, and what happened to it."""
+
+    attempts: int
+    order: dict[str, Any]
+    events: list[dict[str, Any]]
+
+
 class StrategyIn(Strict):
     profile: str = Field(min_length=1, max_length=32)
+
+
+class StrategyOut(BaseModel):
+    profile: str
+    previous: str
 
 
 class Problem(BaseModel):

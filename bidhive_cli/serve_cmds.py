@@ -1,0 +1,51 @@
+"""`bidhive serve` and `bidhive demo`: run the HTTP service, and drive it with synthetic orders."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bidhive_cli.errors import UserError
+
+
+def _preflight(journal: str) -> None:
+    """Fails in one line, before Ray starts, on a journal the service could not continue."""
+    from market.journal import JournalError, JournalLocked, JournalWriter
+
+    path = Path(journal)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            JournalWriter(path).close()  # recovers a torn tail, proves the lock is free
+    except JournalLocked:
+        raise UserError(f"journal {path} is in use by another bidhive process") from None
+    except JournalError as err:
+        raise UserError(f"journal {path}: {err}") from None
+    except OSError as err:
+        raise UserError(f"journal {path}: {err.strerror or err}") from None
+
+
+def serve(
+    config: Annotated[Optional[Path], typer.Option(help="Serve config (default: configs/serve.yaml).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (default 8000).")] = None,
+    fleet: Annotated[Optional[str], typer.Option(help="Fleet name (configs/fleets) or YAML path.")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="static, truthful, heuristic or rl:PATH.")] = None,
+    bidders: Annotated[Optional[str], typer.Option(help="ray (an actor per resource) or local.")] = None,
+    journal: Annotated[Optional[str], typer.Option(help="Journal file (continued if it exists).")] = None,
+) -> None:
+    """Serve the order API on an embedded local Ray (or RAY_ADDRESS) until Ctrl-C."""
+    from serve.config import load_serve_cfg
+    from serve.runner import run_service
+
+    cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
+    if cfg.policy.startswith("rl:") and not Path(cfg.policy[3:]).is_file():
+        raise UserError(f"policy file {cfg.policy[3:]} not found")
+    _preflight(cfg.journal)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("BIDHIVE_LOG", "WARNING").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_service(cfg, listen, say=typer.echo)

@@ -1,0 +1,232 @@
+"""The HTTP API: a FastAPI app under one Ray Serve deployment that owns the order desk.
+
+Routes are defined on the app itself (FastAPI >= 0.137 with Serve: no `include_router`).
+The replica builds an `OrderDesk` (and, with ``bidders: ray``, one bidder actor per
+resource, owned by the replica so they stop with it). One replica per journal: the
+journal's writer holds a file lock, and the desk is the single auctioneer of its fleet.
+
+Request path, kept lean because it decides throughput on 2 cores: a pure-ASGI body
+limit (413, chunked bodies too), a bearer-token check when a token is set, pydantic
+validation (422 naming the field), then `OrderDesk.place`, which journals the order and
+returns a future the round loop resolves once the award is on disk.
+
+    serve run configs/serve.yaml        # or: bidhive serve
+
+No `from __future__ import annotations` here: `serve.ingress` rebuilds the route methods'
+signatures, and FastAPI must see real types there, not strings.
+"""
+import asyncio
+import hmac
+import logging
+import os
+import shutil
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+from ray.serve import Application
+
+from serve.config import ServeCfg
+from serve.desk import DeskError, OrderDesk, spawn_fleet
+from serve.idempotency import body_hash
+from serve.models import KEY_PATTERN, OrderDetail, OrderIn, OrderOut, Problem, StrategyIn, StrategyOut
+
+logger = logging.getLogger("bidhive.serve")
+
+
+class Limits:
+    """Per-replica settings read by the ASGI middleware (set when the replica starts)."""
+
+    max_body_bytes = 16_384
+    token: str | None = None
+
+
+class BodyLimit:
+    """413 for a body over the limit, whether it declares a length or arrives chunked.
+
+    Reads the (small) body up front, so an oversized one never reaches the app and a
+    good one is handed over as one message.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = Limits.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _too_large(send, limit)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that yields the buffered body once, then the client's later messages."""
+    sent = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = ('{"detail":"request body larger than %d bytes"}' % limit).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _location(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    return ".".join(loc) or "body"
+
+
+api = FastAPI(
+    title="bidhive",
+    version="0.1.0",
+    description="Place fulfilment orders; each is auctioned among the fleet's resources within a round.",
+)
+api.add_middleware(BodyLimit)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    detail = f"{_location(first)}: {first.get('msg', 'invalid')}" if first else "invalid request"
+    return JSONResponse({"detail": detail, "errors": [{"field": _location(e), "reason": e.get("msg", "")}
+                                                      for e in errors]}, status_code=422)
+
+
+def _authorized(request: Request) -> bool:
+    token = Limits.token
+    if token is None:
+        return True
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="bidhive"'}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 409, 413, 422, 503)}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, max_ongoing_requests=1024,
+                  graceful_shutdown_timeout_s=10)
+@serve.ingress(api)
+class BidhiveIngress:
+    """The bidhive HTTP service (one replica per journal)."""
+
+    def __init__(self, cfg: ServeCfg) -> None:
+        Limits.max_body_bytes = cfg.max_body_bytes
+        Limits.token = cfg.token or os.environ.get("BIDHIVE_TOKEN") or None
+        self.cfg = cfg
+        self._state_dir: str | None = None
+        handles = None
+        if cfg.bidders == "ray":
+            handles, self._state_dir = spawn_fleet(cfg)
+        self.desk = OrderDesk(cfg, handles)
+        logger.info("bidhive desk ready: %s bidders, journal %s", cfg.bidders, cfg.journal)
+
+    @api.post("/orders", response_model=OrderOut, responses={**_ERRORS, 202: {"model": OrderOut}})
+    async def place_order(
+        self, order: OrderIn, request: Request,
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=128,
+                                             pattern=KEY_PATTERN),
+    ) -> Any:
+        """Auctions an order; answers with its award once the round has committed it."""
+        if not _authorized(request):
+            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
+        try:
+            placed = self.desk.place(order, body_hash(order.model_dump(mode="json")), idempotency_key)
+        except DeskError as err:
+            retry = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+            return _problem(err.status, err.detail, retry)
+        if placed.answer is not None:
+            return JSONResponse(placed.answer, headers={"Idempotent-Replayed": "true"})
+        assert placed.future is not None
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(placed.future)),
+                                            self.cfg.answer_timeout_s)
+        except asyncio.TimeoutError:
+            self.desk.sync()
+            return JSONResponse({"order_id": placed.order_id, "status": "pending", "reason": None, "award": None,
+                                 "auction": None}, status_code=202,
+                                headers={"Location": f"/orders/{placed.order_id}"})
+        return answer
+
+    @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS)
+    async def get_order(self, order_id: str, request: Request) -> Any:
+        """The order, its award and its event timeline."""
+        if not _authorized(request):
+            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
+        detail = self.desk.order(order_id)
+        if detail is None:
+            return _problem(404, f"no order {order_id!r}")
+        return detail
+
+    @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS)
+    async def put_strategy(self, body: StrategyIn, request: Request) -> Any:
+        """Switches the scoring profile for the next rounds (journaled)."""
+        if not _authorized(request):
+            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
+        try:
+            return await asyncio.to_thread(self.desk.set_profile, body.profile)
+        except DeskError as err:
+            return _problem(err.status, err.detail)
+
+    @api.get("/healthz")
+    async def healthz(self) -> Any:
+        """200 when the auctioneer runs and bidders answer; 503 otherwise."""
+        ok, facts = await asyncio.to_thread(self.desk.health)
+        return JSONResponse(facts, status_code=200 if ok else 503)
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self, request: Request) -> Any:
+        """Prometheus text exposition."""
+        if not _authorized(request):
+            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
+        text = await asyncio.to_thread(self.desk.metrics_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    def __del__(self) -> None:
+        desk = getattr(self, "desk", None)
+        if desk is not None:
+            desk.close()
+            kill = getattr(desk.host.core.bidders, "kill_all", None)
+            if kill is not None:
+                kill()
+        if getattr(self, "_state_dir", None):
+            shutil.rmtree(self._state_dir, ignore_errors=True)  # type: ignore[arg-type]
+
+
+def build(cfg: ServeCfg) -> Application:
+    """The typed app builder `serve run` calls with the `args` of configs/serve.yaml."""
+    return BidhiveIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(cfg)

@@ -1,0 +1,91 @@
+"""The HTTP service's settings: one YAML (`configs/serve.yaml`) for `bidhive serve` and `serve run`.
+
+The file is in Ray Serve's own config format; its application's `args` are a `ServeCfg`
+and its `http_options` give host and port, so both commands start the same app.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from market.auctioneer import BatchPolicy
+from market.config import CONFIG_DIR, ConfigError, Strict, _read_yaml, parse_model
+
+DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
+
+
+class BatchCfg(Strict):
+    """How orders become rounds (see `market.auctioneer.BatchPolicy`)."""
+
+    window_ms: float = Field(20.0, ge=0, le=10_000)
+    max_batch: int = Field(64, ge=1, le=1024)
+    max_rounds_per_call: int = Field(4, ge=1, le=64)
+    retry_after_ms: float = Field(200.0, ge=0, le=600_000)
+    max_attempts: int = Field(3, ge=1, le=100)
+
+    def policy(self) -> BatchPolicy:
+        """The core's batching policy."""
+        return BatchPolicy(window_s=self.window_ms / 1000.0, max_batch=self.max_batch,
+                           max_rounds_per_call=self.max_rounds_per_call, in_flight=1,
+                           retry_after_s=self.retry_after_ms / 1000.0, max_attempts=self.max_attempts)
+
+
+class ServeCfg(Strict):
+    """Everything the service is built from.
+
+    Attributes:
+        bidders: ``ray`` (one actor per resource, the product's shape) or ``local``
+            (the agents inside the service process: one process, for laptops and tests).
+        journal: the auction journal; a restart continues it and rebuilds the
+            idempotency store and the order views from it.
+        fsync: ``always`` syncs every record; ``interval`` syncs at least every 0.2 s and
+            always before a client hears of an award.
+        max_open_orders: orders accepted and not yet ended; beyond it, 503 + Retry-After.
+        answer_timeout_s: how long `POST /orders` waits for the auction before answering
+            202 ``pending`` (the order carries on; `GET /orders/{id}` has the result).
+        token: bearer token required on every route but `/healthz` (also `BIDHIVE_TOKEN`).
+    """
+
+    fleet: str = "default"
+    policy: str = "heuristic"
+    profile: str = "balanced"
+    seed: int = Field(0, ge=0)
+    bidders: Literal["ray", "local"] = "ray"
+    journal: str = "var/journal.bhj"
+    fsync: Literal["always", "interval"] = "interval"
+    batch: BatchCfg = BatchCfg()
+    deadline_ms: float = Field(250.0, gt=0, le=60_000)
+    hold_ttl_s: float = Field(5.0, gt=0, le=3600)
+    max_open_orders: int = Field(512, ge=1, le=1_000_000)
+    answer_timeout_s: float = Field(5.0, gt=0, le=600)
+    max_body_bytes: int = Field(16_384, ge=256, le=10_000_000)
+    max_ongoing_requests: int = Field(1024, ge=1, le=100_000)
+    reserve_base: float = Field(10.0, ge=0)
+    reserve_share: float = Field(0.4, ge=0)
+    token: str | None = Field(None, min_length=8, max_length=512)
+
+
+class Listen(Strict):
+    """Where the HTTP proxy listens (Serve's `http_options`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+def load_serve_cfg(path: str | Path | None = None, **overrides: Any) -> tuple[ServeCfg, Listen]:
+    """Reads the first application's `args` and the `http_options` of a Serve config file.
+
+    Non-None `overrides` replace settings (`host` and `port` go to the listener).
+    """
+    file = Path(path) if path else DEFAULT_CONFIG
+    raw = _read_yaml(file)
+    if not isinstance(raw, dict) or not raw.get("applications"):
+        raise ConfigError(f"{file}: not a Serve config (no applications)")
+    args = dict(raw["applications"][0].get("args") or {})
+    http = dict(raw.get("http_options") or {})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    listen = parse_model(Listen, {k: given.pop(k, http.get(k, d)) for k, d in (("host", "127.0.0.1"), ("port", 8000))},
+                         f"{file}: http_options")
+    return parse_model(ServeCfg, {**args, **given}, f"{file}: applications[0].args"), listen

@@ -1,0 +1,327 @@
+"""The order desk: the HTTP service's core, without HTTP.
+
+It turns a validated order into a market order, journals it (with its idempotency key)
+before any bidder hears of it, hands it to the auctioneer's round loop, and answers the
+waiting client once the journal holds the award and is synced. The auction never runs on
+the request: a client that disconnects or times out neither cancels nor loses its order.
+
+Every answer comes from `OrderIndex`, which is fed the records as the journal writes
+them and, after a restart, the journal read back; orders accepted and not ended before
+the restart are traded again in the new run. One desk owns one journal (its writer
+holds a file lock), so the Serve deployment runs one replica per journal.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from market.auctioneer import AuctioneerCore
+from market.catalogue import Catalogue
+from market.config import ConfigError, load_fleet, load_profile, load_profiles
+from market.journal import read_journal
+from market.journal_recorder import JournalRecorder
+from market.types import Category, Item, Order, Tier
+from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
+from serve.config import ServeCfg
+from serve.idempotency import IdempotencyConflict, IdempotencyStore
+from serve.metrics import Metrics
+from serve.models import OrderIn
+from serve.order_index import OrderIndex, OrderView
+
+logger = logging.getLogger("bidhive.serve")
+
+#: Orders may be delivered this far outside the city square (km) before they are refused.
+SERVICE_MARGIN_KM = 5.0
+
+
+class DeskError(Exception):
+    """A request the desk refuses; `status` is the HTTP code, `detail` says why."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+
+
+@dataclass
+class Placed:
+    """A placed order: its id, and either the stored answer (a repeat) or a future for it."""
+
+    order_id: str
+    answer: dict[str, Any] | None = None
+    future: Future[dict[str, Any]] | None = None
+
+
+def _order_from_view(view: OrderView) -> Order:
+    """A journaled order, rebuilt to be traded again after a restart."""
+    o = view.order
+    return Order(
+        order_id=view.order_id, created_s=float(o["created_s"]), customer_id=str(o["customer_id"]),
+        tier=Tier(o["tier"]), channel=str(o["channel"]), items=tuple(Item(str(s), int(q)) for s, q in o["items"]),
+        lat=float(o["lat"]), lon=float(o["lon"]), promise_s=float(o["promise_s"]), value=float(o["value"]),
+        category=Category(o["category"]), locker_ok=bool(o["locker_ok"]), reserve=float(o["reserve"]),
+    )
+
+
+class OrderDesk:
+    """Accepts orders, runs the auctioneer's round loop, answers from the journal.
+
+    Args:
+        cfg: the service settings.
+        handles: bidder actor per agent id; None runs the agents in this process.
+        wall: wall clock in Unix seconds (injectable for tests).
+    """
+
+    def __init__(self, cfg: ServeCfg, handles: dict[str, Any] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.wall = wall
+        self.fleet_cfg = load_fleet(cfg.fleet)
+        self.catalogue = set(Catalogue.build(self.fleet_cfg.catalogue).sku_ids)
+        self.index = OrderIndex()
+        self.idem = IdempotencyStore()
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        self._waiters: dict[str, Future[dict[str, Any]]] = {}
+        self._open = 0
+        self._next = 0
+        journal = Path(cfg.journal)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        if journal.exists():
+            for rec in read_journal(journal):
+                self.index.apply(rec)
+        self.epoch = float(self.index.config.get("epoch_unix") or math.floor(wall() / 86400.0) * 86400.0)
+        self._restore_keys()
+        self.recorder = JournalRecorder(journal, fsync=cfg.fsync)
+        self.recorder.writer.on_append = self._on_record
+        spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=cfg.profile,
+                              seed=cfg.seed, name="serve", batch=cfg.batch.policy(),
+                              deadline_s=cfg.deadline_ms / 1000.0, hold_ttl_s=cfg.hold_ttl_s)
+        self.host = AuctioneerHost(spec, handles, start=False, recorder=self.recorder, on_end=self._ended)
+        self.recorder.run_started(self._run_info())
+        self.segment = self.index.segments
+        self._resume()
+        self.host.start()
+
+    # -- start-up --------------------------------------------------------------------------
+    def _run_info(self) -> dict[str, Any]:
+        engine = self.host.core.engine
+        return {
+            "fleet": self.fleet_cfg.model_dump(mode="json"), "seed": self.cfg.seed, "policy": engine.policy.name,
+            "mechanism": engine.policy.mechanism.name, "profile": engine.profile, "profile_name": self.cfg.profile,
+            "max_attempts": self.cfg.batch.max_attempts, "epoch_unix": self.epoch, "shell": "serve",
+            "serve": self.cfg.model_dump(mode="json", exclude={"token"}),
+        }
+
+    def _restore_keys(self) -> None:
+        for view in self.index.orders.values():
+            if view.key and view.body_hash:
+                self.idem.restore(view.key, view.body_hash, view.answer() if view.ended else None)
+
+    def _resume(self) -> None:
+        """Trades again the orders an earlier run accepted and did not end."""
+        again = self.index.unfinished()
+        for view in again:
+            self.recorder.tag_order(view.order_id, idempotency_key=view.key, body_hash=view.body_hash)
+            self._open += 1
+        if again:
+            logger.warning("resuming %d orders accepted before the restart", len(again))
+            self.host.submit([_order_from_view(v) for v in again])
+
+    # -- the journal's records -------------------------------------------------------------
+    def _on_record(self, rec: dict[str, Any]) -> None:
+        """Runs for each record the journal writes (under the writer's lock, in seq order)."""
+        with self._lock:
+            self.index.apply(rec)
+            self._count(rec)
+
+    def _count(self, rec: dict[str, Any]) -> None:
+        kind, m = rec["type"], self.metrics
+        if kind == "order_received":
+            m.inc("orders_received_total", help="Orders journaled (a resumed order counts again).")
+        elif kind == "round_cleared":
+            m.inc("rounds_total", help="Rounds cleared.")
+            m.inc("quotes_total", float(rec["q_counts"][0]) if "q_counts" in rec else float(len(rec["quotes"])),
+                  help="Quotes taken into rounds.")
+            facts = rec.get("facts") or {}
+            m.observe_ms("clear_latency_ms", float(facts.get("clear_ms", 0.0)), help="Clearing time per round (ms).")
+            for what in ("timed_out", "failed", "invalid"):
+                if facts.get(what):
+                    m.inc("bidder_misses_total", float(facts[what]), help="Bidders absent from a round, by why.",
+                          why=what)
+        elif kind == "profile_changed":
+            m.inc("profile_changes_total", help="Strategy profile switches.")
+
+    def _ended(self, order_ids: list[str]) -> None:
+        """The core ended these orders: sync the journal, then answer their clients."""
+        self.recorder.flush()  # writes the round's hold commits and syncs: an award is on disk before anyone hears
+        with self._lock:
+            answers = [(oid, self.index.orders[oid]) for oid in order_ids if oid in self.index.orders]
+            for oid, view in answers:
+                answer = view.answer()
+                if view.key and view.body_hash:
+                    self.idem.finish(view.key, answer)
+                self._open -= 1
+                self.metrics.inc("orders_ended_total", help="Orders ended, by status and reason.",
+                                 status=view.status, reason=view.reason or "")
+                fut = self._waiters.pop(oid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+
+    # -- requests --------------------------------------------------------------------------
+    def market_now(self) -> float:
+        """Market seconds: wall seconds since the journal's epoch (UTC midnight of its first day)."""
+        return self.wall() - self.epoch
+
+    def place(self, order: OrderIn, digest: str, key: str | None) -> Placed:
+        """Accepts an order (or finds the answer its key already has).
+
+        Raises:
+            DeskError: 409 / 422 for a key conflict or a bad order, 503 when overloaded.
+        """
+        with self._lock:
+            if key is not None:
+                try:
+                    stored = self.idem.begin(key, digest)
+                except IdempotencyConflict as err:
+                    raise DeskError(err.status, err.detail) from None
+                if stored is not None:
+                    return Placed(str(stored["order_id"]), answer=stored)
+            try:
+                return self._accept(order, digest, key)
+            except BaseException:
+                if key is not None:
+                    self.idem.abandon(key)
+                raise
+
+    def _accept(self, body: OrderIn, digest: str, key: str | None) -> Placed:
+        if not self.host.alive:
+            raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
+        if self._open >= self.cfg.max_open_orders:
+            self.metrics.inc("orders_shed_total", help="Orders refused with 503 because too many were open.")
+            raise DeskError(503, f"overloaded: {self._open} orders in the market; retry shortly", retry_after_s=1)
+        self._check(body)
+        oid = body.order_id or self._new_id()
+        if oid in self.index.orders or oid in self._waiters:
+            raise DeskError(409, f"order_id {oid} already exists")
+        order = body.to_order(oid, self.market_now(), self.cfg.reserve_base, self.cfg.reserve_share)
+        fut: Future[dict[str, Any]] = Future()
+        self._waiters[oid] = fut
+        self._open += 1
+        self.recorder.tag_order(oid, idempotency_key=key, body_hash=digest)
+        self.host.submit([order])
+        return Placed(oid, future=fut)
+
+    def _new_id(self) -> str:
+        while True:
+            self._next += 1
+            oid = f"o-{self.segment}-{self._next:07d}"
+            if oid not in self.index.orders:
+                return oid
+
+    def _check(self, body: OrderIn) -> None:
+        """What the request model cannot know: the catalogue and the service area."""
+        for i, item in enumerate(body.items):
+            if item.sku not in self.catalogue:
+                raise DeskError(422, f"items.{i}.sku: unknown SKU {item.sku!r} (not in the fleet's catalogue)")
+        x, y = self.host.core.engine.fleet.env.grid.to_km(body.destination.lat, body.destination.lon)
+        reach = self.fleet_cfg.city.size_km / 2.0 + SERVICE_MARGIN_KM  # x/y are km from the city centre
+        if abs(float(x)) > reach or abs(float(y)) > reach:
+            raise DeskError(422, f"destination: outside the service area ({float(x):.1f}, {float(y):.1f}) km "
+                                 f"from the city centre")
+
+    def sync(self) -> None:
+        """Syncs the journal (before answering 202: the order is on disk)."""
+        self.recorder.writer.flush()
+
+    def order(self, order_id: str) -> dict[str, Any] | None:
+        """The order, its answer and its timeline, or None."""
+        with self._lock:
+            view = self.index.orders.get(order_id)
+            if view is None:
+                return None
+            detail = view.detail()
+            detail["events"] = [dict(e) for e in view.events]
+            return detail
+
+    def set_profile(self, name: str, timeout_s: float = 10.0) -> dict[str, str]:
+        """Switches the scoring profile between two rounds, journaled."""
+        try:
+            profile = load_profile(name)
+        except ConfigError:
+            known = ", ".join(sorted(load_profiles()))
+            raise DeskError(422, f"profile: unknown profile {name!r} (known: {known})") from None
+
+        def switch(core: AuctioneerCore) -> str:
+            previous = self.index.profile
+            core.engine.profile = profile
+            self.recorder.profile_changed(name, core.market.now(core.clock()))
+            return previous
+
+        previous = self.host.call(switch).result(timeout=timeout_s)
+        self.recorder.flush()
+        return {"profile": name, "previous": previous}
+
+    # -- health and metrics ----------------------------------------------------------------
+    def health(self, timeout_s: float = 2.0) -> tuple[bool, dict[str, Any]]:
+        """Whether the auctioneer runs and enough bidders answer; and the facts."""
+        bidders = self.host.core.bidders
+        pings = getattr(bidders, "ping", None)
+        alive = pings(timeout_s) if pings is not None else {a.agent_id: True for a in bidders.agents}
+        up = sum(alive.values())
+        quarantined = bidders.quarantined() if hasattr(bidders, "quarantined") else []
+        ok = self.host.alive and up > 0
+        with self._lock:
+            facts = {"open_orders": self._open, "orders": len(self.index.orders), "rounds": self.index.rounds,
+                     "profile": self.index.profile, "segment": self.segment}
+        return ok, {"status": "ok" if ok else "degraded", "auctioneer": "running" if self.host.alive else "stopped",
+                    "bidders": {"total": len(alive), "answering": up, "quarantined": quarantined,
+                                "silent": sorted(k for k, v in alive.items() if not v)}, **facts}
+
+    def metrics_text(self, timeout_s: float = 5.0) -> str:
+        """Prometheus text: counters fed by the journal, plus gauges read now."""
+        m = self.metrics
+        gauges: dict[str, float] = {}
+        try:
+            util = self.host.call(lambda core: core.engine.utilization(core.market.now(core.clock())))
+            per_kind: dict[str, list[float]] = {}
+            for kind, u in util.result(timeout=timeout_s):
+                per_kind.setdefault(str(kind), []).append(u)
+            gauges = {kind: sum(v) / len(v) for kind, v in per_kind.items()}
+        except Exception as err:  # noqa: BLE001 - a scrape still answers without the gauge
+            logger.warning("utilization unavailable: %s", err)
+        totals = dict(getattr(self.host.core.bidders, "totals", {}))
+        with self._lock:
+            m.set("open_orders", float(self._open), help="Orders accepted and not yet ended.")
+            for kind, u in gauges.items():
+                m.set("utilization", u, help="Time-averaged utilization by kind.", kind=kind)
+            for what, n in sorted(totals.items()):
+                m.set("bidder_calls", float(n), help="Bidder call outcomes since start, by outcome.", outcome=what)
+            return m.render()
+
+    def close(self) -> None:
+        """Stops the round loop and closes the journal (waiting clients get no answer)."""
+        self.host.stop()
+        self.recorder.close()
+
+
+def spawn_fleet(cfg: ServeCfg) -> tuple[dict[str, Any], str]:
+    """Starts one bidder actor per resource of the fleet; returns the handles and the snapshot dir."""
+    from agents.actor import default_state_root, fleet_specs
+    from runtime.ray_bidders import spawn_bidders
+
+    state = tempfile.mkdtemp(prefix="bidhive-serve-", dir=default_state_root())
+    try:
+        specs = fleet_specs(load_fleet(cfg.fleet), cfg.seed, cfg.policy)
+        return spawn_bidders(specs, state_dir=state), state
+    except BaseException:
+        shutil.rmtree(state, ignore_errors=True)
+        raise

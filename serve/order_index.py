@@ -1,0 +1,205 @@
+"""Per-order views built from journal records: the one source the HTTP answers come from.
+
+The live service feeds every record the journal writes into `OrderIndex.apply`; after a
+restart the same method reads the journal back. So `GET /orders/{id}` and a repeated
+`Idempotency-Key` answer the same before and after a restart, and nothing the client
+was told exists outside the journal.
+
+An order is ``awarded`` once the round that chose it has journaled its hold commits
+(the service answers only then), ``unfulfilled`` once a round left it unserved on its
+last allowed attempt, and ``pending`` otherwise.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PENDING, AWARDED, UNFULFILLED = "pending", "awarded", "unfulfilled"
+_OPEN_ROUNDS_KEPT = 4096  # rounds whose hold records may still come (they follow within a few rounds)
+
+
+@dataclass
+class OrderView:
+    """One order as the API shows it."""
+
+    order_id: str
+    order: dict[str, Any]
+    key: str | None = None
+    body_hash: str | None = None
+    status: str = PENDING
+    reason: str | None = None
+    award: dict[str, Any] | None = None
+    auction: dict[str, Any] | None = None
+    attempts: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _round: int | None = None  # the round it is in (this segment's id), None between rounds
+    _chosen: dict[str, Any] | None = None  # the award of its round, until the commits are journaled
+
+    @property
+    def ended(self) -> bool:
+        """Awarded or unfulfilled for good."""
+        return self.status != PENDING
+
+    def answer(self) -> dict[str, Any]:
+        """The `POST /orders` body (an `OrderOut`)."""
+        return {"order_id": self.order_id, "status": self.status, "reason": self.reason,
+                "award": self.award, "auction": self.auction}
+
+    def detail(self) -> dict[str, Any]:
+        """The `GET /orders/{id}` body: the answer, the order and its timeline."""
+        return {**self.answer(), "attempts": self.attempts, "order": self.order, "events": self.events}
+
+
+_ORDER_FIELDS = ("customer_id", "tier", "channel", "items", "lat", "lon", "created_s", "promise_s", "value",
+                 "category", "locker_ok", "reserve")
+
+
+def _per_order_bidders(rec: dict[str, Any], n_orders: int) -> list[list[int]]:
+    """Rows of the bidder table that quoted each order of a round_cleared record."""
+    out: list[list[int]] = [[] for _ in range(n_orders)]
+    if "quotes" in rec:  # the per-quote form (unusual dtypes); bidder ids, not rows
+        return out
+    n_quotes, n_rows, _ = (int(v) for v in rec["q_counts"])
+    qi = np.asarray(rec["quotes_i"], dtype=np.int64)
+    meta = qi[: 4 * n_quotes].reshape(n_quotes, 4)
+    order_idx = qi[4 * n_quotes: 4 * n_quotes + n_rows]
+    bidder = np.repeat(meta[:, 0], meta[:, 1])
+    pairs = np.unique(np.stack((order_idx, bidder), axis=1), axis=0) if n_rows else np.zeros((0, 2), np.int64)
+    for o, b in pairs.tolist():
+        if 0 <= o < n_orders:
+            out[o].append(b)
+    return out
+
+
+class OrderIndex:
+    """Order views, idempotency keys and the run's facts, from journal records in order."""
+
+    def __init__(self) -> None:
+        self.orders: dict[str, OrderView] = {}
+        self.keys: dict[str, str] = {}  # idempotency key -> order id
+        self.segments = 0
+        self.rounds = 0
+        self.profile = ""
+        self.config: dict[str, Any] = {}
+        self._ids: list[str] = []
+        self._kinds: list[str] = []
+        self._max_attempts = 10
+        self._open: OrderedDict[int, list[str]] = OrderedDict()  # round id -> its order ids (this segment)
+
+    # -- records ---------------------------------------------------------------------------
+    def apply(self, rec: dict[str, Any]) -> list[str]:
+        """Takes one journal record; returns the ids of orders it ended."""
+        handler = getattr(self, "_" + str(rec.get("type")), None)
+        return handler(rec) or [] if handler is not None else []
+
+    def _run_started(self, rec: dict[str, Any]) -> None:
+        self.segments += 1
+        self._ids = list(rec["bidders"]["ids"])
+        self._kinds = list(rec["bidders"]["kinds"])
+        self.config = dict(rec.get("config") or {})
+        self._max_attempts = int(self.config.get("max_attempts", 10))
+        self.profile = str(rec.get("profile_name") or "custom")
+        self._open.clear()
+        for view in self.orders.values():
+            view._round = view._chosen = None
+
+    def _order_received(self, rec: dict[str, Any]) -> None:
+        oid = rec["order_id"]
+        view = self.orders.get(oid)
+        if view is None:
+            view = self.orders[oid] = OrderView(oid, {k: rec.get(k) for k in _ORDER_FIELDS},
+                                                rec.get("idempotency_key"), rec.get("body_hash"))
+            if view.key:
+                self.keys[view.key] = oid
+        view.events.append({"event": "received", "at_s": rec["received_s"], "segment": self.segments})
+
+    def _round_opened(self, rec: dict[str, Any]) -> None:
+        rid, oids = int(rec["round_id"]), list(rec["orders"])
+        self._open[rid] = oids
+        if len(self._open) > _OPEN_ROUNDS_KEPT:
+            self._open.popitem(last=False)
+        for oid, attempt in zip(oids, rec["attempts"]):
+            view = self.orders.get(oid)
+            if view is None:
+                continue
+            if view.status == AWARDED:  # a commit was refused after all: the order is traded again
+                view.status, view.award = PENDING, None
+            view._round, view._chosen, view.attempts = rid, None, int(attempt) + 1
+            view.events.append({"event": "round_opened", "round_id": rid, "at_s": rec["opened_s"],
+                                "attempt": int(attempt) + 1})
+
+    def _round_cleared(self, rec: dict[str, Any]) -> list[str]:
+        rid = int(rec["round_id"])
+        oids = self._open.get(rid, [])
+        self.rounds += 1
+        award_i, award_f = np.asarray(rec["award_i"]), np.asarray(rec["award_f"])
+        quoted = _per_order_bidders(rec, len(oids))
+        facts = dict(rec.get("facts") or {})
+        ended: list[str] = []
+        for o, oid in enumerate(oids):
+            view = self.orders.get(oid)
+            if view is None:
+                continue
+            view.auction = self._auction(rid, facts, len(quoted[o]))
+            view.events.append({"event": "quotes", "round_id": rid, "received": len(quoted[o]),
+                                "bidders": [self._ids[b] for b in quoted[o] if b < len(self._ids)]})
+            reason = str(rec["reason"][o])
+            if not reason:
+                view._chosen = self._award(award_i[:, o], award_f[:, o], view)
+                view.events.append({"event": "awarded", "round_id": rid, **view._chosen})
+                continue
+            view.events.append({"event": "unserved", "round_id": rid, "reason": reason})
+            view.reason = reason
+            if view.attempts >= self._max_attempts:
+                view.status = UNFULFILLED
+                view.events.append({"event": "unfulfilled", "reason": reason})
+                ended.append(oid)
+        return ended
+
+    def _auction(self, rid: int, facts: dict[str, Any], quotes: int) -> dict[str, Any]:
+        return {"round_id": rid, "bidders_asked": int(facts.get("asked", facts.get("bidders", 0))),
+                "quotes_received": quotes, "timed_out": int(facts.get("timed_out", 0)),
+                "clear_ms": round(float(facts.get("clear_ms", 0.0)), 3)}
+
+    def _award(self, ai: np.ndarray, af: np.ndarray, view: OrderView) -> dict[str, Any]:
+        src, leg = int(ai[1]), int(ai[2])
+        created = float(view.order.get("created_s") or 0.0)
+        return {
+            "source": {"agent_id": self._ids[src], "kind": self._kinds[src]},
+            "last_mile": {"agent_id": self._ids[leg], "kind": self._kinds[leg]},
+            "price": round(float(af[0] + af[1]), 4), "eta_s": round(float(af[3]) - created, 1),
+            "score": round(float(af[2]), 4),
+        }
+
+    def _hold_committed(self, rec: dict[str, Any]) -> list[str]:
+        rid = int(rec["round_id"])
+        ended: list[str] = []
+        for agent, oids in zip(rec["agents"], rec["orders"]):
+            for oid in oids:
+                view = self.orders.get(oid)
+                if view is None or view._round != rid:
+                    continue
+                view.events.append({"event": "committed", "agent_id": agent, "at_s": rec["now_s"]})
+                if view._chosen is not None and view.status == PENDING:
+                    view.status, view.award, view.reason = AWARDED, view._chosen, None
+                    ended.append(oid)
+        return ended
+
+    def _hold_released(self, rec: dict[str, Any]) -> None:
+        rid = int(rec["round_id"])
+        agents = list(rec["agents"])
+        for oid in self._open.get(rid, []):
+            view = self.orders.get(oid)
+            if view is not None and view._round == rid:
+                view.events.append({"event": "released", "agents": agents, "at_s": rec["now_s"]})
+
+    def _profile_changed(self, rec: dict[str, Any]) -> None:
+        self.profile = str(rec.get("name") or "custom")
+
+    # -- queries ---------------------------------------------------------------------------
+    def unfinished(self) -> list[OrderView]:
+        """Orders accepted and not ended (a restart takes them up again), in arrival order."""
+        return [v for v in self.orders.values() if not v.ended]
