@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/bidhive simulate --scenario peak --policy heuristic
+	$(BIN)/bidhive serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

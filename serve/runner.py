@@ -58,9 +58,10 @@ def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = prin
     from runtime.local_ray import start_local_ray
     from runtime.ray_bidders import RAY_BIDDER_ENV
 
-    stop = stop or _stop_on_signals()
     started = time.perf_counter()
     cluster = start_local_ray(extra_env={**RAY_BIDDER_ENV, **SERVE_ENV})
+    # after ray.init, whose fatal-signal handler would otherwise take SIGTERM
+    stop = stop or _stop_on_signals()
     try:
         from ray import serve
 

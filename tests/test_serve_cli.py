@@ -1,0 +1,79 @@
+"""`bidhive serve` as a user runs it: starts, answers the README's curl order, stops cleanly on SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from market.journal import JournalWriter
+from serve.runner import EXAMPLE_ORDER
+
+BIN = Path(sys.executable).with_name("bidhive")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,comm="], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+
+
+@pytest.mark.slow
+def test_serve_answers_the_readme_order_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([str(BIN), "serve", "--bidders", "local", "--port", str(port),
+                             "--journal", str(tmp_path / "j.bhj")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "bidhive is serving" in line:
+                break
+        assert any("bidhive is serving" in ln for ln in lines), "".join(lines)
+        assert "curl -s -X POST" in proc.stdout.readline()  # how to place an order, right below
+        r = httpx.post(f"http://127.0.0.1:{port}/orders", json=EXAMPLE_ORDER, headers={"Idempotency-Key": "readme"},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["status"] in ("awarded", "unfulfilled"), r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "bidhive stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    end = time.monotonic() + 15
+    while _session_processes(proc.pid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _session_processes(proc.pid) == [], "processes of the service outlived it"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config", "no-such.yaml"], "no-such.yaml: file not found"),
+    (["--port", "0"], "--port"),
+    (["--bidders", "threads"], "bidders"),
+])
+def test_bad_serve_arguments_are_one_line_and_exit_2(args: list[str], says: str) -> None:
+    run = subprocess.run([str(BIN), "serve", *args], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+def test_a_journal_in_use_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    journal = tmp_path / "j.bhj"
+    with JournalWriter(journal):
+        run = subprocess.run([str(BIN), "serve", "--journal", str(journal)], capture_output=True, text=True,
+                             timeout=60)
+    assert run.returncode == 2 and "in use by another bidhive process" in run.stderr, run.stderr
