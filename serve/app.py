@@ -180,7 +180,7 @@ class BidhiveIngress:
             return JSONResponse({"order_id": placed.order_id, "status": "pending", "reason": None, "award": None,
                                  "auction": None}, status_code=202,
                                 headers={"Location": f"/orders/{placed.order_id}"})
-        return answer
+        return JSONResponse(answer)  # built by the desk in OrderOut's shape; skips re-validating it
 
     @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS)
     async def get_order(self, order_id: str, request: Request) -> Any:
@@ -190,7 +190,7 @@ class BidhiveIngress:
         detail = self.desk.order(order_id)
         if detail is None:
             return _problem(404, f"no order {order_id!r}")
-        return detail
+        return JSONResponse(detail)
 
     @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS)
     async def put_strategy(self, body: StrategyIn, request: Request) -> Any:
