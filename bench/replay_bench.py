@@ -5,9 +5,11 @@ Three figures:
 - ``read``: records/s (and MB/s) reading a real auction journal back with full checks.
 - ``reclear``: single-order rounds/s re-cleared from a journal of a 50-bidder fleet
   (``bench.fleets.synthetic_fleet(50)``, scenario ``weekday`` with ``max_batch: 1``):
-  end to end (``market.replay.replay``: read, rebuild, clear, compare, KPIs), and split
-  into its parts: read + rebuild only, and clear only (``build_book`` + the mechanism
-  on rounds already in memory: the ceiling the core sets).
+  end to end (``market.replay.replay``: read, rebuild, clear, compare, KPIs) in wall and
+  in CPU time (the machine is shared: CPU time is the steadier single-process figure),
+  split into its parts (read + rebuild only, and clear only: ``build_book`` + the
+  mechanism on rounds already in memory), and end to end again with the re-clearing
+  shared by ``PARALLEL_WORKERS`` processes (``replay(..., workers=N)``, wall time).
 - ``overhead``: a simulation (``weekday``, default fleet, the same seed) with a
   `NullRecorder` against the same run journaled under each fsync policy, interleaved
   in one process; each figure is the best of ``reps`` runs (the machine is shared,
@@ -20,6 +22,7 @@ Run ``python -m bench.replay_bench`` (prints JSON) or ``bidhive bench replay``.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +41,7 @@ from policies.registry import make_policy
 TARGET_ROUNDS_PER_S = 20_000
 TARGET_OVERHEAD = 0.10
 FSYNC_POLICIES = ("never", "interval", "always")
+PARALLEL_WORKERS = 2
 
 
 def _single_order_setup(n_orders: int, recorder: Recorder, seed: int = 7) -> SimSetup:
@@ -55,9 +59,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _reclear(path: Path, reps: int) -> dict[str, Any]:
-    """End to end, then the parts: rebuild only, and clear only on rounds in memory."""
-    best = min((_timed_replay(path) for _ in range(reps)), key=lambda r: r[1])
-    report, seconds = best
+    """End to end (wall and CPU), then the parts: rebuild only, and clear only on rounds in memory."""
+    runs = [_timed_replay(path) for _ in range(reps)]
+    report, seconds, _ = min(runs, key=lambda r: r[1])
+    cpu_seconds = min(r[2] for r in runs)
+    parallel, parallel_s, _ = min((_timed_replay(path, PARALLEL_WORKERS) for _ in range(reps)), key=lambda r: r[1])
     rebuild_s = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -80,8 +86,10 @@ def _reclear(path: Path, reps: int) -> dict[str, Any]:
         "rounds": n,
         "orders_per_round": round(sum(sizes) / max(1, n), 3),
         "quotes_per_round": round(sum(len(rr.quotes) for rr in rounds) / max(1, n), 2),
-        "verified": report.ok,
+        "verified": report.ok and parallel.ok and parallel.verified_rounds == report.verified_rounds,
         "end_to_end_rounds_per_s": round(report.rounds / seconds),
+        "end_to_end_cpu_rounds_per_s": round(report.rounds / cpu_seconds),
+        f"end_to_end_{PARALLEL_WORKERS}_workers_rounds_per_s": round(parallel.rounds / parallel_s),
         "read_rebuild_rounds_per_s": round(n / rebuild_s),
         "clear_only_rounds_per_s": round(n / clear_s),
         "us_per_round": {
@@ -93,10 +101,11 @@ def _reclear(path: Path, reps: int) -> dict[str, Any]:
     }
 
 
-def _timed_replay(path: Path) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    report = replay(path)
-    return report, time.perf_counter() - t0
+def _timed_replay(path: Path, workers: int = 1) -> tuple[Any, float, float]:
+    """A replay's report, wall seconds and CPU seconds (of this process only)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = replay(path, workers=workers)
+    return report, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _sim(recorder: Recorder, n_orders: int, seed: int) -> tuple[float, float, int]:
@@ -173,11 +182,17 @@ def _recorder_cost(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[
     return out
 
 
+def _load() -> list[float]:
+    """The 1, 5 and 15 minute load averages: the machine is shared, so every figure carries them."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
     """All three figures; ``quick`` makes a smoke run (small journal, one repetition)."""
     n_replay = 300 if quick else 3000
     n_sim = 300 if quick else 2500
     reps = 1 if quick else 3
+    load_start = _load()
     with tempfile.TemporaryDirectory(dir=directory) as tmp_name:
         tmp = Path(tmp_name)
         path = tmp / "replay.bhj"
@@ -190,15 +205,20 @@ def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
         overhead["isolated"] = _recorder_cost(tmp, n_sim, reps)
     return {
         "benchmark": "replay",
-        "machine": machine(),
+        "machine": {**machine(), "load_average_at_start": load_start, "load_average_at_end": _load()},
         "journal": {"orders": n_replay, "simulate_seconds": round(record_s, 2), **{k: read[k] for k in ("records", "mb")}},
         "read": read,
         "reclear": reclear,
         "overhead": overhead,
         "targets": {
-            "reclear_rounds_per_s_50_bidders": {"measured": reclear["end_to_end_rounds_per_s"],
-                                                "target": TARGET_ROUNDS_PER_S,
-                                                "met": reclear["end_to_end_rounds_per_s"] >= TARGET_ROUNDS_PER_S},
+            "reclear_rounds_per_s_50_bidders": {
+                "measured": reclear["end_to_end_rounds_per_s"],
+                "measured_cpu": reclear["end_to_end_cpu_rounds_per_s"],
+                f"measured_{PARALLEL_WORKERS}_workers": reclear[f"end_to_end_{PARALLEL_WORKERS}_workers_rounds_per_s"],
+                "target": TARGET_ROUNDS_PER_S,
+                "met": reclear["end_to_end_rounds_per_s"] >= TARGET_ROUNDS_PER_S,
+                "note": "met: one process, wall time; the CPU figure and the one with workers are given beside it",
+            },
             "journal_overhead_interval": {
                 "measured": overhead["isolated"]["interval"]["overhead"],
                 "measured_end_to_end": overhead["interval"]["overhead_wall"],

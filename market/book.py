@@ -1,10 +1,15 @@
 """The quote book: joins source and last-mile quotes into scored combinations.
 
 One broadcast suffices because each leg quotes per source; the join is a dense
-lookup of the source matrix, so there is no Python loop over combinations.
+lookup of the source matrix, so there is no Python loop over combinations. The book
+is built from the quotes as flat columns (`QuoteColumns`), so building it costs a
+fixed number of NumPy calls whatever the number of bidders: in a one-order round that
+fixed cost, not the arithmetic, is the clearing time.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,98 +77,224 @@ class CategoryTable:
 
     def rows(self, ids: tuple[str, ...]) -> np.ndarray:
         """[len(ids), category] abilities of the given bidders."""
-        return self.matrix[[self.index[b] for b in ids]]
+        return self.matrix[np.array([self.index[b] for b in ids], dtype=np.intp)]  # a list index costs 2x
 
 
-def _source_matrix(rnd: Round, sources: list[SourceQuote]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dense [site, order] price and ready time, plus site to bidder index (-1: no quote)."""
-    site_of = {sid: i for i, sid in enumerate(rnd.sources.ids)}
+def _read_only(dtype: type) -> np.ndarray:
+    """An empty array nobody can write to, safe to share."""
+    empty = np.zeros(0, dtype=dtype)
+    empty.flags.writeable = False
+    return empty
+
+
+_NONE_I, _NONE_F, _NONE_B = _read_only(np.int64), _read_only(np.float64), _read_only(np.bool_)
+
+
+@dataclass(slots=True)
+class QuoteColumns:
+    """A round's quotes as flat columns: quote after quote, each quote's rows consecutive.
+
+    It is the journal's own layout (``round_cleared`` in docs/JOURNAL.md), so replay
+    decodes a round straight into it instead of building an object per quote, and it is
+    what `build_book` scores, with one NumPy call per column instead of one per quote.
+
+    Attributes:
+        agent_ids: per quote, the bidder.
+        is_leg: per quote, whether it quotes last-mile legs (else it is a source quote).
+        rows: per quote, how many rows it has (int64).
+        capacity: per quote, orders the bidder can take this round (int64).
+        reliability: per quote, float64.
+        order_idx: per row, the order's index in the round.
+        values: [2, rows] float64: the price, then ready_s on source rows or pickup_s on
+            leg rows.
+        source_idx: per row, the source site's index (-1 on source rows).
+        travel_s: per leg row, leg rows in quote order: source to customer (float64).
+    """
+
+    agent_ids: tuple[str, ...]
+    is_leg: tuple[bool, ...]
+    rows: np.ndarray
+    capacity: np.ndarray
+    reliability: np.ndarray
+    order_idx: np.ndarray
+    values: np.ndarray
+    source_idx: np.ndarray
+    travel_s: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.agent_ids)
+
+    @classmethod
+    def of(cls, quotes: Sequence[Quote]) -> QuoteColumns:
+        """Flattens quote objects, source quotes first; anything that is not a quote is ignored.
+
+        Values become float64, which is what NumPy would promote them to when they meet
+        the float64 source matrix, so the scores are the same bits either way.
+        """
+        sources = [q for q in quotes if isinstance(q, SourceQuote)]
+        legs = [q for q in quotes if isinstance(q, LegQuote)]
+        ordered: list[Quote] = [*sources, *legs]
+        if not ordered:
+            return cls((), (), _NONE_I, _NONE_I, _NONE_F, _NONE_I, _NONE_F.reshape(2, 0), _NONE_I, _NONE_F)
+        rows = [len(q.order_idx) for q in ordered]
+        values = [q.price for q in ordered] + [q.ready_s for q in sources] + [q.pickup_s for q in legs]
+        return cls(
+            agent_ids=tuple([q.agent_id for q in ordered]),
+            is_leg=(False,) * len(sources) + (True,) * len(legs),
+            rows=np.array(rows, dtype=np.int64),
+            capacity=np.array([q.capacity for q in ordered], dtype=np.int64),
+            reliability=np.array([q.reliability for q in ordered], dtype=np.float64),
+            order_idx=np.concatenate([q.order_idx for q in ordered]),
+            values=np.concatenate(values, dtype=np.float64).reshape(2, sum(rows)),
+            source_idx=np.concatenate([np.full(sum(rows[:len(sources)]), -1, dtype=np.int64),
+                                       *[q.source_idx for q in legs]]),
+            travel_s=np.concatenate([_NONE_F, *[q.travel_s for q in legs]], dtype=np.float64),
+        )
+
+    def sources_first(self) -> QuoteColumns:
+        """The same quotes with every source quote before every leg quote, each kind in its order.
+
+        That order gives each bidder its index in the book, so it decides ties; quote
+        objects are flattened in it already, a journaled round may interleave them.
+        """
+        n_src = self.is_leg.count(False)
+        if not any(self.is_leg[:n_src]):
+            return self
+        perm = sorted(range(len(self)), key=self.is_leg.__getitem__)
+        row_perm = np.argsort(np.repeat(self.is_leg, self.rows), kind="stable")
+        return QuoteColumns(
+            tuple(self.agent_ids[k] for k in perm), tuple(self.is_leg[k] for k in perm), self.rows[perm],
+            self.capacity[perm], self.reliability[perm], self.order_idx[row_perm], self.values[:, row_perm],
+            self.source_idx[row_perm], self.travel_s,
+        )
+
+    def for_orders(self, remap: np.ndarray) -> QuoteColumns:
+        """The quotes for some of the round's orders, renumbered (a what-if drops served orders).
+
+        Args:
+            remap: per order of the round, its index among the kept orders, or -1 to drop
+                it. A quote left without rows is dropped whole, as if its bidder had not
+                quoted.
+        """
+        new = remap[self.order_idx]
+        kept = new >= 0
+        kept_rows = np.bincount(np.repeat(np.arange(len(self)), self.rows)[kept], minlength=len(self))
+        quoted = kept_rows > 0
+        pick = np.flatnonzero(quoted).tolist()
+        return QuoteColumns(
+            tuple(self.agent_ids[k] for k in pick), tuple(self.is_leg[k] for k in pick), kept_rows[quoted],
+            self.capacity[quoted], self.reliability[quoted], new[kept], self.values[:, kept], self.source_idx[kept],
+            self.travel_s[kept[np.repeat(np.array(self.is_leg, dtype=bool), self.rows)]],
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _site_index(ids: tuple[str, ...]) -> dict[str, int]:
+    """Site id to index; cached because a fleet's sites rarely change between rounds (do not mutate)."""
+    return {sid: i for i, sid in enumerate(ids)}
+
+
+@dataclass(slots=True)
+class _Joined:
+    """Every (source, leg) combination of a round, before scoring."""
+
+    order: np.ndarray
+    src: np.ndarray  # bidder index of the source quote
+    leg: np.ndarray  # bidder index of the leg quote
+    source: np.ndarray  # [2, n]: source price, ready_s
+    last_mile: np.ndarray  # [2, n]: leg price, pickup_s
+    travel_s: np.ndarray
+
+
+def _join(rnd: Round, cols: QuoteColumns) -> _Joined | None:
+    """Joins every leg row to the source quote for the same (site, order) in one lookup.
+
+    ``cols`` has its source quotes first. A leg row whose source did not quote that
+    order is no combination; None when no row makes one.
+    """
+    n_src = cols.is_leg.count(False)
+    src_rows = len(cols.order_idx) - len(cols.travel_s)
+    if not n_src or src_rows == len(cols.order_idx):
+        return None
     n_sites = len(rnd.sources.ids)
-    price = np.full((n_sites, rnd.size), np.inf)
-    ready = np.full((n_sites, rnd.size), np.inf)
-    bidder = np.full(n_sites, -1, dtype=np.int64)
-    if sources:
-        site = np.array([site_of[q.agent_id] for q in sources], dtype=np.int64)
-        rows = np.repeat(site, [len(q.order_idx) for q in sources])
-        cols = np.concatenate([q.order_idx for q in sources])
-        price[rows, cols] = np.concatenate([q.price for q in sources])
-        ready[rows, cols] = np.concatenate([q.ready_s for q in sources])
-        bidder[site] = np.arange(len(sources))
-    return price, ready, bidder
+    matrix = np.empty((2, n_sites, rnd.size))  # [price | ready_s, site, order]
+    matrix.fill(np.inf)
+    site_of = _site_index(tuple(rnd.sources.ids))
+    site = np.array([site_of[a] for a in cols.agent_ids[:n_src]], dtype=np.intp)  # as a list, indexing costs 2x
+    site_rows = site if src_rows == n_src else np.repeat(site, cols.rows[:n_src])  # mostly one row each
+    matrix[:, site_rows, cols.order_idx[:src_rows]] = cols.values[:, :src_rows]
+    bidder = np.empty(n_sites, dtype=np.int64)
+    bidder.fill(-1)
+    bidder[site] = np.arange(n_src)
+    order, site_l, travel = cols.order_idx[src_rows:], cols.source_idx[src_rows:], cols.travel_s
+    leg = np.repeat(np.arange(n_src, len(cols)), cols.rows[n_src:])
+    source, last_mile = matrix[:, site_l, order], cols.values[:, src_rows:]
+    ok = np.isfinite(source[0])
+    n_ok = np.count_nonzero(ok)  # a third of ok.all()'s cost
+    if not n_ok:
+        return None
+    if n_ok < len(ok):
+        order, site_l, leg, travel = order[ok], site_l[ok], leg[ok], travel[ok]
+        source, last_mile = source[:, ok], last_mile[:, ok]
+    return _Joined(order, bidder[site_l], leg, source, last_mile, travel)
 
 
-def _join_legs(
-    rnd: Round, legs: list[LegQuote], first_leg: int, src: tuple[np.ndarray, np.ndarray, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Joins every leg row to the source quote for the same (site, order) in one lookup."""
-    price_m, ready_m, site_bidder = src
-    if not legs:
-        ints = np.zeros(0, dtype=np.int64)
-        return {"order": ints, "src": ints, "leg": ints, **{k: np.zeros(0) for k in ("sp", "lp", "ready", "pickup", "travel")}}
-    order = np.concatenate([q.order_idx for q in legs])
-    site = np.concatenate([q.source_idx for q in legs])
-    leg = np.repeat(np.arange(first_leg, first_leg + len(legs)), [len(q.order_idx) for q in legs])
-    sp = price_m[site, order]
-    ok = np.isfinite(sp)
-    order, site = order[ok], site[ok]
-    return {
-        "order": order,
-        "src": site_bidder[site],
-        "leg": leg[ok],
-        "sp": sp[ok],
-        "lp": np.concatenate([q.price for q in legs])[ok],
-        "ready": ready_m[site, order],
-        "pickup": np.concatenate([q.pickup_s for q in legs])[ok],
-        "travel": np.concatenate([q.travel_s for q in legs])[ok],
-    }
+def _combos(rnd: Round, cols: QuoteColumns, profile: ProfileCfg, categories: CategoryTable | None,
+            penalty: np.ndarray) -> Combos:
+    """Scores the joined combinations and applies the hard constraints.
+
+    A round without combinations (a third of a quiet market's one-order rounds) skips
+    the scoring: its arrays are empty, shared and read-only.
+    """
+    j = _join(rnd, cols)
+    if j is None:
+        i, f, b = _NONE_I, _NONE_F, _NONE_B
+        return Combos(i, i, i, f, f, f, f, f, f, f, b, b)
+    order, sp, ready, lp, pickup = j.order, j.source[0], j.source[1], j.last_mile[0], j.last_mile[1]
+    rel = cols.reliability
+    combo_rel = rel[j.src] * rel[j.leg]
+    delivery = np.maximum(ready, pickup) + j.travel_s
+    price = sp + lp
+    vip = rnd.vip[order]
+    scores = score_fn(price, delivery, rnd.opened_s, rnd.promise_s[order], combo_rel, vip, profile)
+    admissible = price <= rnd.reserve[order]
+    if profile.vip_hard_promise:
+        admissible &= ~vip | (delivery <= rnd.promise_s[order])
+    if categories is not None:
+        cat = rnd.category[order]
+        allowed = categories.rows(cols.agent_ids)
+        admissible &= allowed[j.src, cat] & allowed[j.leg, cat]
+    feasible = admissible & (scores < penalty[order])
+    return Combos(order, j.src, j.leg, sp, lp, ready, pickup, delivery, combo_rel, scores, admissible, feasible)
 
 
 def build_book(
     rnd: Round,
-    quotes: list[Quote],
+    quotes: Sequence[Quote] | QuoteColumns,
     kinds: dict[str, Kind],
     profile: ProfileCfg,
     categories: CategoryTable | None = None,
 ) -> QuoteBook:
     """Scores every feasible source + last-mile combination of the round.
 
+    Bidders are indexed source quotes first, then leg quotes, each in the order given;
+    combinations come in leg-row order. Both decide ties.
+
     Args:
-        quotes: validated quotes, at most one per bidder.
+        quotes: validated quotes, at most one per bidder, as objects or as columns.
         kinds: the kind of every bidder id.
         categories: declared category abilities per bidder; a quote for an order
             outside them is infeasible whatever the bidder claims.
     """
-    sources = [q for q in quotes if isinstance(q, SourceQuote)]
-    legs = [q for q in quotes if isinstance(q, LegQuote)]
-    ordered: list[Quote] = [*sources, *legs]
-    j = _join_legs(rnd, legs, len(sources), _source_matrix(rnd, sources))
-    rel = np.array([q.reliability for q in ordered], dtype=np.float64)
-    order = j["order"]
-    combo_rel = rel[j["src"]] * rel[j["leg"]]
-    delivery = np.maximum(j["ready"], j["pickup"]) + j["travel"]
-    price = j["sp"] + j["lp"]
-    vip = rnd.vip[order]
-    scores = score_fn(price, delivery, rnd.opened_s, rnd.promise_s[order], combo_rel, vip, profile)
+    cols = (quotes if isinstance(quotes, QuoteColumns) else QuoteColumns.of(quotes)).sources_first()
     penalty = unfulfilled_penalty(rnd.vip, profile)
-    admissible = price <= rnd.reserve[order]
-    if profile.vip_hard_promise:
-        admissible &= ~vip | (delivery <= rnd.promise_s[order])
-    ids = tuple(q.agent_id for q in ordered)
-    if categories is not None and ids:
-        cat = rnd.category[order]
-        allowed = categories.rows(ids)
-        admissible &= allowed[j["src"], cat] & allowed[j["leg"], cat]
-    feasible = admissible & (scores < penalty[order])
-    combos = Combos(
-        order, j["src"], j["leg"], j["sp"], j["lp"], j["ready"], j["pickup"], delivery, combo_rel, scores, admissible, feasible
-    )
     return QuoteBook(
         rnd=rnd,
         profile=profile,
-        bidder_ids=ids,
-        kinds=tuple(kinds[b] for b in ids),
-        capacity=np.array([q.capacity for q in ordered], dtype=np.int64),
-        reliability=rel,
-        combos=combos,
+        bidder_ids=cols.agent_ids,
+        kinds=tuple(kinds[b] for b in cols.agent_ids),
+        capacity=cols.capacity,
+        reliability=cols.reliability,
+        combos=_combos(rnd, cols, profile, categories, penalty),
         penalty=penalty,
     )

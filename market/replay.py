@@ -3,14 +3,17 @@
 A journal written by `market.journal_recorder.JournalRecorder` holds each round's
 orders (``order_received`` + ``round_opened``) and quotes (``round_cleared``), so a
 round can be rebuilt and cleared again with the very functions the live run used:
-`market.round.build_round`, `market.book.build_book` and the mechanism's
-``allocate``. Nothing here re-implements clearing.
+`market.round.build_round`, and `market.clearing.clear_round` (``build_book`` and the
+mechanism's ``allocate``). Nothing here re-implements clearing: a round's quotes are
+decoded straight into the flat columns `build_book` scores (`QuoteColumns`, the
+journal's own layout), which is all replay does differently from the engine.
 
 - `verify` re-clears with the logged mechanism and profile and compares every award,
   payment, score and predicted delivery bit for bit with the logged result.
 - `replay` does that and computes KPIs for the logged and the re-cleared outcome;
   with another profile or payment rule it also re-clears a *what-if* and reports its
-  KPIs next to the logged ones.
+  KPIs next to the logged ones. ``workers=N`` shares the re-clearing of a verify
+  among N processes; the report is the one-process report.
 - `explain` lists every quote combination of one order, its score and feasibility,
   and why the winner won.
 
@@ -26,19 +29,25 @@ a retried order appears in several rounds, so a per-round award rate
 """
 from __future__ import annotations
 
+import copy
 import math
+import multiprocessing
 import os
 import struct
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from market.book import CategoryTable, QuoteBook
+from market.book import CategoryTable, QuoteBook, QuoteColumns
 from market.catalogue import Catalogue
 from market.clearing import PAYMENT_RULES, Allocation, Mechanism, ScoringAuction, clear_round, priority_sequence
 from market.config import CatalogueCfg, ProfileCfg
@@ -51,6 +60,7 @@ from policies.static import StaticRule
 
 __all__ = [
     "JournalReplay",
+    "LoggedRound",
     "Mismatch",
     "ReplayError",
     "ReplayReport",
@@ -97,6 +107,16 @@ class RunHeader:
     expected_orders: int | None
     schema: int
 
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """Bidder id to its row in the bidder table: the rows the journaled awards name."""
+        return {b: i for i, b in enumerate(self.bidder_ids)}
+
+    @cached_property
+    def clearing(self) -> Mechanism:
+        """The mechanism the run cleared its rounds with."""
+        return make_mechanism(self.mechanism)
+
 
 @dataclass
 class LoggedResult:
@@ -114,17 +134,26 @@ class LoggedResult:
 
 
 @dataclass
-class ReplayRound:
-    """One journaled round, rebuilt: the Round, its quotes and the logged result."""
+class LoggedRound:
+    """One journaled round as logged: its orders and result, all the logged KPIs need."""
 
     seq: int  # of its round_cleared record
-    rnd: Round
-    quotes: list[Quote]
+    round_id: int
+    opened_s: float
+    orders: tuple[Order, ...]
     attempts: list[int]
     profile: ProfileCfg
     profile_name: str
     logged: LoggedResult
     facts: dict[str, Any]
+
+
+@dataclass
+class ReplayRound(LoggedRound):
+    """One journaled round, rebuilt to be cleared again: its Round and quotes too."""
+
+    rnd: Round
+    quotes: QuoteColumns
 
 
 def _float_bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -136,12 +165,16 @@ def _f64(x: float) -> bytes:
     return _F64.pack(x)
 
 
+_TIERS = {t.value: t for t in Tier}  # a dict lookup costs a fraction of Tier(value)
+_CATEGORIES = {c.value: c for c in Category}
+
+
 def _order_from(rec: dict[str, Any]) -> Order:
     return Order(
-        order_id=rec["order_id"], created_s=rec["created_s"], customer_id=rec["customer_id"], tier=Tier(rec["tier"]),
-        channel=rec["channel"], items=tuple(Item(s, q) for s, q in rec["items"]), lat=rec["lat"], lon=rec["lon"],
-        promise_s=rec["promise_s"], value=rec["value"], category=Category(rec["category"]),
-        locker_ok=rec["locker_ok"], reserve=rec["reserve"],
+        order_id=rec["order_id"], created_s=rec["created_s"], customer_id=rec["customer_id"],
+        tier=_TIERS[rec["tier"]], channel=rec["channel"], items=tuple([Item(s, q) for s, q in rec["items"]]),
+        lat=rec["lat"], lon=rec["lon"], promise_s=rec["promise_s"], value=rec["value"],
+        category=_CATEGORIES[rec["category"]], locker_ok=rec["locker_ok"], reserve=rec["reserve"],
     )
 
 
@@ -179,8 +212,9 @@ def _header(rec: dict[str, Any]) -> RunHeader:
 class JournalReplay:
     """Streams a journal and rebuilds its rounds (one pass; memory: the orders, not the rounds).
 
-    Iterate `rounds()` once. ``counts`` (records per type) and ``orders_received`` fill
-    in as it goes; ``header`` is set once ``run_started`` has been read.
+    Iterate `rounds()` (or `shard()`) once. ``counts`` (records per type) and
+    ``orders_received`` fill in as it goes; ``header`` is set once ``run_started`` has
+    been read.
 
     Args:
         path: The journal's first file.
@@ -206,9 +240,24 @@ class JournalReplay:
 
     def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
         """Every cleared round in journal order (with ``only_order``: those holding that order)."""
+        for rr in self._stream(only_order, None):
+            assert isinstance(rr, ReplayRound)
+            yield rr
+
+    def shard(self, shard: int, shards: int) -> Iterator[LoggedRound]:
+        """Every cleared round in journal order, rebuilt (a `ReplayRound`) only if it is this shard's.
+
+        Round k (0-based, in journal order) is shard ``k % shards``'s: processes that
+        each take one shard re-clear every round exactly once between them.
+        """
+        return self._stream(None, (shard, shards))
+
+    def _stream(self, only_order: str | None, shard: tuple[int, int] | None) -> Iterator[LoggedRound]:
+        """The one pass behind `rounds` and `shard`: rebuilds only the rounds it yields for clearing."""
         opened: dict[int, dict[str, Any]] = {}
         header: RunHeader | None = None
         counts = self.counts
+        cleared = 0
         for n, rec in enumerate(self.reader):
             kind = rec["type"]
             counts[kind] += 1
@@ -222,8 +271,10 @@ class JournalReplay:
                     raise ReplayError(f"round {rec.get('round_id')} (seq {rec['seq']}) was cleared but never opened")
                 if only_order is not None and only_order not in head["orders"]:
                     continue
+                rebuild = shard is None or cleared % shard[1] == shard[0]
+                cleared += 1
                 try:
-                    rr = self._round(rec, head, header)
+                    rr = self._round(rec, head, header, rebuild)
                 except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
                     if isinstance(exc, ReplayError):
                         raise
@@ -270,50 +321,45 @@ class JournalReplay:
             self.profile_name = str(rec.get("name") or "custom")
         return header
 
-    def _round(self, rec: dict[str, Any], head: dict[str, Any], header: RunHeader) -> ReplayRound:
-        """Rebuilds the Round and the quotes of one round_cleared record."""
+    def _round(self, rec: dict[str, Any], head: dict[str, Any], header: RunHeader, rebuild: bool) -> LoggedRound:
+        """One round_cleared record as logged, and with ``rebuild`` its Round and quotes too."""
         try:
-            members = [self.orders[o] for o in head["orders"]]
+            members = tuple([self.orders[o] for o in head["orders"]])
         except KeyError as exc:
             raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}) names order {exc.args[0]}, "
                               "which was never received") from None
         if self.profile is None:
             raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): no profile in force")
-        rnd = build_round(rec["round_id"], head["opened_s"], members, head["sources_obj"], header.grid, header.sku_index)
-        quotes = _quotes(rec, header.bidder_ids) if "q_counts" in rec else _raw_quotes(rec["quotes"])
         logged = LoggedResult(rec["award_i"], rec["award_f"], tuple(rec["reason"]), rec["total_cost"])
-        if logged.award_i.shape != (3, rnd.size):
+        if logged.award_i.shape != (3, len(members)):
             raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): result covers "
-                              f"{logged.award_i.shape[-1]} orders, the round has {rnd.size}")
-        return ReplayRound(rec["seq"], rnd, quotes, head["attempts"], self.profile, self.profile_name, logged,
-                           rec.get("facts") or {})
+                              f"{logged.award_i.shape[-1]} orders, the round has {len(members)}")
+        as_logged = (rec["seq"], rec["round_id"], float(head["opened_s"]), members, head["attempts"], self.profile,
+                     self.profile_name, logged, rec.get("facts") or {})
+        if not rebuild:
+            return LoggedRound(*as_logged)
+        rnd = build_round(rec["round_id"], head["opened_s"], members, head["sources_obj"], header.grid, header.sku_index)
+        quotes = _columns(rec, header.bidder_ids) if "q_counts" in rec else QuoteColumns.of(_raw_quotes(rec["quotes"]))
+        return ReplayRound(*as_logged, rnd, quotes)
 
 
-def _quotes(rec: dict[str, Any], ids: tuple[str, ...]) -> list[Quote]:
-    """Quotes from the flat layout (see ``JournalRecorder._quote_fields``), in journal order."""
+def _columns(rec: dict[str, Any], ids: tuple[str, ...]) -> QuoteColumns:
+    """Quotes from the flat layout (see ``JournalRecorder._quote_fields``): views of the record's arrays."""
     n_q, n_rows, n_leg = rec["q_counts"]
     qi, qf = rec["quotes_i"], rec["quotes_f"]
     head = 4 * n_q
-    if len(qi) != head + 2 * n_rows or len(qf) != n_q + 2 * n_rows + n_leg:
+    meta = qi[:head].astype(np.int64).reshape(n_q, 4)  # per quote: bidder row, rows, capacity, is_leg
+    bidders, rows, _, legs = meta.T.tolist()
+    is_leg = tuple(map(bool, legs))
+    if (len(qi) != head + 2 * n_rows or len(qf) != n_q + 2 * n_rows + n_leg or sum(rows) != n_rows
+            or sum(compress(rows, legs)) != n_leg):
         raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): quote arrays do not match q_counts {rec['q_counts']}")
-    meta = qi[:head].tolist()
     idx = qi[head:].astype(np.int64)
-    order_idx, source_idx = idx[:n_rows], idx[n_rows:]
-    rel = qf[:n_q].tolist()
-    price, t, travel = qf[n_q:n_q + n_rows], qf[n_q + n_rows:n_q + 2 * n_rows], qf[n_q + 2 * n_rows:]
-    quotes: list[Quote] = []
-    a = la = 0
-    for k in range(n_q):
-        b, n, cap, leg = meta[4 * k:4 * k + 4]
-        e = a + n
-        if leg:
-            le = la + n
-            quotes.append(LegQuote(ids[b], order_idx[a:e], source_idx[a:e], price[a:e], t[a:e], travel[la:le], rel[k], cap))
-            la = le
-        else:
-            quotes.append(SourceQuote(ids[b], order_idx[a:e], price[a:e], t[a:e], rel[k], cap))
-        a = e
-    return quotes
+    return QuoteColumns(
+        agent_ids=tuple([ids[b] for b in bidders]), is_leg=is_leg, rows=meta[:, 1], capacity=meta[:, 2],
+        reliability=qf[:n_q], order_idx=idx[:n_rows],
+        values=qf[n_q:n_q + 2 * n_rows].reshape(2, n_rows), source_idx=idx[n_rows:], travel_s=qf[n_q + 2 * n_rows:],
+    )
 
 
 def _raw_quotes(raw: list[dict[str, Any]]) -> list[Quote]:
@@ -349,7 +395,8 @@ def make_mechanism(name: str, payment: str | None = None) -> Mechanism:
     raise ReplayError(f"unknown mechanism '{name}' in the journal (known: auction/greedy|exact/<payment>, static)")
 
 
-def clear(header: RunHeader, rnd: Round, quotes: list[Quote], profile: ProfileCfg, mechanism: Mechanism) -> tuple[QuoteBook, Allocation]:
+def clear(header: RunHeader, rnd: Round, quotes: QuoteColumns | list[Quote], profile: ProfileCfg,
+          mechanism: Mechanism) -> tuple[QuoteBook, Allocation]:
     """Clears a rebuilt round with the engine's own clearing step."""
     return clear_round(rnd, quotes, header.kinds, profile, header.categories, mechanism)
 
@@ -388,7 +435,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def compare(rr: ReplayRound, got: LoggedResult, ids: tuple[str, ...]) -> Mismatch | None:
+def compare(rr: LoggedRound, got: LoggedResult, ids: tuple[str, ...]) -> Mismatch | None:
     """Bit-for-bit comparison; the first differing order and field, or None."""
     want = rr.logged
     same_i = want.award_i.dtype == got.award_i.dtype and want.award_i.tobytes() == got.award_i.tobytes()
@@ -402,20 +449,20 @@ def compare(rr: ReplayRound, got: LoggedResult, ids: tuple[str, ...]) -> Mismatc
     def name(row: int) -> str | None:
         return None if row < 0 else (ids[row] if row < len(ids) else f"#{row}")
 
-    for o, order in enumerate(rr.rnd.orders):
+    for o, order in enumerate(rr.orders):
         for f, fname in enumerate(AWARD_INT_FIELDS):
             a, b = int(want.award_i[f, o]), int(got.award_i[f, o])
             if a != b:
                 if fname == "winner":
-                    return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, "winner (combination)", a, b)
-                return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, f"{fname} bidder", name(a), name(b))
+                    return Mismatch(rr.round_id, rr.seq, order.order_id, "winner (combination)", a, b)
+                return Mismatch(rr.round_id, rr.seq, order.order_id, f"{fname} bidder", name(a), name(b))
         for f, fname in enumerate(AWARD_FLOAT_FIELDS):
             a, b = want.award_f[f, o], got.award_f[f, o]
             if _f64(float(a)) != _f64(float(b)):
-                return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, fname, float(a), float(b))
+                return Mismatch(rr.round_id, rr.seq, order.order_id, fname, float(a), float(b))
         if want.reason[o] != got.reason[o]:
-            return Mismatch(rr.rnd.round_id, rr.seq, order.order_id, "reason", want.reason[o], got.reason[o])
-    return Mismatch(rr.rnd.round_id, rr.seq, None, "total_cost", float(want.total_cost), float(got.total_cost))
+            return Mismatch(rr.round_id, rr.seq, order.order_id, "reason", want.reason[o], got.reason[o])
+    return Mismatch(rr.round_id, rr.seq, None, "total_cost", float(want.total_cost), float(got.total_cost))
 
 
 # --------------------------------------------------------------------------- KPIs
@@ -447,17 +494,25 @@ class OutcomeKpis:
     t_on_time: Counter[int] = field(default_factory=Counter)
     t_kind: defaultdict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
+    def forked(self, clear_ms: list[float]) -> OutcomeKpis:
+        """A deep copy that goes on with other clearing times.
+
+        Replay's re-cleared KPIs are the logged ones for as long as every re-cleared
+        round matches its log bit for bit, so replay adds each round to the logged KPIs
+        only and forks the re-cleared ones off at the first difference.
+        """
+        return copy.deepcopy(self, {id(self.clear_ms): clear_ms})  # the memo hands over clear_ms, uncopied
+
     def order_in(self, vip: bool) -> None:
         """Counts an order received."""
         self.orders += 1
         self.vip_orders += int(vip)
 
-    def add_round(self, rnd: Round, res: LoggedResult, header: RunHeader) -> None:
+    def add_round(self, orders: tuple[Order, ...], opened_s: float, res: LoggedResult, header: RunHeader) -> None:
         """Adds a round's outcome; an order already awarded in an earlier round is not counted again."""
         self.rounds += 1
-        self.slots += rnd.size
+        self.slots += len(orders)
         winners = res.award_i[0].tolist()
-        orders = rnd.orders
         awarded = self.awarded
         if -1 in winners:
             for o, w in enumerate(winners):
@@ -465,10 +520,9 @@ class OutcomeKpis:
                     self.last_reason[orders[o].order_id] = res.reason[o]
         if len(winners) == winners.count(-1):
             return
-        minute = int(rnd.opened_s // 60)
+        minute = int(opened_s // 60)
         sp, lp, score, delivery = res.award_f.tolist()
         legs = res.award_i[2].tolist()
-        promise, vips = rnd.promise_s.tolist(), rnd.vip.tolist()
         ids, kinds = header.bidder_ids, header.kinds
         for o, w in enumerate(winners):
             if w < 0:
@@ -480,9 +534,9 @@ class OutcomeKpis:
                 continue
             awarded.add(oid)
             self.last_reason.pop(oid, None)
-            vip = vips[o]
+            vip = orders[o].tier == Tier.VIP
             pay = sp[o] + lp[o]
-            on_time = delivery[o] <= promise[o]
+            on_time = delivery[o] <= orders[o].promise_s
             self.fulfilled += 1
             self.vip_fulfilled += vip
             self.on_time += on_time
@@ -613,23 +667,12 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v != {}}
 
 
-def _drop_orders(rnd: Round, quotes: list[Quote], keep: list[int], header: RunHeader) -> tuple[Round, list[Quote]]:
+def _drop_orders(rnd: Round, quotes: QuoteColumns, keep: list[int], header: RunHeader) -> tuple[Round, QuoteColumns]:
     """The round without orders the what-if already served, quotes remapped to the rest."""
     sub = build_round(rnd.round_id, rnd.opened_s, [rnd.orders[o] for o in keep], rnd.sources, header.grid, header.sku_index)
     remap = np.full(rnd.size, -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
-    out: list[Quote] = []
-    for q in quotes:
-        new = remap[q.order_idx]
-        m = new >= 0
-        if not m.any():
-            continue
-        if isinstance(q, LegQuote):
-            out.append(LegQuote(q.agent_id, new[m], q.source_idx[m], q.price[m], q.pickup_s[m], q.travel_s[m],
-                                q.reliability, q.capacity))
-        else:
-            out.append(SourceQuote(q.agent_id, new[m], q.price[m], q.ready_s[m], q.reliability, q.capacity))
-    return sub, out
+    return sub, quotes.for_orders(remap)
 
 
 def replay(
@@ -641,6 +684,7 @@ def replay(
     verify: bool = True,
     stop_at_first: bool = False,
     progress: Progress | None = None,
+    workers: int = 1,
 ) -> ReplayReport:
     """Streams a journal once: re-clears every round, verifies, and computes KPIs.
 
@@ -652,11 +696,31 @@ def replay(
             what-if it is always done (it is what gives the re-cleared KPIs).
         stop_at_first: Stop at the first mismatching round.
         progress: ``progress(orders_read, expected_orders or None)``.
+        workers: Processes that share the re-clearing, without a what-if (forked; one
+            where the platform cannot fork). Each reads the whole journal and re-clears
+            every ``workers``-th round, so more only pay on a large journal with idle
+            cores. The report is the one-process report: a round that differs, or an
+            error, sends the journal through one process, which reports it.
     """
+    if workers < 1:
+        raise ReplayError(f"workers must be at least 1, not {workers}")
     what_if = profile is not None or payment is not None
-    verify = verify or not what_if
-    logged, replayed = OutcomeKpis(), OutcomeKpis() if verify else None
+    if workers > 1 and not what_if and "fork" in multiprocessing.get_all_start_methods():
+        report = _sharded(path, workers, progress)
+        if report is not None:
+            return report
+    return _replay(path, profile, profile_name, payment, verify or not what_if, stop_at_first, progress, None)
+
+
+def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_name: str | None, payment: str | None,
+            verify: bool, stop_at_first: bool, progress: Progress | None,
+            shard: tuple[int, int] | None) -> ReplayReport:
+    """`replay` in one process; with ``shard`` it re-clears (and counts as verified) that shard's rounds only."""
+    what_if = profile is not None or payment is not None
+    logged = OutcomeKpis()
+    replayed: OutcomeKpis | None = None  # None while every re-cleared round matched: then it is `logged`
     alt = OutcomeKpis() if what_if else None
+    clear_ms: list[float] = []
     received: Counter[int] = Counter()
 
     def on_order(order: Order, now: float) -> None:
@@ -667,53 +731,48 @@ def replay(
         received[int(now // 60)] += 1
 
     journal = JournalReplay(path, progress=progress, on_order=on_order)
-    mechs: dict[str, tuple[Mechanism, Mechanism | None]] = {}
-    index: dict[str, int] = {}
+    alt_mechs: dict[str, Mechanism] = {}
     n_rounds = verified = bad = 0
     first: Mismatch | None = None
     stopped = False
     start = time.perf_counter()
-    last: RunHeader | None = None
-    for rr in journal.rounds():
+    rounds: Iterator[LoggedRound] = journal.rounds() if shard is None else journal.shard(*shard)
+    for rr in rounds:
         header = journal.header
         assert header is not None
-        if header is not last:  # the first round, or a new run segment
-            last = header
-            if header.mechanism not in mechs:
-                mechs[header.mechanism] = (make_mechanism(header.mechanism),
-                                           make_mechanism(header.mechanism, payment) if what_if else None)
-            index = {b: i for i, b in enumerate(header.bidder_ids)}
-        base_mech, alt_mech = mechs[header.mechanism]
         n_rounds += 1
-        logged.add_round(rr.rnd, rr.logged, header)
+        diff = None
+        if verify and isinstance(rr, ReplayRound):
+            got, diff = _reclear(rr, header, clear_ms)
+            verified += 1
+            if diff is not None and replayed is None:
+                replayed = logged.forked(clear_ms)  # the rounds before this one matched
+            if replayed is not None:
+                replayed.add_round(rr.orders, rr.opened_s, got, header)
+        logged.add_round(rr.orders, rr.opened_s, rr.logged, header)
         if "clear_ms" in rr.facts:
             logged.clear_ms.append(float(rr.facts["clear_ms"]))
-        if replayed is not None:
-            t0 = time.perf_counter()
-            book, alloc = clear(header, rr.rnd, rr.quotes, rr.profile, base_mech)
-            replayed.clear_ms.append((time.perf_counter() - t0) * 1000.0)
-            got = _result(book, alloc, index)
-            replayed.add_round(rr.rnd, got, header)
-            verified += 1
-            diff = compare(rr, got, header.bidder_ids)
-            if diff is not None:
-                bad += 1
-                first = first or diff
-                if stop_at_first:
-                    stopped = True
-                    break
-        if alt is not None and alt_mech is not None:
-            keep = [o for o, order in enumerate(rr.rnd.orders) if order.order_id not in alt.awarded]
+        if diff is not None:
+            bad += 1
+            first = first or diff
+            if stop_at_first:
+                stopped = True
+                break
+        if alt is not None and isinstance(rr, ReplayRound):
+            if header.mechanism not in alt_mechs:
+                alt_mechs[header.mechanism] = make_mechanism(header.mechanism, payment)
+            keep = [o for o, order in enumerate(rr.orders) if order.order_id not in alt.awarded]
             rnd, quotes = rr.rnd, rr.quotes
             if len(keep) < rnd.size:
                 if not keep:
                     continue
                 rnd, quotes = _drop_orders(rnd, quotes, keep, header)
             t0 = time.perf_counter()
-            book, alloc = clear(header, rnd, quotes, profile or rr.profile, alt_mech)
+            book, alloc = clear(header, rnd, quotes, profile or rr.profile, alt_mechs[header.mechanism])
             alt.clear_ms.append((time.perf_counter() - t0) * 1000.0)
-            got = _result(book, alloc, index)
-            alt.add_round(rnd, got, header)
+            alt.add_round(rnd.orders, rnd.opened_s, _result(book, alloc, header.index), header)
+    if verify and replayed is None:  # every round matched: the logged outcomes, with replay's clearing times
+        replayed = replace(logged, clear_ms=clear_ms)  # shares counters; neither changes any more
     seconds = time.perf_counter() - start
     if journal.header is None:  # a journal with no rounds: rounds() raised already if no run_started
         raise ReplayError(f"{path}: no run_started record: nothing to replay")
@@ -727,6 +786,52 @@ def replay(
         what_if_settings=settings, received_per_minute=received, seconds=seconds, stopped_early=stopped,
         segments=journal.segments,
     )
+
+
+def _reclear(rr: ReplayRound, header: RunHeader, clear_ms: list[float]) -> tuple[LoggedResult, Mismatch | None]:
+    """Clears a round again as it was cleared, timed: the result and its first difference from the log."""
+    t0 = time.perf_counter()
+    book, alloc = clear(header, rr.rnd, rr.quotes, rr.profile, header.clearing)
+    clear_ms.append((time.perf_counter() - t0) * 1000.0)
+    got = _result(book, alloc, header.index)
+    return got, compare(rr, got, header.bidder_ids)
+
+
+def _sharded(path: str | os.PathLike[str], workers: int, progress: Progress | None) -> ReplayReport | None:
+    """A verifying replay shared by ``workers`` processes, this one included.
+
+    This process reads every round for the KPIs and re-clears shard 0; forked workers
+    re-clear the others. None where a one-process pass must tell what happened: a round
+    that differs from its log, or an error anywhere.
+    """
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        others = [pool.submit(_verify_shard, str(path), k, workers) for k in range(1, workers)]
+        try:
+            report = _replay(path, None, None, None, True, True, progress, (0, workers))
+            shards = [f.result() for f in others]
+        except Exception:  # noqa: BLE001 - the one-process pass raises it again, exactly
+            return None
+    if not report.ok or not all(ok for ok, _ in shards):
+        return None
+    assert report.replayed is not None
+    clear_ms = [0.0] * report.rounds  # each round's clearing time, in journal order
+    clear_ms[0::workers] = report.replayed.clear_ms
+    for k, (_, ms) in enumerate(shards, 1):
+        clear_ms[k::workers] = ms
+    report.verified_rounds = report.rounds
+    report.replayed = replace(report.logged, clear_ms=clear_ms)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _verify_shard(path: str, shard: int, shards: int) -> tuple[bool, list[float]]:
+    """A worker's part of `_sharded`: whether its rounds match their log, and their clearing times."""
+    with warnings.catch_warnings():  # the parent reads the same journal and gives any warning once
+        warnings.simplefilter("ignore")
+        report = _replay(path, None, None, None, True, True, None, (shard, shards))
+    assert report.replayed is not None
+    return report.ok, report.replayed.clear_ms
 
 
 def _payment_of(mechanism: str) -> str | None:

@@ -134,6 +134,68 @@ def test_tampered_payment_is_named(heuristic: tuple[Path, dict[str, Any]], tmp_p
     assert mismatch is not None and mismatch.round_id == done[0] and mismatch.field == "leg_payment"
 
 
+def legs_first(rec: dict[str, Any]) -> None:
+    """Lays a round's flat quotes out legs first, sources after, each kind in its order.
+
+    A shell that journals quotes as they arrive may interleave them so.
+    """
+    if rec["type"] != "round_cleared" or "q_counts" not in rec:
+        return
+    n_q, n_rows, _ = rec["q_counts"]
+    qi, qf = rec["quotes_i"], rec["quotes_f"]
+    meta = qi[:4 * n_q].reshape(n_q, 4)
+    ends = np.cumsum(meta[:, 1])
+    rows = [slice(e - r, e) for e, r in zip(ends, meta[:, 1])]
+    leg_ends = np.cumsum(meta[:, 1] * meta[:, 3])
+    legs = [slice(e - r, e) for e, r in zip(leg_ends, meta[:, 1] * meta[:, 3])]
+    order = [k for k in range(n_q) if meta[k, 3]] + [k for k in range(n_q) if not meta[k, 3]]
+    idx, values = qi[4 * n_q:].reshape(2, n_rows), qf[n_q:n_q + 2 * n_rows].reshape(2, n_rows)
+    travel = qf[n_q + 2 * n_rows:]
+    rec["quotes_i"] = np.concatenate([meta[order].ravel(), *(idx[i, rows[k]] for i in (0, 1) for k in order)])
+    rec["quotes_f"] = np.concatenate([qf[:n_q][order], *(values[i, rows[k]] for i in (0, 1) for k in order),
+                                      *(travel[legs[k]] for k in order if meta[k, 3])])
+
+
+def test_quotes_journaled_legs_first_clear_the_same(heuristic: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    path, _ = heuristic
+    moved = tmp_path / "legs_first.bhj"
+    rewrite(path, moved, legs_first)
+    mixed = [r for r in read_journal(moved) if r["type"] == "round_cleared" and r["q_counts"][2]
+             and r["q_counts"][2] < r["q_counts"][1]]
+    assert mixed and all(r["quotes_i"][3] == 1 for r in mixed)  # the first quote is now a leg
+    report = replay(moved)
+    assert report.ok, report.first_mismatch
+    assert report.verified_rounds == replay(path).verified_rounds
+
+
+def untimed(report: Any) -> dict[str, Any]:
+    """A report as JSON, less what times this machine (seconds, clearing percentiles)."""
+    out = json.loads(json.dumps(report.as_dict()))
+    del out["seconds"], out["rounds_per_s"]
+    for kpis in out["kpis"].values():
+        del kpis["p50_clear_ms"], kpis["p99_clear_ms"]
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_report_what_one_process_does(heuristic: tuple[Path, dict[str, Any]], tmp_path: Path,
+                                              workers: int) -> None:
+    path, _ = heuristic
+    one, shared = replay(path), replay(path, workers=workers)
+    assert untimed(shared) == untimed(one)
+    assert shared.replayed is not None and len(shared.replayed.clear_ms) == shared.rounds == shared.verified_rounds
+    two_runs = tmp_path / "two.bhj"
+    record(two_runs, n_orders=40, seed=1)
+    record(two_runs, policy="static", n_orders=40, seed=2)
+    assert untimed(replay(two_runs, workers=workers)) == untimed(replay(two_runs))
+    bad = tmp_path / "bad.bhj"
+    rewrite(path, bad, lambda rec: rec.update(total_cost=rec["total_cost"] + 1.0) if rec.get("round_id") == 7
+            and rec["type"] == "round_cleared" else None)
+    for stop in (False, True):  # a difference sends the journal through one process: the same report
+        one, shared = replay(bad, stop_at_first=stop), replay(bad, stop_at_first=stop, workers=workers)
+        assert not shared.ok and untimed(shared) == untimed(one)
+
+
 # --------------------------------------------------------------------------- what-if
 
 
