@@ -63,10 +63,10 @@ class CrowdCarrier(Agent):
 
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[LegQuote | None, Any]:
         cfg = self.cfg
-        orders = np.nonzero(eligible)[0]
+        orders = eligible.nonzero()[0]
         src = rnd.sources
-        legs = distance_km(src.x[:, None], src.y[:, None], rnd.x[orders], rnd.y[orders])
-        s_idx, o_idx = nearest_pairs(rnd, legs, np.arange(len(src.ids)), orders, cfg.max_sources)
+        s_idx, o_idx = nearest_pairs(rnd, np.arange(len(src.ids)), orders, cfg.max_sources,
+                                     lambda: distance_km(src.x[:, None], src.y[:, None], rnd.x[orders], rnd.y[orders]))
         leg = distance_km(src.x[s_idx], src.y[s_idx], rnd.x[o_idx], rnd.y[o_idx])
         shift = self.on_shift(now)
         surge = 1.0 + cfg.surge_k * (self.active.level / shift) ** 2

@@ -70,6 +70,8 @@ class HoldBook:
 
     def expire(self, now: float) -> list[Hold]:
         """Drops holds past their time-to-live and returns them so payloads can be freed."""
+        if not self._holds:  # the usual case, asked once per bidder per round
+            return []
         stale = [h for h in self._holds.values() if h.expires_s < now]
         for hold in stale:
             self.release(hold.round_id)

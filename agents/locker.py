@@ -49,16 +49,18 @@ class PickupLocker(Agent):
         return float(np.ceil((now - self.shuttle_offset_s) / every) * every + self.shuttle_offset_s)
 
     def _reach(self, rnd: Round) -> np.ndarray:
-        walk = distance_km(rnd.x, rnd.y, self.x, self.y) <= self.cfg.walk_km
-        return walk & rnd.locker_ok & (rnd.units <= self.cfg.max_units)
+        fits = rnd.locker_ok & (rnd.units <= self.cfg.max_units)
+        if not np.count_nonzero(fits):  # most rounds: skip the distances
+            return fits
+        return fits & (distance_km(rnd.x, rnd.y, self.x, self.y) <= self.cfg.walk_km)
 
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[LegQuote | None, Any]:
         cfg = self.cfg
-        orders = np.nonzero(eligible)[0]
+        orders = eligible.nonzero()[0]
         src = rnd.sources
         shuttle_km = distance_km(src.x, src.y, self.x, self.y)
-        dist = np.broadcast_to(shuttle_km[:, None], (len(src.ids), len(orders)))
-        s_idx, o_idx = nearest_pairs(rnd, dist, np.arange(len(src.ids)), orders, cfg.max_sources)
+        s_idx, o_idx = nearest_pairs(rnd, np.arange(len(src.ids)), orders, cfg.max_sources,
+                                     lambda: np.broadcast_to(shuttle_km[:, None], (len(src.ids), len(orders))))
         quote = LegQuote(
             agent_id=self.agent_id,
             order_idx=o_idx,

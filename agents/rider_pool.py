@@ -39,7 +39,7 @@ class RiderPool(Agent):
         return self.cfg.riders
 
     def capacity_free(self) -> int:
-        return int(self.cfg.riders - self.busy.sum())
+        return self.cfg.riders - int(np.count_nonzero(self.busy))
 
     def utilization(self, now: float) -> float:
         return self.in_use.share(now, self.cfg.riders)
@@ -52,7 +52,7 @@ class RiderPool(Agent):
 
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[LegQuote | None, Any]:
         cfg = self.cfg
-        orders = np.nonzero(eligible)[0]
+        orders = eligible.nonzero()[0]
         src = rnd.sources
         sources = self._reachable_sources(src)
         free = ~self.busy
@@ -61,8 +61,10 @@ class RiderPool(Agent):
         to_src = distance_km(self.rider_x[free, None], self.rider_y[free, None], src.x[sources], src.y[sources])
         reach = np.zeros(len(src.ids))
         reach[sources] = to_src.min(axis=0)  # nearest free rider per source
-        legs = distance_km(src.x[sources, None], src.y[sources, None], rnd.x[orders], rnd.y[orders])
-        s_idx, o_idx = nearest_pairs(rnd, legs, sources, orders, cfg.max_sources)
+        s_idx, o_idx = nearest_pairs(
+            rnd, sources, orders, cfg.max_sources,
+            lambda: distance_km(src.x[sources, None], src.y[sources, None], rnd.x[orders], rnd.y[orders]),
+        )
         r = reach[s_idx]
         leg = distance_km(src.x[s_idx], src.y[s_idx], rnd.x[o_idx], rnd.y[o_idx])
         quote = LegQuote(

@@ -73,19 +73,26 @@ class Warehouse(Agent):
         which serves them in round order and never oversells.
         """
         ok = eligible & ~rnd.has_unknown_sku
-        rows = np.nonzero(ok[rnd.item_order])[0]
+        rows = ok[rnd.item_order].nonzero()[0]
         sku, qty, order = rnd.item_sku[rows], rnd.item_qty[rows], rnd.item_order[rows]
         free = self.stock[sku] - self.held_stock[sku]
-        sorted_sku = np.sort(sku)
-        if len(sku) > 1 and (sorted_sku[1:] == sorted_sku[:-1]).any():
+        if self._repeats(sku):
             row_ok = self._cumulative_fit(sku, qty, order, free)
         else:
             row_ok = qty <= free
-        if not row_ok.all():
+        if np.count_nonzero(row_ok) < len(row_ok):
             ok[order[~row_ok]] = False
             keep = ok[order]
             sku, qty, order = sku[keep], qty[keep], order[keep]
         return ok, (order, sku, qty)
+
+    @staticmethod
+    def _repeats(sku: np.ndarray) -> bool:
+        """Whether a SKU appears on more than one line."""
+        if len(sku) < 2:
+            return False
+        sorted_sku = np.sort(sku)
+        return bool(np.count_nonzero(sorted_sku[1:] == sorted_sku[:-1]))
 
     @staticmethod
     def _cumulative_fit(sku: np.ndarray, qty: np.ndarray, order: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -101,7 +108,7 @@ class Warehouse(Agent):
 
     def _price(self, rnd: Round, now: float, eligible: np.ndarray, markup: float) -> tuple[SourceQuote | None, Any]:
         ok, lines = self._stock_ok(rnd, eligible)
-        idx = np.nonzero(ok)[0]
+        idx = ok.nonzero()[0]
         if len(idx) == 0:
             return None, None
         np.add.at(self.held_stock, lines[1], lines[2])

@@ -2,7 +2,9 @@
 
 - env steps/s on one process (the default training env: district fleet, peak profile,
   4,300 orders; and the city fleet for comparison), then vectorized with SB3's
-  DummyVecEnv and SubprocVecEnv (2 envs);
+  DummyVecEnv and SubprocVecEnv (2 envs). The machine is shared, so each figure carries
+  the load average around it, and single-process figures also count steps per second
+  of the process's own CPU time, which other jobs disturb less than wall time;
 - the default training run's wall time, read from the shipped policy's card.json
   (measured when it was trained; `--quick` times a tiny training run instead);
 - RL inference per decision (`RLPolicy.decide`: encode, torch forward, decode), which is
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,13 @@ TARGET_STEPS_PER_S = 5000
 TARGET_INFERENCE_MS = 1.0
 
 
+def _loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _env_steps(kw: dict[str, Any], steps: int, seed: int = 0) -> dict[str, Any]:
-    """Steps one env with a fixed mid-range action; resets at the end of a day."""
+    """Steps one env with a fixed mid-range action; resets at the end of a day (resets are counted)."""
     from envs.fulfilment import FulfilmentAuctionEnv
 
     env = FulfilmentAuctionEnv(**kw)
@@ -35,7 +43,8 @@ def _env_steps(kw: dict[str, Any], steps: int, seed: int = 0) -> dict[str, Any]:
     action = np.zeros(env.action_space.shape, dtype=np.float32)
     rounds0 = env.sim.engine.kpis.rounds if env.sim else 0
     rounds, done_steps = 0, 0
-    t0 = time.perf_counter()
+    load = _loadavg()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while done_steps < steps:
         _, _, term, trunc, _ = env.step(action)
         done_steps += 1
@@ -43,12 +52,13 @@ def _env_steps(kw: dict[str, Any], steps: int, seed: int = 0) -> dict[str, Any]:
             rounds += env.sim.engine.kpis.rounds - rounds0 if env.sim else 0
             env.reset()
             rounds0 = env.sim.engine.kpis.rounds if env.sim else 0
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     rounds += (env.sim.engine.kpis.rounds - rounds0) if env.sim else 0
     env.close()
     return {"env": {k: v for k, v in kw.items()}, "steps": steps, "wall_s": round(wall, 3),
-            "steps_per_s": round(steps / wall, 1), "rounds_per_step": round(rounds / steps, 2),
-            "ms_per_round": round(wall * 1000.0 / max(1, rounds), 4)}
+            "steps_per_s": round(steps / wall, 1), "cpu_steps_per_s": round(steps / cpu, 1),
+            "rounds_per_step": round(rounds / steps, 2), "ms_per_round": round(wall * 1000.0 / max(1, rounds), 4),
+            "loadavg": [load, _loadavg()]}
 
 
 def _vec_steps(kind: str, n_envs: int, steps: int) -> dict[str, Any]:
@@ -68,12 +78,14 @@ def _vec_steps(kind: str, n_envs: int, steps: int) -> dict[str, Any]:
     venv.seed(0)
     venv.reset()
     actions = np.zeros((n_envs, *venv.action_space.shape), dtype=np.float32)
+    load = _loadavg()
     t0 = time.perf_counter()
     for _ in range(steps // n_envs):
         venv.step(actions)
     wall = time.perf_counter() - t0
     venv.close()
-    return {"vec": kind, "n_envs": n_envs, "steps": steps, "wall_s": round(wall, 3), "steps_per_s": round(steps / wall, 1)}
+    return {"vec": kind, "n_envs": n_envs, "steps": steps, "wall_s": round(wall, 3),
+            "steps_per_s": round(steps / wall, 1), "loadavg": [load, _loadavg()]}
 
 
 def _inference(policy_path: Path, calls: int) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def run_episode(policy_path: str, row: str, kw: dict[str, Any], sim_seed: int) -
     kw["others"] = kw.get("others", "heuristic") if rl else ROW_OTHERS[row]
     if not rl:
         kw.pop("peers", None)  # a baseline row is the baseline for every bidder
+    kw["exact_every"] = None  # efficiency_vs_exact is reported, so sample exact clearing as the scenario says
     env = FulfilmentAuctionEnv(**kw)
     model = RLPolicy(policy_path) if rl else None
     strategy: BiddingStrategy = LoadMarkup() if row == "heuristic" else CostPricing()

@@ -184,6 +184,8 @@ class MarketEngine:
         """Realises each award in the world and builds the lines each winner commits."""
         rnd, book, alloc = out.rnd, out.book, out.alloc
         won = np.flatnonzero(alloc.winner >= 0)
+        if len(won) == 0:  # most rounds of a busy day; realising nothing would draw nothing
+            return {}
         c, w = book.combos, alloc.winner[won]
         src_ids = [book.bidder_ids[i] for i in c.src[w].tolist()]
         leg_ids = [book.bidder_ids[i] for i in c.leg[w].tolist()]

@@ -56,13 +56,11 @@ class PendingRound:
     Attributes:
         batch: (order, attempts so far) for each order of the round, in round order.
         outcome: the traded round, once the generator has been resumed.
-        gave_up: indices of the round's orders that ended unfulfilled in it.
     """
 
     rnd: Round
     batch: list[tuple[Order, int]]
     outcome: RoundOutcome | None = None
-    gave_up: list[int] = field(default_factory=list)
 
 
 class Simulator:
@@ -99,10 +97,9 @@ class Simulator:
     def rounds(self, progress: Progress | None = None) -> Iterator[PendingRound]:
         """Runs the day step-wise: yields each round once opened, before any bidder quotes.
 
-        The round is traded when the generator is resumed, and its `outcome` (and the
-        orders that ended unfulfilled in it) are filled in then. `run()` drains this
-        generator, so a step-wise driver (the Gymnasium env) and `run()` follow exactly
-        the same path and give the same awards and KPIs.
+        The round is traded when the generator is resumed, and its `outcome` is filled
+        in then. `run()` drains this generator, so a step-wise driver (the Gymnasium
+        env) and `run()` follow exactly the same path and give the same awards and KPIs.
         """
         rc = self.setup.scenario.round
         orders, i, n = self.orders, 0, len(self.orders)
@@ -144,7 +141,6 @@ class Simulator:
                 heapq.heappush(self._retry, (now + rc.retry_after_s, self._seq, order, attempts))
             else:
                 self.engine.kpis.gave_up(reason)
-                pending.gave_up.append(o)
         pending.outcome = out
         return out
 

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -13,9 +14,12 @@ import pytest
 
 import envs
 from bidhive_cli.output import to_json
+from agents.fleet import build_fleet
 from envs.fulfilment import FulfilmentAuctionEnv, base_policy
-from market.config import load_fleet, load_scenario
-from market.simulator import SimSetup, Simulator
+from market.config import ProfileCfg, load_fleet, load_scenario
+from market.demand import generate_orders
+from market.round import build_round
+from market.simulator import PendingRound, SimSetup, Simulator
 from policies.base import BidContext, BidDecision
 from policies.heuristic import LoadMarkup
 from policies.registry import NetworkPolicy, make_policy
@@ -70,21 +74,99 @@ class _FixedLearner:
         return self.decision if ctx.agent_id == self.learner_id else self.rest.decide(ctx)
 
 
+MARKUP_1_5 = np.array([-0.5, -1.0], dtype=np.float32)  # markup 1.5, no holdback: exact in float32
+
+
+def _day(env: FulfilmentAuctionEnv, sim_seed: int) -> tuple[list[np.ndarray], list[float], dict[str, Any]]:
+    """Observations, rewards and final info of one day bid at a fixed markup of 1.5."""
+    obs, _ = env.reset(options={"sim_seed": sim_seed})
+    seen, rewards, done, final = [obs], [], False, {}
+    while not done:
+        obs, r, done, _, final = env.step(MARKUP_1_5)
+        seen.append(obs)
+        rewards.append(r)
+    return seen, rewards, final
+
+
+def _reference_sim(learner_id: str, sim_seed: int) -> Simulator:
+    """The day `_day` steps through on SMALL, built as a plain Simulator with the learner's bid fixed."""
+    learner = _FixedLearner(learner_id, decode_action(MARKUP_1_5), LoadMarkup())
+    policy = NetworkPolicy("x", learner, base_policy("heuristic", "first_score").mechanism)
+    return Simulator(SimSetup.build(load_scenario("peak"), policy, seed=sim_seed, n_orders=300,
+                                    fleet_cfg=load_fleet("district")))
+
+
 def test_env_steps_the_real_simulator() -> None:
     """A day stepped through the env ends with the same KPIs, byte for byte, as Simulator.run()."""
-    env = FulfilmentAuctionEnv(**SMALL)
-    _, info = env.reset(options={"sim_seed": 5})
-    action = np.array([-0.5, -1.0], dtype=np.float32)  # markup 1.5, no holdback: exact in float32
-    assert decode_action(action) == BidDecision(1.5, 0.0)
-    done, final = False, {}
-    while not done:
-        _, _, done, _, final = env.step(action)
-    heuristic = base_policy("heuristic", "first_score")
-    policy = NetworkPolicy("x", _FixedLearner(info["learner_id"], BidDecision(1.5, 0.0), LoadMarkup()), heuristic.mechanism)
-    sim = Simulator(SimSetup.build(load_scenario("peak"), policy, seed=5, n_orders=300, fleet_cfg=load_fleet("district")))
+    assert decode_action(MARKUP_1_5) == BidDecision(1.5, 0.0)
+    env = FulfilmentAuctionEnv(**SMALL, exact_every=None)  # the scenario's exact sampling, as Simulator.run()
+    _, _, final = _day(env, 5)
+    sim = _reference_sim(env.learner_id, 5)
     sim.run()
     assert to_json(final["kpis"]) == to_json(sim.report(timing=False))
     assert final["learner_bids"] > 0 and final["learner_profit"] > 0
+
+
+def test_exact_sampling_is_off_by_default_and_changes_nothing_else() -> None:
+    """Training skips the efficiency_vs_exact samples (~2 ms each); the day itself is the same."""
+    obs, rewards, final = _day(FulfilmentAuctionEnv(**SMALL), 5)
+    obs_x, rewards_x, final_x = _day(FulfilmentAuctionEnv(**SMALL, exact_every=None), 5)
+    assert final["kpis"]["efficiency_vs_exact"] is None and final_x["kpis"]["efficiency_vs_exact"] is not None
+    assert all(np.array_equal(a, b) for a, b in zip(obs, obs_x)) and rewards == rewards_x
+    assert {**final["kpis"], "efficiency_vs_exact": None} == {**final_x["kpis"], "efficiency_vs_exact": None}
+    assert {k: v for k, v in final.items() if k != "kpis"} == {k: v for k, v in final_x.items() if k != "kpis"}
+
+
+def _fleet_cost(pending: PendingRound, profile: ProfileCfg, max_attempts: int) -> float:
+    """What one traded round cost the retailer: payments, lateness and the penalty of orders given up."""
+    out = pending.outcome
+    assert out is not None
+    rnd, alloc, cost = out.rnd, out.alloc, 0.0
+    for o, reason in enumerate(out.alloc.reason):
+        vip = bool(rnd.vip[o])
+        if not reason:
+            cost += float(alloc.src_payment[o] + alloc.leg_payment[o])
+            if out.delivered_s[o] > rnd.promise_s[o]:
+                cost += profile.lateness_penalty * (profile.vip_lateness_multiplier if vip else 1.0)
+        elif pending.batch[o][1] + 1 >= max_attempts:
+            cost += profile.vip_unfulfilled_penalty if vip else profile.unfulfilled_penalty
+    return cost
+
+
+def test_network_reward_is_the_fleet_cost_of_the_day() -> None:
+    """The day's network reward, read from the KPI counters, is the sum of every round's fleet cost."""
+    env = FulfilmentAuctionEnv(**SMALL)
+    _, _, final = _day(env, 5)
+    total, last = 0.0, None
+    for pending in _reference_sim(env.learner_id, 5).rounds():
+        if last is not None:
+            total += _fleet_cost(last, env.profile, env.scenario.round.max_attempts)
+        last = pending
+    assert last is not None
+    total += _fleet_cost(last, env.profile, env.scenario.round.max_attempts)
+    assert final["network_reward"] == pytest.approx(-total, rel=1e-12)
+
+
+def test_a_look_at_the_round_is_reused_by_the_quote_that_follows() -> None:
+    """`bid_context` (the env's look before the bidders are asked) costs the round nothing extra."""
+    fleet_cfg = load_fleet("district")
+    looked, fresh = (build_fleet(fleet_cfg, 3).by_id()["riders-a"] for _ in range(2))
+    f = build_fleet(fleet_cfg, 3)
+    orders = generate_orders(load_scenario("peak"), fleet_cfg, f.env.catalogue, 400, 3)[200:240]
+    now = max(o.created_s for o in orders)
+    rnd, other = (build_round(k, now, orders, f.sources, f.env.grid, f.env.catalogue.index) for k in (1, 2))
+    calls = []
+    prepare = looked._prepare
+    looked._prepare = lambda r, t: calls.append(r.round_id) or prepare(r, t)  # type: ignore[method-assign]
+    assert looked.bid_context(rnd, now) is not None
+    q, q_fresh = looked.quote(rnd, now, LoadMarkup(), 5.0), fresh.quote(rnd, now, LoadMarkup(), 5.0)
+    assert calls == [1] and q is not None and q_fresh is not None
+    fields = ("order_idx", "source_idx", "price", "pickup_s")
+    assert all(np.array_equal(getattr(q, k), getattr(q_fresh, k)) for k in fields)
+    looked.bid_context(other, now)
+    looked.release(2, now)  # any other protocol call drops the look: the next quote prepares afresh
+    looked.quote(other, now, LoadMarkup(), 5.0)
+    assert calls == [1, 2, 2]
 
 
 def test_action_and_observation_codecs_round_trip() -> None:
