@@ -13,6 +13,7 @@ BENCHMARKS = {
     "journal": "bench.journal_bench",
     "ray": "bench.ray_bench",
     "rl": "bench.rl_bench",
+    "serve": "bench.serve_load",
 }
 
 

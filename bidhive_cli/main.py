@@ -14,6 +14,7 @@ from bidhive_cli.errors import UserError
 from bidhive_cli.output import print_kpis, to_json
 from bidhive_cli.replay_cmd import USER_ERRORS as REPLAY_ERRORS
 from bidhive_cli.replay_cmd import replay
+from bidhive_cli.demo_cmd import demo
 from bidhive_cli.rl_cmds import evaluate, train
 from bidhive_cli.serve_cmds import serve
 from market.config import ConfigError, load_profile, load_scenario
@@ -119,6 +120,7 @@ app.command("replay")(replay)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("serve")(serve)
+app.command("demo")(demo)
 
 
 def main() -> None:
