@@ -1,4 +1,4 @@
-"""`bidhive serve` and `bidhive demo`: run the HTTP service, and drive it with synthetic orders."""
+"""`bidhive serve`: run the HTTP service on an embedded local Ray (or RAY_ADDRESS)."""
 from __future__ import annotations
 
 import logging
@@ -39,12 +39,14 @@ def serve(
 ) -> None:
     """Serve the order API on an embedded local Ray (or RAY_ADDRESS) until Ctrl-C."""
     from serve.config import load_serve_cfg
-    from serve.runner import run_service
+    from serve.runner import port_free, run_service
 
     cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
     if cfg.policy.startswith("rl:") and not Path(cfg.policy[3:]).is_file():
         raise UserError(f"policy file {cfg.policy[3:]} not found")
     _preflight(cfg.journal)
+    if not port_free(listen.host, listen.port):
+        raise UserError(f"{listen.host}:{listen.port} is in use; pick another with --port")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=os.environ.get("BIDHIVE_LOG", "WARNING").upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

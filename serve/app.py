@@ -138,8 +138,7 @@ _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="bidhive"'}
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 409, 413, 422, 503)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, max_ongoing_requests=1024,
-                  graceful_shutdown_timeout_s=10)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, graceful_shutdown_timeout_s=10)
 @serve.ingress(api)
 class BidhiveIngress:
     """The bidhive HTTP service (one replica per journal)."""
@@ -229,4 +228,7 @@ class BidhiveIngress:
 
 def build(cfg: ServeCfg) -> Application:
     """The typed app builder `serve run` calls with the `args` of configs/serve.yaml."""
-    return BidhiveIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(cfg)
+    return BidhiveIngress.options(
+        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
+    ).bind(cfg)

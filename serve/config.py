@@ -22,13 +22,14 @@ class BatchCfg(Strict):
     window_ms: float = Field(20.0, ge=0, le=10_000)
     max_batch: int = Field(64, ge=1, le=1024)
     max_rounds_per_call: int = Field(4, ge=1, le=64)
+    in_flight: int = Field(1, ge=1, le=2)
     retry_after_ms: float = Field(200.0, ge=0, le=600_000)
     max_attempts: int = Field(3, ge=1, le=100)
 
     def policy(self) -> BatchPolicy:
         """The core's batching policy."""
         return BatchPolicy(window_s=self.window_ms / 1000.0, max_batch=self.max_batch,
-                           max_rounds_per_call=self.max_rounds_per_call, in_flight=1,
+                           max_rounds_per_call=self.max_rounds_per_call, in_flight=self.in_flight,
                            retry_after_s=self.retry_after_ms / 1000.0, max_attempts=self.max_attempts)
 
 
@@ -45,6 +46,10 @@ class ServeCfg(Strict):
         max_open_orders: orders accepted and not yet ended; beyond it, 503 + Retry-After.
         answer_timeout_s: how long `POST /orders` waits for the auction before answering
             202 ``pending`` (the order carries on; `GET /orders/{id}` has the result).
+        max_ongoing_requests: requests inside the replica at once (most of them waiting
+            for their round); about throughput x round time is enough.
+        max_queued_requests: requests the proxy holds beyond those; the next get 503 +
+            Retry-After at once, so an overload sheds instead of queueing into seconds.
         token: bearer token required on every route but `/healthz` (also `BIDHIVE_TOKEN`).
     """
 
@@ -61,7 +66,8 @@ class ServeCfg(Strict):
     max_open_orders: int = Field(512, ge=1, le=1_000_000)
     answer_timeout_s: float = Field(5.0, gt=0, le=600)
     max_body_bytes: int = Field(16_384, ge=256, le=10_000_000)
-    max_ongoing_requests: int = Field(1024, ge=1, le=100_000)
+    max_ongoing_requests: int = Field(64, ge=1, le=100_000)
+    max_queued_requests: int = Field(32, ge=1, le=100_000)
     reserve_base: float = Field(10.0, ge=0)
     reserve_share: float = Field(0.4, ge=0)
     token: str | None = Field(None, min_length=8, max_length=512)

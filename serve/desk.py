@@ -304,7 +304,8 @@ class OrderDesk:
             for kind, u in gauges.items():
                 m.set("utilization", u, help="Time-averaged utilization by kind.", kind=kind)
             for what, n in sorted(totals.items()):
-                m.set("bidder_calls", float(n), help="Bidder call outcomes since start, by outcome.", outcome=what)
+                m.set_total("bidder_calls_total", float(n), help="Bidder call outcomes since start, by outcome.",
+                            outcome=what)
             return m.render()
 
     def close(self) -> None:

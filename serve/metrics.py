@@ -31,6 +31,11 @@ class Metrics:
         self._counters[name][key] = self._counters[name].get(key, 0.0) + amount
         self._help.setdefault(name, help)
 
+    def set_total(self, name: str, value: float, help: str = "", **labels: str) -> None:
+        """Sets a counter to a running total kept elsewhere (it must never go down)."""
+        self._counters[name][tuple(sorted(labels.items()))] = value
+        self._help.setdefault(name, help)
+
     def set(self, name: str, value: float, help: str = "", **labels: str) -> None:
         """Sets a gauge."""
         self._gauges[name][tuple(sorted(labels.items()))] = value

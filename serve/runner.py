@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 
+from runtime.local_ray import LocalRay
 from serve.config import Listen, ServeCfg
 
 logger = logging.getLogger("bidhive.serve")
@@ -31,6 +33,75 @@ SERVE_ENV = {
     # takes the cores first; here the workers are the service, so they run at normal priority.
     "RAY_worker_niceness": "0",
 }
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Serve's direct ingress: the replica itself listens on `port`, no proxy hop.
+
+    Measured here (metro fleet, Ray bidders, 48 closed-loop clients, same load): 102
+    orders/s against 57 through the proxy actor, which costs ~5-6 ms of CPU per request
+    and makes the replica call back to it for every request's body and disconnect.
+    Serve still starts its proxy; it gets a spare port and nobody is pointed at it.
+    """
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, user code on the replica's loop
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the range is half-open
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # no load balancer to deregister from
+    }
+
+
+def _spare_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether `host:port` can be bound now (checked before Ray starts, for a one-line error)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
+    """Starts Ray (embedded, or joins RAY_ADDRESS), Serve and the app; returns the cluster handle.
+
+    Embedded: direct ingress on `listen`. Joined cluster: its Serve proxy on `listen`
+    (the cluster's own settings decide the rest).
+    """
+    from runtime.local_ray import start_local_ray
+    from runtime.ray_bidders import RAY_BIDDER_ENV
+
+    embedded = os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
+    env = {**RAY_BIDDER_ENV, **SERVE_ENV, **(direct_ingress_env(listen.port) if embedded else {})}
+    cluster = start_local_ray(extra_env=env)
+    try:
+        from ray import serve
+
+        from serve.app import build
+
+        proxy_port = _spare_port(listen.host) if embedded else listen.port
+        serve.start(http_options={"host": listen.host, "port": proxy_port})
+        serve.run(build(cfg), name="bidhive", route_prefix="/", blocking=False)
+    except BaseException:
+        stop_service(cluster)
+        raise
+    return cluster
+
+
+def stop_service(cluster: LocalRay) -> None:
+    """Shuts Serve down (the replica closes the journal, kills its bidders), then Ray."""
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        cluster.shutdown()
 
 
 def curl_example(url: str, token: bool = False) -> str:
@@ -55,20 +126,10 @@ def _stop_on_signals() -> threading.Event:
 def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = print,
                 stop: threading.Event | None = None) -> None:
     """Runs the service until `stop` is set (by default: until SIGINT or SIGTERM)."""
-    from runtime.local_ray import start_local_ray
-    from runtime.ray_bidders import RAY_BIDDER_ENV
-
     started = time.perf_counter()
-    cluster = start_local_ray(extra_env={**RAY_BIDDER_ENV, **SERVE_ENV})
-    # after ray.init, whose fatal-signal handler would otherwise take SIGTERM
-    stop = stop or _stop_on_signals()
+    cluster = launch(cfg, listen)
+    stop = stop or _stop_on_signals()  # after ray.init, whose fatal-signal handler would otherwise take SIGTERM
     try:
-        from ray import serve
-
-        from serve.app import build
-
-        serve.start(http_options={"host": listen.host, "port": listen.port})
-        serve.run(build(cfg), name="bidhive", route_prefix="/", blocking=False)
         url = f"http://{listen.host}:{listen.port}"
         token = bool(cfg.token or os.environ.get("BIDHIVE_TOKEN"))
         say(f"bidhive is serving on {url} ({cfg.bidders} bidders, journal {cfg.journal}, "
@@ -77,10 +138,5 @@ def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = prin
         while not stop.wait(0.5):
             pass
     finally:
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        finally:
-            cluster.shutdown()
+        stop_service(cluster)
         say("bidhive stopped")

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from market.journal import read_journal
-from runtime.local_ray import LocalRay, is_loopback, start_local_ray
-from serve.config import BatchCfg, ServeCfg
+from runtime.local_ray import LocalRay, is_loopback
+from serve.config import BatchCfg, Listen, ServeCfg
+from serve.runner import launch, stop_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -52,14 +53,7 @@ class Service:
         self.cluster: LocalRay | None = None
 
     def start(self) -> None:
-        from ray import serve
-
-        from serve.app import build
-        from serve.runner import SERVE_ENV
-
-        self.cluster = start_local_ray(num_cpus=2, extra_env=SERVE_ENV)
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
-        serve.run(build(self.cfg), name="bidhive", route_prefix="/", blocking=False)
+        self.cluster = launch(self.cfg, Listen(host="127.0.0.1", port=self.port))  # as `bidhive serve` does
         self.client = httpx.Client(base_url=self.url, timeout=30)
         end = time.monotonic() + 120
         while time.monotonic() < end:
@@ -76,14 +70,9 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        from ray import serve
-
         self.client.close()
-        try:
-            serve.shutdown()
-        finally:
-            assert self.cluster is not None
-            self.cluster.shutdown()
+        assert self.cluster is not None
+        stop_service(self.cluster)
 
     def post(self, body: Any, key: str | None = None, **kw: Any) -> httpx.Response:
         headers = {**AUTH, **({"Idempotency-Key": key} if key else {}), **kw.pop("headers", {})}
@@ -272,7 +261,7 @@ def test_metrics_speak_prometheus(svc: Service) -> None:
     text = svc.client.get("/metrics", headers=AUTH).text
     for name in ("bidhive_orders_received_total", "bidhive_rounds_total", "bidhive_quotes_total",
                  'bidhive_clear_latency_ms_bucket{le="+Inf"}', "bidhive_open_orders", "bidhive_utilization{kind=",
-                 'bidhive_orders_ended_total{reason="",status="awarded"}', 'bidhive_bidder_calls{outcome="timed_out"}'):
+                 'bidhive_orders_ended_total{reason="",status="awarded"}', 'bidhive_bidder_calls_total{outcome="timed_out"}'):
         assert name in text, name
 
 
@@ -297,7 +286,7 @@ def test_overload_sheds_with_503_and_loses_no_accepted_order(svc: Service) -> No
 def test_every_socket_is_on_loopback(svc: Service) -> None:
     assert svc.cluster is not None
     socks = svc.cluster.listening_addresses()
-    assert any(s.port == svc.port for s in socks), "the HTTP proxy is one of the session's processes"
+    assert any(s.port == svc.port for s in socks), "the HTTP listener is one of the session's processes"
     assert all(is_loopback(s.ip) for s in socks), [s for s in socks if not is_loopback(s.ip)]
 
 
