@@ -342,14 +342,16 @@ def counter_check(before: dict[str, float], after: dict[str, float], statuses: C
 
     A request the generator abandoned at its hard stop (`abandoned`, taken and not
     answered) may or may not have reached the desk, so each count may exceed what the
-    clients saw by at most that many; every order received must have ended.
+    clients saw by at most that many; every order received must have ended. A 503 comes
+    either from the desk (counted as shed) or from Serve's bounded queue in front of it
+    (never reaches the desk), so the desk's shed count is at most the clients' 503s.
     """
     accepted = statuses[200] + statuses[202]
     seen = {"received": _delta(before, after, "orders_received_total"),
             "ended": _delta(before, after, "orders_ended_total"), "shed": _delta(before, after, "orders_shed_total"),
             "open_after": int(after.get("bidhive_open_orders", -1))}
     agree = (accepted <= seen["received"] <= accepted + abandoned and seen["ended"] == seen["received"]
-             and statuses[503] <= seen["shed"] <= statuses[503] + abandoned and seen["open_after"] == 0)
+             and seen["shed"] <= statuses[503] + abandoned and seen["open_after"] == 0)
     return {**seen, "clients_accepted": accepted, "clients_503": statuses[503], "clients_abandoned": abandoned,
             "agree": agree}
 
