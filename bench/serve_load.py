@@ -47,7 +47,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,7 @@ import httpx
 import numpy as np
 
 from bench.stats import machine
+from serve.runner import spare_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("serve_locustfile.py")
@@ -98,13 +98,6 @@ QUICK = Plan(probe_users=(128,), probe_s=4.0, warmup_s=1.5, open_s=2.0, open_pha
 
 
 # -- the service -------------------------------------------------------------------------------
-def free_port() -> int:
-    """A loopback port nothing listens on now (the other engineers' services keep theirs)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Service:
     """A `bidhive serve` child in its own process group, and where its output goes."""
@@ -121,7 +114,7 @@ class Service:
 
 def start_service(workdir: Path, bidders: str, timeout_s: float = 180.0) -> Service:
     """Starts the service and returns once it prints its ready line and its bidders answer."""
-    port = free_port()
+    port = spare_port(HOST)
     args = ["serve", "--fleet", "metro", "--bidders", bidders, "--host", HOST, "--port", str(port),
             "--journal", str(workdir / "journal.bhj")]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always its own loopback Ray

@@ -51,7 +51,8 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     }
 
 
-def _spare_port(host: str) -> int:
+def spare_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for Serve's unused proxy, tests and benches)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -85,7 +86,7 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
 
         from serve.app import build
 
-        proxy_port = _spare_port(listen.host) if embedded else listen.port
+        proxy_port = spare_port(listen.host) if embedded else listen.port
         serve.start(http_options={"host": listen.host, "port": proxy_port})
         serve.run(build(cfg), name="bidhive", route_prefix="/", blocking=False)
     except BaseException:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ import httpx
 import pytest
 
 from market.journal import JournalWriter
-from serve.runner import EXAMPLE_ORDER
+from serve.runner import EXAMPLE_ORDER, spare_port
 
 BIN = Path(sys.executable).with_name("bidhive")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _session_processes(sid: int) -> list[str]:
@@ -31,7 +24,7 @@ def _session_processes(sid: int) -> list[str]:
 
 @pytest.mark.slow
 def test_serve_answers_the_readme_order_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = spare_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([str(BIN), "serve", "--bidders", "local", "--port", str(port),
                              "--journal", str(tmp_path / "j.bhj")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -7,7 +7,6 @@ with a bearer token and a small `max_open_orders`, so overload is reachable.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from market.journal import read_journal
 from runtime.local_ray import LocalRay, is_loopback
 from serve.config import BatchCfg, Listen, ServeCfg
-from serve.runner import launch, stop_service
+from serve.runner import launch, spare_port, stop_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -36,12 +35,6 @@ GOOD: dict[str, Any] = {
 OK_STATUSES = {200, 202, 401, 404, 409, 413, 422, 503}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Service:
     """A running cluster + app, restartable on the same journal."""
 
@@ -49,7 +42,7 @@ class Service:
         self.cfg = ServeCfg(fleet="district", bidders="ray", journal=str(journal), token=TOKEN, max_open_orders=24,
                             answer_timeout_s=10, max_body_bytes=4096,
                             batch=BatchCfg(window_ms=10, retry_after_ms=50, max_attempts=2))
-        self.port = _free_port()
+        self.port = spare_port()
         self.cluster: LocalRay | None = None
 
     def start(self) -> None:
