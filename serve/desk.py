@@ -102,7 +102,8 @@ class OrderDesk:
         self._restore_keys()
         self.recorder = JournalRecorder(journal, fsync=cfg.fsync)
         self.recorder.writer.on_append = self._on_record
-        spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=cfg.profile,
+        self.profile = self._profile_to_resume()
+        spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=self.profile,
                               seed=cfg.seed, name="serve", batch=cfg.batch.policy(),
                               deadline_s=cfg.deadline_ms / 1000.0, hold_ttl_s=cfg.hold_ttl_s)
         self.host = AuctioneerHost(spec, handles, start=False, recorder=self.recorder, on_end=self._ended)
@@ -116,10 +117,16 @@ class OrderDesk:
         engine = self.host.core.engine
         return {
             "fleet": self.fleet_cfg.model_dump(mode="json"), "seed": self.cfg.seed, "policy": engine.policy.name,
-            "mechanism": engine.policy.mechanism.name, "profile": engine.profile, "profile_name": self.cfg.profile,
+            "mechanism": engine.policy.mechanism.name, "profile": engine.profile, "profile_name": self.profile,
             "max_attempts": self.cfg.batch.max_attempts, "epoch_unix": self.epoch, "shell": "serve",
             "serve": self.cfg.model_dump(mode="json", exclude={"token"}),
         }
+
+    def _profile_to_resume(self) -> str:
+        """The profile last in force in the journal (an operator's live switch outlives a
+        restart), else the configured one."""
+        journaled = self.index.profile
+        return journaled if self.index.segments and journaled in load_profiles() else self.cfg.profile
 
     def _restore_keys(self) -> None:
         for view in self.index.orders.values():

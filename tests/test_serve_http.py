@@ -289,6 +289,7 @@ def test_restart_of_serve_and_ray_keeps_answers(svc: Service) -> None:
     assert first.status_code == 200
     oid = first.json()["order_id"]
     before = svc.client.get(f"/orders/{oid}", headers=AUTH).json()
+    assert svc.client.put("/strategy", json={"profile": "cost_first"}, headers=AUTH).status_code == 200
     svc.stop()
     svc.start()
     after = svc.client.get(f"/orders/{oid}", headers=AUTH).json()
@@ -298,4 +299,5 @@ def test_restart_of_serve_and_ray_keeps_answers(svc: Service) -> None:
     assert again.headers.get("Idempotent-Replayed") == "true"
     fresh = svc.post(_order(8), key="restart-8")
     assert fresh.status_code == 200 and fresh.json()["order_id"] != oid
-    assert svc.client.get("/healthz").json()["segment"] == 2
+    health = svc.client.get("/healthz").json()
+    assert health["segment"] == 2 and health["profile"] == "cost_first"  # an operator's switch outlives a restart
