@@ -159,21 +159,41 @@ def _numeric_body(array: np.ndarray) -> bytes:
 
 
 def _ext_hook(code: int, body: bytes) -> np.ndarray | np.generic:
-    """Rebuild a NumPy array or scalar from its ext body (called by msgpack)."""
+    """Rebuild a NumPy array or scalar from its ext body (called by msgpack).
+
+    Replay decodes a few arrays per record, so the dtype is parsed and checked once
+    per dtype string (`_checked_dtype`), and a native-order array is one copy of the
+    raw bytes: writable, and independent of the record's buffer.
+    """
     if code not in (NUMPY_ARRAY_EXT, NUMPY_SCALAR_EXT):
         raise ValueError(f"unknown msgpack ext type {code}")
     dtype_str, shape, raw = msgpack.unpackb(body, raw=False, use_list=True)
-    dtype = np.dtype(dtype_str)
-    if dtype.kind not in _NUMERIC_KINDS or dtype.char in _UNPORTABLE_CHARS:
-        raise ValueError(f"ext body has unsupported dtype {dtype_str!r}")
+    dtype = _checked_dtype(dtype_str)
     if code == NUMPY_SCALAR_EXT and shape:
         raise ValueError(f"a NumPy scalar has an empty shape, got {shape}")
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"array body has {len(raw)} bytes; dtype {dtype_str} shape {shape} needs {expected}")
-    # astype to native order copies, so the result is writable and owns its data.
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    if dtype.isnative:
+        array = np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    else:  # astype to native order copies, so the result is writable and owns its data.
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     return array[()] if code == NUMPY_SCALAR_EXT else array
+
+
+_DTYPES: dict[str, np.dtype] = {}
+"""Dtype strings already parsed and checked by `_checked_dtype` (at most a few dozen)."""
+
+
+def _checked_dtype(dtype_str: str) -> np.dtype:
+    """The portable numeric dtype an ext body names; ValueError for any other."""
+    dtype = _DTYPES.get(dtype_str)
+    if dtype is None:
+        dtype = np.dtype(dtype_str)
+        if dtype.kind not in _NUMERIC_KINDS or dtype.char in _UNPORTABLE_CHARS:
+            raise ValueError(f"ext body has unsupported dtype {dtype_str!r}")
+        _DTYPES[dtype_str] = dtype
+    return dtype
 
 
 _packers = _Packers()  # after _default, which its packers call

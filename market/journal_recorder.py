@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import importlib.metadata
 import os
 import platform
@@ -121,26 +122,23 @@ def award_arrays(book: QuoteBook, alloc: Allocation, index: dict[str, int]) -> t
     source and leg as rows of the bidder table (``index``; -1: none), and ``award_f``
     [4, n_orders] float64: source payment, leg payment, the winner's score and its
     predicted delivery time (NaN where unserved).
+
+    Replay calls this once per round, most of which hold one order, so the rows are
+    filled as Python lists and each array is made from one flat list by one NumPy call.
     """
     winner = alloc.winner
-    n = len(winner)
-    award_f = np.empty((4, n))
-    award_f[0] = alloc.src_payment
-    award_f[1] = alloc.leg_payment
-    award_f[2:] = np.nan
-    won = np.flatnonzero(winner >= 0)
-    w = winner[won]
-    ids = book.bidder_ids
-    src = [-1] * n
-    leg = [-1] * n
-    if len(w):
-        c = book.combos
-        for o, s, lg in zip(won.tolist(), c.src[w].tolist(), c.leg[w].tolist()):
-            src[o] = index.get(ids[s], -1)
-            leg[o] = index.get(ids[lg], -1)
-        award_f[2, won] = c.score[w]
-        award_f[3, won] = c.delivery_s[w]
-    award_i = np.array((winner.tolist(), src, leg), dtype=np.int32).reshape(3, n)
+    winners = winner.tolist()
+    n = len(winners)
+    src, leg = [-1] * n, [-1] * n
+    score, delivery = [math.nan] * n, [math.nan] * n
+    ids, c = book.bidder_ids, book.combos
+    for o, w in enumerate(winners):
+        if w >= 0:
+            src[o], leg[o] = index.get(ids[c.src.item(w)], -1), index.get(ids[c.leg.item(w)], -1)
+            score[o], delivery[o] = c.score.item(w), c.delivery_s.item(w)
+    award_i = np.array(winners + src + leg, dtype=np.int32).reshape(3, n)
+    payments = alloc.src_payment.tolist() + alloc.leg_payment.tolist()
+    award_f = np.array(payments + score + delivery, dtype=np.float64).reshape(4, n)
     return award_i, award_f
 
 

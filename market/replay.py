@@ -78,6 +78,7 @@ _F64 = struct.Struct("<d")
 AWARD_INT_FIELDS = ("winner", "source", "leg")
 AWARD_FLOAT_FIELDS = ("src_payment", "leg_payment", "score", "delivery_s")
 TIMING_KEYS = ("p50_clear_ms", "p99_clear_ms")
+_REBUILT_ROUNDS = 1024  # rounds kept for their retries: a retry comes within minutes of the market clock
 
 
 class ReplayError(ValueError):
@@ -236,6 +237,7 @@ class JournalReplay:
         self.profile: ProfileCfg | None = None
         self.profile_name = "custom"
         self._sources: SourceSites | None = None
+        self._built: dict[tuple[int, ...], Round] = {}
         self.segments = 1
 
     def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
@@ -312,6 +314,7 @@ class JournalReplay:
             if header is not None:
                 self.segments += 1
                 opened.clear()
+                self._built.clear()  # built with the old segment's grid and catalogue
             header = self.header = _header(rec)
             self._sources = header.sources
             self.profile, self.profile_name = header.profile, header.profile_name
@@ -338,9 +341,28 @@ class JournalReplay:
                      self.profile_name, logged, rec.get("facts") or {})
         if not rebuild:
             return LoggedRound(*as_logged)
-        rnd = build_round(rec["round_id"], head["opened_s"], members, head["sources_obj"], header.grid, header.sku_index)
+        rnd = self._rebuilt(rec["round_id"], head["opened_s"], members, head["sources_obj"], header)
         quotes = _columns(rec, header.bidder_ids) if "q_counts" in rec else QuoteColumns.of(_raw_quotes(rec["quotes"]))
         return ReplayRound(*as_logged, rnd, quotes)
+
+    def _rebuilt(self, round_id: int, opened_s: float, members: tuple[Order, ...], sources: SourceSites,
+                 header: RunHeader) -> Round:
+        """The round, its arrays shared with an earlier round of the very same orders (a retry).
+
+        A retried order comes back unchanged, so a retry round differs from the first
+        only in its id and opening time, and `build_round` is most of a small round's
+        rebuild. Clearing only reads a round's arrays. Keys are object ids, which stay
+        valid because the cached round holds the objects; the oldest entry goes first.
+        """
+        key = (id(sources), *map(id, members))
+        rnd = self._built.get(key)
+        if rnd is not None:
+            return replace(rnd, round_id=round_id, opened_s=float(opened_s))
+        rnd = build_round(round_id, opened_s, members, sources, header.grid, header.sku_index)
+        if len(self._built) >= _REBUILT_ROUNDS:
+            del self._built[next(iter(self._built))]
+        self._built[key] = rnd
+        return rnd
 
 
 def _columns(rec: dict[str, Any], ids: tuple[str, ...]) -> QuoteColumns:

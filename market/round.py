@@ -62,11 +62,27 @@ def build_round(
     grid: CityGrid,
     sku_index: dict[str, int],
 ) -> Round:
-    """Turns orders into the array form every bidder and the clearing use."""
-    lines = [(i, sku_index.get(it.sku, UNKNOWN_SKU), it.qty) for i, o in enumerate(orders) for it in o.items]
+    """Turns orders into the array form every bidder and the clearing use.
+
+    Replay rebuilds every journaled round (most hold one order), so the per-order
+    fields are gathered in Python and turned into arrays with one NumPy call per
+    dtype: each column is a contiguous row of that array, with the values and
+    dtypes a column per field would have.
+    """
+    n = len(orders)
+    lines: list[int] = []  # order index, catalogue index, quantity: line after line
+    unknown = [False] * n
+    for i, o in enumerate(orders):
+        for it in o.items:
+            sku = sku_index.get(it.sku, UNKNOWN_SKU)
+            lines += (i, sku, it.qty)
+            unknown[i] = unknown[i] or sku == UNKNOWN_SKU
     item = np.array(lines, dtype=np.int64).reshape(-1, 3)
-    x, y = grid.to_km(np.array([o.lat for o in orders]), np.array([o.lon for o in orders]))
-    vip = np.array([o.tier == Tier.VIP for o in orders], dtype=bool)
+    vips = [o.tier == Tier.VIP for o in orders]
+    floats = np.array([[o.lat for o in orders], [o.lon for o in orders], [o.created_s for o in orders],
+                       [o.promise_s for o in orders], [o.reserve for o in orders]], dtype=np.float64)
+    flags = np.array([vips, [o.locker_ok for o in orders], unknown], dtype=bool)
+    x, y = grid.to_km(floats[0], floats[1])
     return Round(
         round_id=round_id,
         opened_s=float(opened_s),
@@ -74,16 +90,16 @@ def build_round(
         sources=sources,
         x=x,
         y=y,
-        created_s=np.array([o.created_s for o in orders], dtype=np.float64),
-        promise_s=np.array([o.promise_s for o in orders], dtype=np.float64),
-        reserve=np.array([o.reserve for o in orders], dtype=np.float64),
-        vip=vip,
+        created_s=floats[2],
+        promise_s=floats[3],
+        reserve=floats[4],
+        vip=flags[0],
         category=np.array([CATEGORY_CODES[o.category] for o in orders], dtype=np.int8),
-        locker_ok=np.array([o.locker_ok for o in orders], dtype=bool),
+        locker_ok=flags[1],
         units=np.array([o.units for o in orders], dtype=np.int64),
         item_order=item[:, 0],
         item_sku=item[:, 1],
         item_qty=item[:, 2],
-        vip_share=float(vip.sum()) / max(1, len(orders)),
-        has_unknown_sku=np.bincount(item[:, 0][item[:, 1] == UNKNOWN_SKU], minlength=len(orders)) > 0,
+        vip_share=float(sum(vips)) / max(1, n),
+        has_unknown_sku=flags[2],
     )

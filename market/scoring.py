@@ -32,10 +32,15 @@ def score(
     vip: np.ndarray,
     profile: ProfileCfg,
 ) -> np.ndarray:
-    """Scores combinations element-wise; all arrays share one shape."""
+    """Scores combinations element-wise; all arrays share one shape.
+
+    The VIP lateness weight is multiplied out once, not per combination: the same
+    products (``penalty * 1.0`` is ``penalty``) for one NumPy call less per round.
+    """
     eta_h = np.maximum(delivery_s - now_s, 0.0) / 3600.0
     late = p_late(delivery_s, promise_s, reliability, profile.delay_mean_s)
-    late_weight = profile.lateness_penalty * np.where(vip, profile.vip_lateness_multiplier, 1.0)
+    penalty = profile.lateness_penalty
+    late_weight = np.where(vip, penalty * profile.vip_lateness_multiplier, penalty)
     return price + profile.value_of_time_per_h * eta_h + late_weight * late + profile.reliability_penalty * (1.0 - reliability)
 
 
