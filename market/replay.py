@@ -170,7 +170,8 @@ _TIERS = {t.value: t for t in Tier}  # a dict lookup costs a fraction of Tier(va
 _CATEGORIES = {c.value: c for c in Category}
 
 
-def _order_from(rec: dict[str, Any]) -> Order:
+def order_from_record(rec: dict[str, Any]) -> Order:
+    """The `Order` an ``order_received`` record journaled (bit for bit: floats are float64)."""
     return Order(
         order_id=rec["order_id"], created_s=rec["created_s"], customer_id=rec["customer_id"],
         tier=_TIERS[rec["tier"]], channel=rec["channel"], items=tuple([Item(s, q) for s, q in rec["items"]]),
@@ -298,7 +299,7 @@ class JournalReplay:
                opened: dict[int, dict[str, Any]]) -> RunHeader | None:
         """Applies a record other than round_cleared to the replay state; returns the header."""
         if kind == "order_received":
-            order = _order_from(rec)
+            order = order_from_record(rec)
             self.orders[order.order_id] = order
             self.orders_received += 1
             if self.on_order is not None:

@@ -29,13 +29,13 @@ from market.catalogue import Catalogue
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
 from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
-from market.types import Category, Item, Order, Tier
+from market.replay import order_from_record
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import ServeCfg
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.metrics import Metrics
 from serve.models import OrderIn
-from serve.order_index import OrderIndex, OrderView
+from serve.order_index import OrderIndex
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -58,17 +58,6 @@ class Placed:
     order_id: str
     answer: dict[str, Any] | None = None
     future: Future[dict[str, Any]] | None = None
-
-
-def _order_from_view(view: OrderView) -> Order:
-    """A journaled order, rebuilt to be traded again after a restart."""
-    o = view.order
-    return Order(
-        order_id=view.order_id, created_s=float(o["created_s"]), customer_id=str(o["customer_id"]),
-        tier=Tier(o["tier"]), channel=str(o["channel"]), items=tuple(Item(str(s), int(q)) for s, q in o["items"]),
-        lat=float(o["lat"]), lon=float(o["lon"]), promise_s=float(o["promise_s"]), value=float(o["value"]),
-        category=Category(o["category"]), locker_ok=bool(o["locker_ok"]), reserve=float(o["reserve"]),
-    )
 
 
 class OrderDesk:
@@ -141,7 +130,7 @@ class OrderDesk:
             self._open += 1
         if again:
             logger.warning("resuming %d orders accepted before the restart", len(again))
-            self.host.submit([_order_from_view(v) for v in again])
+            self.host.submit([order_from_record({**v.order, "order_id": v.order_id}) for v in again])
 
     # -- the journal's records -------------------------------------------------------------
     def _on_record(self, rec: dict[str, Any]) -> None:
