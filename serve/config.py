@@ -19,12 +19,12 @@ DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
 class BatchCfg(Strict):
     """How orders become rounds (see `market.auctioneer.BatchPolicy`)."""
 
-    window_ms: float = Field(20.0, ge=0, le=10_000)
+    window_ms: float = Field(5.0, ge=0, le=10_000)
     max_batch: int = Field(64, ge=1, le=1024)
     max_rounds_per_call: int = Field(4, ge=1, le=64)
     in_flight: int = Field(1, ge=1, le=2)
-    retry_after_ms: float = Field(50.0, ge=0, le=600_000)
-    max_attempts: int = Field(3, ge=1, le=100)
+    retry_after_ms: float = Field(20.0, ge=0, le=600_000)
+    max_attempts: int = Field(2, ge=1, le=100)
 
     def policy(self) -> BatchPolicy:
         """The core's batching policy."""
