@@ -343,8 +343,7 @@ class JournalReplay:
         if not rebuild:
             return LoggedRound(*as_logged)
         rnd = self._rebuilt(rec["round_id"], head["opened_s"], members, head["sources_obj"], header)
-        quotes = _columns(rec, header.bidder_ids) if "q_counts" in rec else QuoteColumns.of(_raw_quotes(rec["quotes"]))
-        return ReplayRound(*as_logged, rnd, quotes)
+        return ReplayRound(*as_logged, rnd, quote_columns(rec, header.bidder_ids))
 
     def _rebuilt(self, round_id: int, opened_s: float, members: tuple[Order, ...], sources: SourceSites,
                  header: RunHeader) -> Round:
@@ -364,6 +363,11 @@ class JournalReplay:
             del self._built[next(iter(self._built))]
         self._built[key] = rnd
         return rnd
+
+
+def quote_columns(rec: dict[str, Any], bidder_ids: tuple[str, ...]) -> QuoteColumns:
+    """A ``round_cleared`` record's quotes as columns, whichever of its two journaled forms it uses."""
+    return _columns(rec, bidder_ids) if "q_counts" in rec else QuoteColumns.of(_raw_quotes(rec["quotes"]))
 
 
 def _columns(rec: dict[str, Any], ids: tuple[str, ...]) -> QuoteColumns:

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from market.book import QuoteColumns
+from market.replay import quote_columns
+
 PENDING, AWARDED, UNFULFILLED = "pending", "awarded", "unfulfilled"
 _OPEN_ROUNDS_KEPT = 4096  # rounds whose hold records may still come (they follow within a few rounds)
 
@@ -57,20 +60,14 @@ _ORDER_FIELDS = ("customer_id", "tier", "channel", "items", "lat", "lon", "creat
                  "category", "locker_ok", "reserve")
 
 
-def _per_order_bidders(rec: dict[str, Any], n_orders: int) -> list[list[int]]:
-    """Rows of the bidder table that quoted each order of a round_cleared record."""
-    out: list[list[int]] = [[] for _ in range(n_orders)]
-    if "quotes" in rec:  # the per-quote form (unusual dtypes); bidder ids, not rows
-        return out
-    n_quotes, n_rows, _ = (int(v) for v in rec["q_counts"])
-    qi = np.asarray(rec["quotes_i"], dtype=np.int64)
-    meta = qi[: 4 * n_quotes].reshape(n_quotes, 4)
-    order_idx = qi[4 * n_quotes: 4 * n_quotes + n_rows]
-    bidder = np.repeat(meta[:, 0], meta[:, 1])
-    pairs = np.unique(np.stack((order_idx, bidder), axis=1), axis=0) if n_rows else np.zeros((0, 2), np.int64)
-    for o, b in pairs.tolist():
+def _quoted_by_order(quotes: QuoteColumns, n_orders: int) -> list[list[str]]:
+    """The bidders whose quote has a row for each order of the round, in quote order."""
+    out: list[list[str]] = [[] for _ in range(n_orders)]
+    quote_of_row = np.repeat(np.arange(len(quotes)), quotes.rows)
+    pairs = np.unique(np.stack((quotes.order_idx, quote_of_row), axis=1), axis=0)
+    for o, q in pairs.tolist():
         if 0 <= o < n_orders:
-            out[o].append(b)
+            out[o].append(quotes.agent_ids[q])
     return out
 
 
@@ -84,7 +81,7 @@ class OrderIndex:
         self.rounds = 0
         self.profile = ""
         self.config: dict[str, Any] = {}
-        self._ids: list[str] = []
+        self._ids: tuple[str, ...] = ()
         self._kinds: list[str] = []
         self._max_attempts = 10
         self._open: OrderedDict[int, list[str]] = OrderedDict()  # round id -> its order ids (this segment)
@@ -97,7 +94,7 @@ class OrderIndex:
 
     def _run_started(self, rec: dict[str, Any]) -> None:
         self.segments += 1
-        self._ids = list(rec["bidders"]["ids"])
+        self._ids = tuple(rec["bidders"]["ids"])
         self._kinds = list(rec["bidders"]["kinds"])
         self.config = dict(rec.get("config") or {})
         self._max_attempts = int(self.config.get("max_attempts", 10))
@@ -136,7 +133,7 @@ class OrderIndex:
         oids = self._open.get(rid, [])
         self.rounds += 1
         award_i, award_f = np.asarray(rec["award_i"]), np.asarray(rec["award_f"])
-        quoted = _per_order_bidders(rec, len(oids))
+        quoted = _quoted_by_order(quote_columns(rec, self._ids), len(oids))
         facts = dict(rec.get("facts") or {})
         ended: list[str] = []
         for o, oid in enumerate(oids):
@@ -144,8 +141,7 @@ class OrderIndex:
             if view is None:
                 continue
             view.auction = self._auction(rid, facts, len(quoted[o]))
-            view.events.append({"event": "quotes", "round_id": rid, "received": len(quoted[o]),
-                                "bidders": [self._ids[b] for b in quoted[o] if b < len(self._ids)]})
+            view.events.append({"event": "quotes", "round_id": rid, "received": len(quoted[o]), "bidders": quoted[o]})
             reason = str(rec["reason"][o])
             if not reason:
                 view._chosen = self._award(award_i[:, o], award_f[:, o], view)
