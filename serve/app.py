@@ -22,7 +22,7 @@ import os
 import shutil
 from typing import Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
@@ -125,16 +125,21 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
                                                       for e in errors]}, status_code=422)
 
 
-def _authorized(request: Request) -> bool:
+def _require_token(request: Request) -> None:
+    """Route dependency: 401 unless the bearer token matches (when one is set).
+
+    A dependency runs before the body's field errors are reported, so a caller without
+    the token learns nothing about the request model.
+    """
     token = Limits.token
     if token is None:
-        return True
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="bidhive"'})
 
 
-_UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="bidhive"'}
+_AUTH = [Depends(_require_token)]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 409, 413, 422, 503)}
 
 
@@ -154,15 +159,13 @@ class BidhiveIngress:
         self.desk = OrderDesk(cfg, handles)
         logger.info("bidhive desk ready: %s bidders, journal %s", cfg.bidders, cfg.journal)
 
-    @api.post("/orders", response_model=OrderOut, responses={**_ERRORS, 202: {"model": OrderOut}})
+    @api.post("/orders", response_model=OrderOut, responses={**_ERRORS, 202: {"model": OrderOut}}, dependencies=_AUTH)
     async def place_order(
-        self, order: OrderIn, request: Request,
+        self, order: OrderIn,
         idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=128,
                                              pattern=KEY_PATTERN),
     ) -> Any:
         """Auctions an order; answers with its award once the round has committed it."""
-        if not _authorized(request):
-            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
         try:
             placed = self.desk.place(order, body_hash(order.model_dump(mode="json")), idempotency_key)
         except DeskError as err:
@@ -181,21 +184,17 @@ class BidhiveIngress:
                                 headers={"Location": f"/orders/{placed.order_id}"})
         return JSONResponse(answer)  # built by the desk in OrderOut's shape; skips re-validating it
 
-    @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS)
-    async def get_order(self, order_id: str, request: Request) -> Any:
+    @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS, dependencies=_AUTH)
+    async def get_order(self, order_id: str) -> Any:
         """The order, its award and its event timeline."""
-        if not _authorized(request):
-            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
         detail = self.desk.order(order_id)
         if detail is None:
             return _problem(404, f"no order {order_id!r}")
         return JSONResponse(detail)
 
-    @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS)
-    async def put_strategy(self, body: StrategyIn, request: Request) -> Any:
+    @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS, dependencies=_AUTH)
+    async def put_strategy(self, body: StrategyIn) -> Any:
         """Switches the scoring profile for the next rounds (journaled)."""
-        if not _authorized(request):
-            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
         try:
             return await asyncio.to_thread(self.desk.set_profile, body.profile)
         except DeskError as err:
@@ -207,11 +206,9 @@ class BidhiveIngress:
         ok, facts = await asyncio.to_thread(self.desk.health)
         return JSONResponse(facts, status_code=200 if ok else 503)
 
-    @api.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self, request: Request) -> Any:
+    @api.get("/metrics", response_class=PlainTextResponse, dependencies=_AUTH)
+    async def metrics(self) -> Any:
         """Prometheus text exposition."""
-        if not _authorized(request):
-            return _problem(401, "missing or wrong bearer token", _UNAUTHORIZED)
         text = await asyncio.to_thread(self.desk.metrics_text)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

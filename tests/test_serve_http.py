@@ -158,6 +158,7 @@ def test_oversized_bodies_are_413_declared_or_chunked(svc: Service) -> None:
 
 def test_a_missing_or_wrong_token_is_401_but_health_is_open(svc: Service) -> None:
     assert svc.client.post("/orders", json=GOOD).status_code == 401
+    assert svc.client.post("/orders", json={"colour": "red"}).status_code == 401  # no field errors without the token
     r = svc.client.get("/metrics", headers={"Authorization": "Bearer wrong-token-000"})
     assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
     assert svc.client.get("/healthz").json()["bidders"]["answering"] == 9
