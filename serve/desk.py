@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from market.auctioneer import AuctioneerCore
-from market.catalogue import Catalogue
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
 from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
@@ -74,7 +73,6 @@ class OrderDesk:
         self.cfg = cfg
         self.wall = wall
         self.fleet_cfg = load_fleet(cfg.fleet)
-        self.catalogue = set(Catalogue.build(self.fleet_cfg.catalogue).sku_ids)
         self.index = OrderIndex()
         self.idem = IdempotencyStore()
         self.metrics = Metrics()
@@ -225,8 +223,9 @@ class OrderDesk:
 
     def _check(self, body: OrderIn) -> None:
         """What the request model cannot know: the catalogue and the service area."""
+        known = self.host.core.engine.sku_index  # the engine's catalogue, built once with its fleet
         for i, item in enumerate(body.items):
-            if item.sku not in self.catalogue:
+            if item.sku not in known:
                 raise DeskError(422, f"items.{i}.sku: unknown SKU {item.sku!r} (not in the fleet's catalogue)")
         x, y = self.host.core.engine.fleet.env.grid.to_km(body.destination.lat, body.destination.lon)
         reach = self.fleet_cfg.city.size_km / 2.0 + SERVICE_MARGIN_KM  # x/y are km from the city centre
