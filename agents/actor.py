@@ -470,8 +470,8 @@ def default_state_root() -> str:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
-def bidder_actor_class(**options: Any) -> Any:
-    """`BidderHost` as a Ray actor class with bidhive's defaults, overridable per call.
+def bidder_actor_class(host: type[BidderHost] = BidderHost, **options: Any) -> Any:
+    """`host` (a `BidderHost`) as a Ray actor class with bidhive's defaults, overridable per call.
 
     Defaults: `num_cpus=0` (bidders mostly wait; 25+ must fit on two cores),
     `max_restarts=10`, `max_task_retries=0` (a lost call is the auctioneer's to handle:
@@ -480,4 +480,4 @@ def bidder_actor_class(**options: Any) -> Any:
     import ray
 
     opts = {"num_cpus": 0, "max_restarts": 10, "max_task_retries": 0, **options}
-    return ray.remote(**opts)(BidderHost)
+    return ray.remote(**opts)(host)

@@ -48,12 +48,13 @@ from typing import Any
 import ray
 
 from agents.actor import (
-    AgentSpec, Fault, Reply, Settle, bidder_actor_class, default_state_root, fleet_specs,
+    AgentSpec, BidderHost, Fault, Reply, Settle, bidder_actor_class, default_state_root, fleet_specs,
 )
 from agents.fleet import Fleet
 from market.round import Round
 from market.types import AwardLine, Kind, Quote
 from market.validation import RoundShape, validate_quote
+from runtime.gc_pauses import bound_gc_pauses
 
 logger = logging.getLogger("bidhive.ray")
 
@@ -72,6 +73,16 @@ CLOSE_MARGIN_S = 0.02
 #: A commit must reach its bidder within this share of the deadline, or the bidder
 #: refuses it (and releases the hold): the rest of the deadline is for the ack's way back.
 COMMIT_WINDOW = 0.8
+
+
+class BidderProcess(BidderHost):
+    """A `BidderHost` in its own Ray worker, with bounded full-collection pauses
+    (`runtime.gc_pauses`): an 80 ms collection of the worker's imports would otherwise
+    eat a third of a round's deadline at random."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        bound_gc_pauses()
 
 
 @dataclass
@@ -161,7 +172,7 @@ def spawn_bidders(
         per_agent: extra actor options per agent id (e.g. a node affinity).
         wait: block until every actor answers a ping.
     """
-    cls = bidder_actor_class(**(options or {}))
+    cls = bidder_actor_class(BidderProcess, **(options or {}))
     handles = {}
     for spec in specs:
         extra = dict((per_agent or {}).get(spec.agent_id, {}))

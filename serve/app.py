@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve import Application
 
+from runtime.gc_pauses import bound_gc_pauses
 from serve.config import ServeCfg
 from serve.desk import DeskError, OrderDesk, spawn_fleet
 from serve.idempotency import body_hash
@@ -157,6 +158,7 @@ class BidhiveIngress:
         if cfg.bidders == "ray":
             handles, self._state_dir = spawn_fleet(cfg)
         self.desk = OrderDesk(cfg, handles)
+        bound_gc_pauses()  # the replica is set up: later full collections walk only what is new
         logger.info("bidhive desk ready: %s bidders, journal %s", cfg.bidders, cfg.journal)
 
     @api.post("/orders", response_model=OrderOut, responses={**_ERRORS, 202: {"model": OrderOut}}, dependencies=_AUTH)

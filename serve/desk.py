@@ -29,6 +29,7 @@ from market.config import ConfigError, load_fleet, load_profile, load_profiles
 from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
+from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import ServeCfg
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
@@ -296,6 +297,10 @@ class OrderDesk:
         totals = dict(getattr(self.host.core.bidders, "totals", {}))
         with self._lock:
             m.set("open_orders", float(self._open), help="Orders accepted and not yet ended.")
+            for ms in gc_pauses.take_pauses():
+                m.observe_ms("gc_full_pause_ms", ms, help="Pauses of this process's full garbage collections.")
+            m.set("gc_frozen_objects", float(gc_pauses.frozen()),
+                  help="Objects the full collections no longer walk (runtime/gc_pauses.py).")
             for kind, u in gauges.items():
                 m.set("utilization", u, help="Time-averaged utilization by kind.", kind=kind)
             for what, n in sorted(totals.items()):
