@@ -303,8 +303,12 @@ class BidderHost:
         reply.busy_ms = (time.perf_counter() - start) * 1000.0
         return reply
 
-    def exchange_rounds(self, settles: list[Settle], now: float, hold_ttl_s: float, rounds: list[Round]) -> Reply:
-        """`exchange` with the rounds as one list (one object put once for all bidders)."""
+    def exchange_rounds(self, settles: list[Settle], now: float, hold_ttl_s: float,
+                        rounds: list[Round] | bytes) -> Reply:
+        """`exchange` with the rounds as one list, or as that list pickled once by the
+        auctioneer for all bidders (`runtime.ray_bidders.pack_rounds`)."""
+        if isinstance(rounds, bytes):
+            rounds = pickle.loads(rounds)  # from the auctioneer of this cluster, as trusted as Ray's own
         return self.exchange(settles, now, hold_ttl_s, *rounds)
 
     def exchange_shared(self, msg: tuple[dict[str, list[Settle]], float, float, list[Round]]) -> Reply:

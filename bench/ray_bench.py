@@ -17,7 +17,9 @@ auctioneer (one round of one order, commits flushed at once).
 
 Two transport experiments compare the same broadcast (B=64 quotes, releases riding
 along, no clearing): classic actor calls against a Ray Compiled Graph (`ray.dag`,
-`experimental_compile`) and against async actors.
+`experimental_compile`) and against async actors. A third (`round_transport`; alone:
+`python -m bench.ray_bench --round-transport`) compares how the rounds travel: put once
+in the object store, or pickled once and carried inside every call (the runtime's way).
 """
 from __future__ import annotations
 
@@ -172,6 +174,52 @@ def classic_broadcast(bidders: dict[str, Any], rounds: list[Any]) -> list[float]
     return lat
 
 
+def _cpu_s(pids: set[int]) -> float:
+    """User + system CPU seconds of these processes (gone ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def round_transport(handles: dict[str, Any], pids: set[int], n_bidders: int = 25, batch: int = 12,
+                    rounds_per_block: int = 60, blocks: int = 3) -> dict[str, Any]:
+    """How a broadcast's rounds reach the bidders: put once in the object store (`ray.put`,
+    every call gets the reference) against pickled once and carried inside every call
+    (`pack_rounds`), alternating blocks in one run. Reports wall ms and the CPU ms of every
+    process of the cluster and of this driver per broadcast (releases ride along)."""
+    import ray
+
+    from runtime.ray_bidders import pack_rounds
+
+    cfg = synthetic_fleet(n_bidders)
+    rounds = _wire_rounds(cfg, rounds_per_block, batch)
+    bidders = _reset(handles, cfg)
+    senders = {"object_store": lambda rs: ray.put(rs), "inline": lambda rs: pack_rounds(rs)}
+    wall: dict[str, list[float]] = {k: [] for k in senders}
+    cpu: dict[str, float] = {k: 0.0 for k in senders}
+    everyone = pids | {os.getpid()}
+    for _ in range(blocks):
+        for name, send in senders.items():
+            before, prev = _cpu_s(everyone), None
+            for rnd in rounds:
+                t = time.perf_counter()
+                rel = [Settle(prev.round_id, None, prev.opened_s)] if prev else []
+                payload = send([rnd])
+                ray.get([h.exchange_rounds.remote(rel, rnd.opened_s, HOLD_TTL_S, payload) for h in bidders.values()])
+                wall[name].append(time.perf_counter() - t)
+                prev = rnd
+            cpu[name] += _cpu_s(everyone) - before
+    n = rounds_per_block * blocks
+    out = {name: {**_ms(wall[name]), "cpu_ms_per_broadcast": round(cpu[name] / n * 1000, 2)} for name in senders}
+    return {"bidders": n_bidders, "batch": batch, "broadcasts_each": n, **out,
+            "cpu_ratio_inline_to_object_store": round(cpu["inline"] / cpu["object_store"], 3)}
+
+
 def compiled_broadcast(bidders: dict[str, Any], rounds: list[Any], first_timeout_s: float) -> dict[str, Any]:
     """The same broadcast as a compiled graph: one input (round + everybody's settles), N outputs."""
     import ray
@@ -289,6 +337,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 extra.append({"bidders": 50, "batch": 64, **ray_case(handles, cfg, 64, evening_orders(cfg, n), k, f)})
         single = [single_order(handles, synthetic_fleet(n), 10 if quick else 30) for n in fleets]
         trans = transport(handles, state, quick)
+        trans["round_transport"] = round_transport(handles, cluster.pids(include_driver=False))
         loopback = all(s.ip.startswith("127.") or s.ip.startswith("::ffff:127.") for s in cluster.listening_addresses())
     head = next((g for g in grid if g["bidders"] == 50 and g["batch"] == 64), None)
     one = next((s for s in single if s["bidders"] == 50), None)
@@ -309,8 +358,26 @@ def run(quick: bool = False) -> dict[str, Any]:
     }
 
 
+def run_round_transport() -> dict[str, Any]:
+    """Only the `round_transport` experiment (25 bidders), on its own cluster."""
+    from runtime.local_ray import local_ray
+    from runtime.ray_bidders import RAY_BIDDER_ENV, spawn_bidders
+
+    load_before = os.getloadavg()[0]
+    with local_ray(num_cpus=2, extra_env=RAY_BIDDER_ENV) as cluster, \
+            tempfile.TemporaryDirectory(prefix="bidhive-bench-", dir=default_state_root()) as state:
+        handles = spawn_bidders(fleet_specs(synthetic_fleet(25), SEED, "heuristic"), state_dir=state)
+        result = round_transport(handles, cluster.pids(include_driver=False))
+    return {"benchmark": "ray.round_transport", "round_transport": result,
+            "machine": {**machine(), "load_avg_before": round(load_before, 2),
+                        "load_avg_after": round(os.getloadavg()[0], 2)}}
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    if "--round-transport" in sys.argv:
+        print(json.dumps(run_round_transport(), indent=2))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
