@@ -5,11 +5,16 @@ Three figures:
 - ``read``: records/s (and MB/s) reading a real auction journal back with full checks.
 - ``reclear``: single-order rounds/s re-cleared from a journal of a 50-bidder fleet
   (``bench.fleets.synthetic_fleet(50)``, scenario ``weekday`` with ``max_batch: 1``):
-  end to end (``market.replay.replay``: read, rebuild, clear, compare, KPIs) in wall and
-  in CPU time (the machine is shared: CPU time is the steadier single-process figure),
-  split into its parts (read + rebuild only, and clear only: ``build_book`` + the
-  mechanism on rounds already in memory), and end to end again with the re-clearing
-  shared by ``PARALLEL_WORKERS`` processes (``replay(..., workers=N)``, wall time).
+  end to end (``market.replay.replay``: read, clear, compare, KPIs) in wall and in CPU
+  time (the machine is shared: CPU time is the steadier single-process figure), and
+  end to end again with the re-clearing shared by ``PARALLEL_WORKERS`` processes
+  (``replay(..., workers=N)``, wall time). Replay clears one-order rounds as columns,
+  a chunk of ``CHUNK_ROUNDS`` at a time, so the parts are: ``read`` (records, orders and
+  logged rounds, as replay reads them), ``columns`` (re-clearing and comparing the
+  chunks as columns, on rounds already read) and the rest (KPIs, the per-round path for
+  the rounds the columns leave to it, the loop). The per-round path's own parts are
+  kept for comparison: ``per_round_read_rebuild`` (``JournalReplay.rounds()``, each round
+  rebuilt) and ``per_round_clear_only`` (``build_book`` + the mechanism per round).
 - ``overhead``: a simulation (``weekday``, default fleet, the same seed) with a
   `NullRecorder` against the same run journaled under each fsync policy, interleaved
   in one process; each figure is the best of ``reps`` runs (the machine is shared,
@@ -25,8 +30,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.fleets import synthetic_fleet
 from bench.journal_bench import read_rate
@@ -34,9 +40,12 @@ from bench.stats import machine
 from market.journal import journal_files
 from market.journal_recorder import JournalRecorder
 from market.recorder import NullRecorder, Recorder
-from market.replay import JournalReplay, clear, make_mechanism, replay
+from market.replay import CHUNK_ROUNDS, JournalReplay, ReadStep, by_columns, clear, make_mechanism, replay
+from market.replay_columns import OneOrderColumns
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
+
+T = TypeVar("T")
 
 TARGET_ROUNDS_PER_S = 20_000
 TARGET_OVERHEAD = 0.10
@@ -59,26 +68,31 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _reclear(path: Path, reps: int) -> dict[str, Any]:
-    """End to end (wall and CPU), then the parts: rebuild only, and clear only on rounds in memory."""
-    runs = [_timed_replay(path) for _ in range(reps)]
+    """End to end (wall and CPU), then the parts: read, columns, and the per-round path's own.
+
+    Each repetition times every figure once, one after the other, and each figure is its
+    best repetition: on a shared machine the parts are then taken at about the load the
+    end-to-end figure was, so they add up to it.
+    """
+    runs, parallel_runs = [], []
+    read_s = columns_s = rebuild_s = clear_s = float("inf")
+    for _ in range(reps):
+        runs.append(_timed_replay(path))
+        parallel_runs.append(_timed_replay(path, PARALLEL_WORKERS))
+        t, steps = _timed(lambda: _read_steps(path))
+        read_s = min(read_s, t)
+        t, verified = _timed(lambda: _columns(steps))
+        columns_s = min(columns_s, t)
+        t, rounds = _timed(lambda: list(JournalReplay(path).rounds()))
+        rebuild_s = min(rebuild_s, t)
+        header = steps[0].header
+        assert header is not None
+        mech = make_mechanism(header.mechanism)
+        t, _ = _timed(lambda: [clear(header, rr.rnd, rr.quotes, rr.profile, mech) for rr in rounds])
+        clear_s = min(clear_s, t)
     report, seconds, _ = min(runs, key=lambda r: r[1])
     cpu_seconds = min(r[2] for r in runs)
-    parallel, parallel_s, _ = min((_timed_replay(path, PARALLEL_WORKERS) for _ in range(reps)), key=lambda r: r[1])
-    rebuild_s = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        journal = JournalReplay(path)
-        rounds = list(journal.rounds())
-        rebuild_s = min(rebuild_s, time.perf_counter() - t0)
-    header = journal.header
-    assert header is not None
-    mech = make_mechanism(header.mechanism)
-    clear_s = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for rr in rounds:
-            clear(header, rr.rnd, rr.quotes, rr.profile, mech)
-        clear_s = min(clear_s, time.perf_counter() - t0)
+    parallel, parallel_s, _ = min(parallel_runs, key=lambda r: r[1])
     n = len(rounds)
     sizes = [rr.rnd.size for rr in rounds]
     return {
@@ -86,19 +100,53 @@ def _reclear(path: Path, reps: int) -> dict[str, Any]:
         "rounds": n,
         "orders_per_round": round(sum(sizes) / max(1, n), 3),
         "quotes_per_round": round(sum(len(rr.quotes) for rr in rounds) / max(1, n), 2),
+        "chunk_rounds": CHUNK_ROUNDS,
+        "by_columns_share": round(verified / max(1, n), 4),
         "verified": report.ok and parallel.ok and parallel.verified_rounds == report.verified_rounds,
         "end_to_end_rounds_per_s": round(report.rounds / seconds),
         "end_to_end_cpu_rounds_per_s": round(report.rounds / cpu_seconds),
         f"end_to_end_{PARALLEL_WORKERS}_workers_rounds_per_s": round(parallel.rounds / parallel_s),
+        "read_rounds_per_s": round(n / read_s),
+        "columns_rounds_per_s": round(n / columns_s),
         "read_rebuild_rounds_per_s": round(n / rebuild_s),
         "clear_only_rounds_per_s": round(n / clear_s),
         "us_per_round": {
             "end_to_end": round(seconds / n * 1e6, 1),
-            "read_rebuild": round(rebuild_s / n * 1e6, 1),
-            "clear_only": round(clear_s / n * 1e6, 1),
-            "compare_and_kpis": round(max(0.0, seconds - rebuild_s - clear_s) / n * 1e6, 1),
+            "read": round(read_s / n * 1e6, 1),
+            "columns": round(columns_s / n * 1e6, 1),
+            "kpis_and_rest": round(max(0.0, seconds - read_s - columns_s) / n * 1e6, 1),
+            "per_round_read_rebuild": round(rebuild_s / n * 1e6, 1),
+            "per_round_clear_only": round(clear_s / n * 1e6, 1),
         },
     }
+
+
+def _timed(run: Callable[[], T]) -> tuple[float, T]:
+    """Wall seconds of one run, and its result."""
+    t0 = time.perf_counter()
+    out = run()
+    return time.perf_counter() - t0, out
+
+
+def _read_steps(path: Path) -> list[ReadStep]:
+    """Every round of the journal as replay reads it (records, orders, logged rounds), each settled."""
+    journal = JournalReplay(path)
+    steps = []
+    for step in journal.steps():
+        journal.settle(step)
+        if step.round is not None:
+            steps.append(step)
+    return steps
+
+
+def _columns(steps: list[ReadStep]) -> int:
+    """Re-clears the rounds as columns, chunk by chunk as replay does; how many the columns verified."""
+    state = OneOrderColumns()
+    verified = 0
+    for start in range(0, len(steps), CHUNK_ROUNDS):
+        ok, _ = by_columns(steps[start:start + CHUNK_ROUNDS], state)
+        verified += sum(ok)
+    return verified
 
 
 def _timed_replay(path: Path, workers: int = 1) -> tuple[Any, float, float]:

@@ -298,3 +298,121 @@ def build_book(
         combos=_combos(rnd, cols, profile, categories, penalty),
         penalty=penalty,
     )
+
+
+# --------------------------------------------------------------------------- many one-order rounds at once
+
+
+@dataclass(slots=True)
+class OneOrderQuotes:
+    """The quotes of many one-order rounds as one set of flat columns, round after round.
+
+    A one-order round's book costs a fixed number of NumPy calls (`build_book`), which is
+    its whole clearing time; replay re-clears thousands of such rounds, so it stacks a
+    chunk of them here and `one_order_book` joins and scores them all with that same
+    fixed number of calls. Read the stack as one round whose orders are the rounds: order
+    r is round r's only order, with its own opening time, and no bidder is shared between
+    rounds (each quote keeps its own capacity).
+
+    Preconditions (what the caller checks; a round that fails them goes to `build_book`):
+    every source quote has exactly one row (its round's order), no two source quotes of
+    a round are for the same site, every site index is below the rounds' site count, and
+    every ``bidder`` is a row of the category table used.
+
+    Attributes:
+        opened_s: per round, when it opened (float64).
+        promise_s: per round, its order's promise (float64).
+        reserve: per round, its order's reserve (float64).
+        vip: per round, whether its order is VIP.
+        category: per round, its order's category code (int8).
+        sites: how many source sites every round has.
+        bidder: per quote, its row in the category table (int64).
+        capacity: per quote, orders it can take in its round (int64).
+        reliability: per quote (float64).
+        src_round: per source quote, its round (int64, non-decreasing).
+        src_site: per source quote, the site it is (int64).
+        src_quote: per source quote, its quote (int64).
+        src_values: [2, source quotes]: price, ready_s (float64).
+        leg_round: per leg row, its round (int64, non-decreasing; rows in quote order).
+        leg_site: per leg row, the site it collects from (int64).
+        leg_quote: per leg row, its quote (int64).
+        leg_values: [2, leg rows]: price, pickup_s (float64).
+        travel_s: per leg row (float64).
+    """
+
+    opened_s: np.ndarray
+    promise_s: np.ndarray
+    reserve: np.ndarray
+    vip: np.ndarray
+    category: np.ndarray
+    sites: int
+    bidder: np.ndarray
+    capacity: np.ndarray
+    reliability: np.ndarray
+    src_round: np.ndarray
+    src_site: np.ndarray
+    src_quote: np.ndarray
+    src_values: np.ndarray
+    leg_round: np.ndarray
+    leg_site: np.ndarray
+    leg_quote: np.ndarray
+    leg_values: np.ndarray
+    travel_s: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.opened_s)
+
+
+@dataclass(slots=True)
+class OneOrderBook:
+    """Every combination of a stack of one-order rounds, scored: `QuoteBook` with rounds for orders.
+
+    ``combos.order`` is the round; ``combos.src`` and ``combos.leg`` are quotes of the
+    stack, so ``capacity`` is per quote. Combinations come round after round, each
+    round's in the order `build_book` gives them, so a combination's index within its
+    round (``combos.order`` runs) is the index `build_book` gives it.
+    """
+
+    combos: Combos
+    capacity: np.ndarray  # per quote
+    penalty: np.ndarray  # per round: cost of leaving its order unserved
+    rounds: int
+
+
+def one_order_book(q: OneOrderQuotes, profile: ProfileCfg, categories: CategoryTable) -> OneOrderBook:
+    """`build_book` of every round of the stack in one pass: the same combinations, to the bit.
+
+    The join is `_join`'s dense lookup with the round as one more axis: each leg row
+    finds the source quote for its (round, site), and rows whose source did not quote
+    (or quoted a price that is not finite) make no combination. Scores go through
+    `market.scoring.score` and the hard constraints are `_combos`' own, element by
+    element, so each combination has the bits its round's own book gives it.
+    """
+    n = len(q)
+    matrix = np.empty((2, n, q.sites))  # [price | ready_s, round, site]
+    matrix.fill(np.inf)
+    matrix[:, q.src_round, q.src_site] = q.src_values
+    owner = np.full((n, q.sites), -1, dtype=np.int64)
+    owner[q.src_round, q.src_site] = q.src_quote
+    source = matrix[:, q.leg_round, q.leg_site]
+    ok = np.isfinite(source[0])
+    order, site, leg, travel = q.leg_round[ok], q.leg_site[ok], q.leg_quote[ok], q.travel_s[ok]
+    source, last_mile = source[:, ok], q.leg_values[:, ok]
+    src = owner[order, site]
+    penalty = unfulfilled_penalty(q.vip, profile)
+    sp, ready, lp, pickup = source[0], source[1], last_mile[0], last_mile[1]
+    rel = q.reliability
+    combo_rel = rel[src] * rel[leg]
+    delivery = np.maximum(ready, pickup) + travel
+    price = sp + lp
+    vip, promise = q.vip[order], q.promise_s[order]
+    scores = score_fn(price, delivery, q.opened_s[order], promise, combo_rel, vip, profile)
+    admissible = price <= q.reserve[order]
+    if profile.vip_hard_promise:
+        admissible &= ~vip | (delivery <= promise)
+    cat = q.category[order]
+    allowed = categories.matrix
+    admissible &= allowed[q.bidder[src], cat] & allowed[q.bidder[leg], cat]
+    feasible = admissible & (scores < penalty[order])
+    combos = Combos(order, src, leg, sp, lp, ready, pickup, delivery, combo_rel, scores, admissible, feasible)
+    return OneOrderBook(combos, q.capacity, penalty, n)

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from market.book import CategoryTable, QuoteBook, QuoteColumns, build_book
+from market.book import CategoryTable, OneOrderBook, QuoteBook, QuoteColumns, build_book
 from market.config import ProfileCfg
 from market.round import Round
 from market.types import Kind, Quote
@@ -252,6 +252,92 @@ def one_order_allocation(book: QuoteBook) -> Allocation | None:
         reason = NO_FEASIBLE if len(c) else NO_QUOTE
         return Allocation(winner, np.zeros(1), np.zeros(1), (reason,), float(book.penalty[0]) + 0.0)
     return Allocation(winner, c.src_price[winner], c.leg_price[winner], ("",), float(c.score[w]) + 0.0)
+
+
+@dataclass(slots=True)
+class OneOrderAwards:
+    """`one_order_allocation` of every round of a stack (`OneOrderBook`), as columns per round.
+
+    Attributes:
+        decided: per round, False where only the general path's sort can tell (a tie on
+            the best score, or a winner without capacity): those rounds go to
+            `ScoringAuction.allocate`, and the other columns mean nothing for them.
+        winner: per round, the winning combination's index within its round (-1: none),
+            as `Allocation.winner` of the round's own book has it.
+        combo: per round, the winning combination's index in the stack (-1: none).
+        src_payment, leg_payment: per round, what the winner is paid (0.0 where none).
+        reason: per round, why its order went unserved ('' when awarded).
+        total_cost: per round, `Allocation.total_cost` (float64).
+    """
+
+    decided: np.ndarray
+    winner: np.ndarray
+    combo: np.ndarray
+    src_payment: np.ndarray
+    leg_payment: np.ndarray
+    reason: list[str]
+    total_cost: np.ndarray
+
+
+def one_order_winners(book: OneOrderBook) -> tuple[np.ndarray, np.ndarray]:
+    """`single_order_winner` of every round of a stack at once: per round the winner, and whether decided.
+
+    The rule is `single_order_winner`'s, round by round: the feasible combination with
+    the lowest score wins (the first such, as ``argmin`` takes it), unless another
+    feasible one ties it on score or a bidder of the winner has no capacity, where the
+    round is left undecided for the sort. Minima are taken per run of rounds
+    (``reduceat``) so that the whole stack costs a fixed number of NumPy calls.
+
+    Returns:
+        Per round, the winning combination's index in the stack (-1: none, also where
+        undecided), and per round whether that is the answer.
+    """
+    c = book.combos
+    n = book.rounds
+    winner = np.full(n, -1, dtype=np.int64)
+    decided = np.ones(n, dtype=bool)
+    cand = c.feasible.nonzero()[0]
+    if not len(cand):
+        return winner, decided
+    rounds, scores = c.order[cand], c.score[cand]
+    starts = np.flatnonzero(np.diff(rounds, prepend=-1))  # each run of a round's candidates (rounds ascend)
+    sizes = np.diff(starts, append=len(cand))
+    best = scores == np.repeat(np.minimum.reduceat(scores, starts), sizes)
+    first = np.flatnonzero(best)
+    first = first[np.diff(rounds[first], prepend=-1) != 0]  # the first best of each round: argmin's pick
+    w = cand[first]
+    r = rounds[first]
+    unique = np.add.reduceat(best, starts) == 1
+    free = (book.capacity[c.src[w]] > 0) & (book.capacity[c.leg[w]] > 0)
+    decided[r] = unique & free
+    winner[r] = np.where(unique & free, w, -1)
+    return winner, decided
+
+
+def one_order_allocations(book: OneOrderBook) -> OneOrderAwards:
+    """`one_order_allocation` of every round of a stack at once, to the bit, with its rounds' own indices.
+
+    Payments are the winner's quotes (first score), the total cost is the winner's score
+    or the unserved penalty plus 0.0 (as the scalar path adds it, so -0.0 becomes 0.0),
+    and an unserved order has no feasible quote if its round has any combination, else
+    no quote at all.
+    """
+    c = book.combos
+    combo, decided = one_order_winners(book)
+    won = combo >= 0
+    w = combo[won]
+    counts = np.bincount(c.order, minlength=book.rounds)
+    first = np.cumsum(counts) - counts  # each round's first combination in the stack
+    winner = np.full(book.rounds, -1, dtype=np.int64)
+    winner[won] = w - first[won]
+    src_pay, leg_pay = np.zeros(book.rounds), np.zeros(book.rounds)
+    src_pay[won] = c.src_price[w]
+    leg_pay[won] = c.leg_price[w]
+    cost = book.penalty.copy()
+    cost[won] = c.score[w]
+    cost += 0.0
+    reason = np.where(won, "", np.where(counts > 0, NO_FEASIBLE, NO_QUOTE)).tolist()
+    return OneOrderAwards(decided, winner, combo, src_pay, leg_pay, reason, cost)
 
 
 @dataclass(frozen=True)

@@ -109,12 +109,12 @@ def unpack(data: bytes) -> dict[str, Any]:
         ValueError: ``data`` is not one well-formed record (truncated, trailing
             bytes, unknown ext type, inconsistent array body, not a map).
     """
-    options: dict[str, Any] = {"ext_hook": _ext_hook, "raw": False, "strict_map_key": False}
     try:
         try:
-            record = msgpack.unpackb(data, **options)
+            record = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
         except TypeError:  # a tuple dict key came back as a list, which cannot be a key
-            record = msgpack.unpackb(data, object_pairs_hook=_dict_with_tuple_keys, **options)
+            record = msgpack.unpackb(data, object_pairs_hook=_dict_with_tuple_keys, ext_hook=_ext_hook, raw=False,
+                                     strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ValueError(f"undecodable record: {exc or type(exc).__name__}") from exc
     if not isinstance(record, dict):
@@ -174,11 +174,27 @@ def _ext_hook(code: int, body: bytes) -> np.ndarray | np.generic:
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(f"array body has {len(raw)} bytes; dtype {dtype_str} shape {shape} needs {expected}")
-    if dtype.isnative:
+    if dtype.isnative and _plain_shape(shape):  # one call makes the array on the copy
+        array = np.ndarray(shape, dtype, bytearray(raw))
+    elif dtype.isnative:
         array = np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     else:  # astype to native order copies, so the result is writable and owns its data.
         array = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     return array[()] if code == NUMPY_SCALAR_EXT else array
+
+
+def _plain_shape(shape: list[Any]) -> bool:
+    """Whether every dimension is a non-negative int, as the writer makes them.
+
+    Only then does ``np.ndarray(shape, ...)`` do exactly what ``reshape(shape)`` does;
+    any other shape takes the reshape, and its error if it has one.
+    """
+    if type(shape) is not list:
+        return False
+    for n in shape:
+        if type(n) is not int or n < 0:
+            return False
+    return True
 
 
 _DTYPES: dict[str, np.dtype] = {}

@@ -150,18 +150,21 @@ class _Torn:
     reason: str
     size: int
 
+    def message(self, path: Path) -> str:
+        """What the warning says: the file, the offset an operator needs to inspect it, and why."""
+        return (
+            f"{path}: ignoring torn last record at byte offset {self.offset} "
+            f"({self.reason}; {self.size - self.offset} trailing bytes)"
+        )
+
     def warn(self, path: Path) -> None:
-        """Report the dropped tail; the offset is what an operator needs to inspect it.
+        """Report the dropped tail.
 
         A warning rather than a log line, so tests can assert on it and a
         service can route it with ``logging.captureWarnings(True)``.
         """
-        message = (
-            f"{path}: ignoring torn last record at byte offset {self.offset} "
-            f"({self.reason}; {self.size - self.offset} trailing bytes)"
-        )
         # stacklevel 4: warn <- _records or _recover <- __iter__ or __init__ <- caller.
-        warnings.warn(message, TornTailWarning, stacklevel=4)
+        warnings.warn(self.message(path), TornTailWarning, stacklevel=4)
 
 
 class _FileScan:
@@ -324,6 +327,10 @@ class JournalReader:
         strict: If False, corruption ends the iteration with a warning
             instead of an exception (to salvage the good prefix); the error
             is kept in ``stats.corrupt``.
+        defer_warnings: Keep the torn-tail warning's message for
+            :meth:`take_deferred_warnings` instead of warning. For a caller
+            that reads ahead of what it acts on (replay), and must warn only
+            once it has acted on every record before the tail.
 
     Example:
         >>> reader = JournalReader("run.bhj")
@@ -331,10 +338,18 @@ class JournalReader:
         >>> reader.stats.last_seq
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, strict: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, strict: bool = True, defer_warnings: bool = False) -> None:
         self.path = Path(path)
         self.strict = strict
         self.stats = JournalStats()
+        self._deferred: list[str] | None = [] if defer_warnings else None
+
+    def take_deferred_warnings(self) -> list[str]:
+        """The torn-tail warnings kept so far (with ``defer_warnings``), now handed over."""
+        if self._deferred is None:
+            return []
+        taken, self._deferred = self._deferred, []
+        return taken
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
@@ -356,7 +371,10 @@ class JournalReader:
             self.stats.bytes += scan.good_end
             if scan.torn is not None:
                 self.stats.torn_offset = scan.torn.offset
-                scan.torn.warn(path)
+                if self._deferred is not None:
+                    self._deferred.append(scan.torn.message(path))
+                else:
+                    scan.torn.warn(path)
 
     def _checked(self, record: dict[str, Any], path: Path, offset: int, length: int) -> dict[str, Any]:
         """Enforce seq continuity and count the record."""

@@ -8,6 +8,14 @@ mechanism's ``allocate``). Nothing here re-implements clearing: a round's quotes
 decoded straight into the flat columns `build_book` scores (`QuoteColumns`, the
 journal's own layout), which is all replay does differently from the engine.
 
+Most rounds of a quiet market hold one order, and such a round's clearing time is a
+fixed cost per NumPy call and per Python object, not arithmetic. So replay reads
+``CHUNK_ROUNDS`` rounds ahead and re-clears a chunk's one-order rounds as columns
+(`market.replay_columns`: the engine's join, scores and winner rule over many rounds per
+call); a round the columns cannot vouch for (a tie on score, a winner without capacity,
+anything unusual) and every round of a chunk in which they find a difference take the
+per-round path, in journal order, so reports are the per-round pass's to the byte.
+
 - `verify` re-clears with the logged mechanism and profile and compares every award,
   payment, score and predicted delivery bit for bit with the logged result.
 - `replay` does that and computes KPIs for the logged and the re-cleared outcome;
@@ -37,11 +45,11 @@ import struct
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from itertools import compress
+from itertools import compress, islice
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +60,9 @@ from market.catalogue import Catalogue
 from market.clearing import PAYMENT_RULES, Allocation, Mechanism, ScoringAuction, clear_round, priority_sequence
 from market.config import CatalogueCfg, ProfileCfg
 from market.geo import CityGrid
-from market.journal import JournalReader
+from market.journal import JournalReader, TornTailWarning
 from market.journal_recorder import award_arrays, versions
+from market.replay_columns import BidderRows, OneOrderColumns
 from market.round import Round, SourceSites, build_round
 from market.types import LEG_KINDS, Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
 from policies.static import StaticRule
@@ -79,6 +88,9 @@ AWARD_INT_FIELDS = ("winner", "source", "leg")
 AWARD_FLOAT_FIELDS = ("src_payment", "leg_payment", "score", "delivery_s")
 TIMING_KEYS = ("p50_clear_ms", "p99_clear_ms")
 _REBUILT_ROUNDS = 1024  # rounds kept for their retries: a retry comes within minutes of the market clock
+CHUNK_ROUNDS = 128  # rounds read ahead and re-cleared as columns together: NumPy's fixed cost per call, shared
+_NOTHING_TO_REPLAY = frozenset(("hold_committed", "hold_released"))  # counted, nothing more
+_BY_COLUMNS = "auction/greedy/first_score"  # the mechanism whose one-order rounds clear as columns
 
 
 class ReplayError(ValueError):
@@ -118,8 +130,18 @@ class RunHeader:
         """The mechanism the run cleared its rounds with."""
         return make_mechanism(self.mechanism)
 
+    @cached_property
+    def leg_labels(self) -> tuple[str, ...]:
+        """Per bidder row, the name of its kind, as KPIs count awards by it ('unknown': the run did not say)."""
+        return tuple(k.value if (k := self.kinds.get(b)) is not None else "unknown" for b in self.bidder_ids)
 
-@dataclass
+    @cached_property
+    def bidder_rows(self) -> BidderRows:
+        """The bidder table's lookups for re-clearing rounds as columns."""
+        return BidderRows.of(self.bidder_ids, self.index, self.categories)
+
+
+@dataclass(slots=True)
 class LoggedResult:
     """A round's result as journaled (or as re-cleared, in the same layout)."""
 
@@ -134,7 +156,7 @@ class LoggedResult:
         return self.award_i[0] >= 0
 
 
-@dataclass
+@dataclass(slots=True)
 class LoggedRound:
     """One journaled round as logged: its orders and result, all the logged KPIs need."""
 
@@ -149,7 +171,7 @@ class LoggedRound:
     facts: dict[str, Any]
 
 
-@dataclass
+@dataclass(slots=True)
 class ReplayRound(LoggedRound):
     """One journaled round, rebuilt to be cleared again: its Round and quotes too."""
 
@@ -211,12 +233,47 @@ def _header(rec: dict[str, Any]) -> RunHeader:
         raise ReplayError(f"run_started (seq {rec.get('seq')}) lacks what replay needs: {type(exc).__name__}: {exc}") from None
 
 
+@dataclass(slots=True)
+class ReadStep:
+    """A round read from a journal (or the journal's end), with what reading up to it did.
+
+    Replay reads a chunk of rounds ahead of clearing them, to clear them as columns; yet
+    whatever a caller can see of the reading (``counts``, ``orders_received``, the
+    ``on_order`` and ``progress`` calls, ``header``, ``segments``, a torn-tail warning,
+    an error) must change as if each round were read on its turn, so that a replay
+    which stops at a round reports what the per-round pass reports.
+    `JournalReplay.settle` applies a step's share of it when its turn comes.
+
+    Attributes:
+        kinds: per record read since the previous step, in order, its type.
+        events: what callers hear of those records, in order: per order received
+            ``(order, received_s)``, per run started its header.
+        round: the round as logged; None at the journal's end and at an error.
+        rec: its ``round_cleared`` record.
+        head: its ``round_opened`` record.
+        header: the run header in force for it.
+        rebuild: whether it is to be cleared again (it is its shard's).
+        error: what reading raised after ``kinds`` (raised when its turn comes).
+        torn: at the end, the reader's torn-tail warnings, to give when the end's turn comes.
+    """
+
+    kinds: list[str]
+    events: list[Any]
+    round: LoggedRound | None
+    rec: dict[str, Any] | None = None
+    head: dict[str, Any] | None = None
+    header: RunHeader | None = None
+    rebuild: bool = False
+    error: Exception | None = None
+    torn: list[str] = field(default_factory=list)
+
+
 class JournalReplay:
     """Streams a journal and rebuilds its rounds (one pass; memory: the orders, not the rounds).
 
-    Iterate `rounds()` (or `shard()`) once. ``counts`` (records per type) and
-    ``orders_received`` fill in as it goes; ``header`` is set once ``run_started`` has
-    been read.
+    Iterate `rounds()` (or `shard()`, or `steps()` with `settle`) once. ``counts``
+    (records per type) and ``orders_received`` fill in as it goes; ``header`` is set
+    once ``run_started`` has been read.
 
     Args:
         path: The journal's first file.
@@ -228,24 +285,26 @@ class JournalReplay:
     def __init__(self, path: str | os.PathLike[str], progress: Progress | None = None,
                  on_order: Callable[[Order, float], None] | None = None) -> None:
         self.path = Path(path)
-        self.reader = JournalReader(self.path)
+        self.reader = JournalReader(self.path, defer_warnings=True)
         self.progress = progress
         self.on_order = on_order
         self.header: RunHeader | None = None
         self.orders: dict[str, Order] = {}
         self.counts: Counter[str] = Counter()
         self.orders_received = 0
-        self.profile: ProfileCfg | None = None
+        self.profile: ProfileCfg | None = None  # as read, which may be ahead of the round being cleared
         self.profile_name = "custom"
         self._sources: SourceSites | None = None
-        self._built: dict[tuple[int, ...], Round] = {}
+        self._built: dict[tuple[int, ...], tuple[RunHeader, Round]] = {}
+        self._records = 0
         self.segments = 1
 
     def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
         """Every cleared round in journal order (with ``only_order``: those holding that order)."""
-        for rr in self._stream(only_order, None):
-            assert isinstance(rr, ReplayRound)
-            yield rr
+        for step in self._read(only_order, None):
+            self.settle(step)
+            if step.round is not None:
+                yield self.rebuilt(step)
 
     def shard(self, shard: int, shards: int) -> Iterator[LoggedRound]:
         """Every cleared round in journal order, rebuilt (a `ReplayRound`) only if it is this shard's.
@@ -253,20 +312,101 @@ class JournalReplay:
         Round k (0-based, in journal order) is shard ``k % shards``'s: processes that
         each take one shard re-clear every round exactly once between them.
         """
-        return self._stream(None, (shard, shards))
+        for step in self._read(None, (shard, shards)):
+            self.settle(step)
+            if step.round is not None:
+                yield self.rebuilt(step) if step.rebuild else step.round
 
-    def _stream(self, only_order: str | None, shard: tuple[int, int] | None) -> Iterator[LoggedRound]:
-        """The one pass behind `rounds` and `shard`: rebuilds only the rounds it yields for clearing."""
+    def steps(self, shard: tuple[int, int] | None = None) -> Iterator[ReadStep]:
+        """Every cleared round in journal order as read, not rebuilt, then the end (or an error).
+
+        The caller may read ahead, but must `settle` each step, in order, before it uses
+        the step's round (and `rebuilt` it to clear it the per-round way).
+        """
+        return self._read(None, shard)
+
+    def settle(self, step: ReadStep) -> None:
+        """Applies what reading up to a step did, as if it had been read just now.
+
+        Raises:
+            Exception: What reading raised at this step (a ReplayError, a JournalError...).
+        """
+        progress = self.progress
+        if progress is None:
+            self.counts.update(step.kinds)
+            self._records += len(step.kinds)
+            for event in step.events:
+                self._heard(event)
+        else:
+            events = iter(step.events)
+            for kind in step.kinds:
+                self.counts[kind] += 1
+                if self._records % 256 == 0:
+                    progress(self.orders_received, self.header.expected_orders if self.header else None)
+                self._records += 1
+                if kind == "order_received" or kind == "run_started":
+                    event = next(events, None)  # none for a record that failed to read: an error follows
+                    if event is not None:
+                        self._heard(event)
+        if step.error is not None:
+            raise step.error
+        if step.round is None:  # the end
+            for message in step.torn:
+                warnings.warn(message, TornTailWarning, stacklevel=2)
+            if progress is not None and self.header is not None:
+                progress(self.orders_received, self.header.expected_orders)
+
+    def settle_rounds(self, steps: list[ReadStep]) -> None:
+        """`settle` of steps that each hold a round, one after the other (without ``progress``: all at once).
+
+        Reading a round never fails once it is read, so nothing is raised here; the counts
+        are the same, and callers hear of the same orders and runs in the same order.
+        """
+        if self.progress is not None:
+            for step in steps:
+                self.settle(step)
+            return
+        kinds = [kind for step in steps for kind in step.kinds]
+        self.counts.update(kinds)
+        self._records += len(kinds)
+        for step in steps:
+            for event in step.events:
+                self._heard(event)
+
+    def _heard(self, event: tuple[Order, float] | RunHeader) -> None:
+        """An order received (counted, and told to ``on_order``), or a run started."""
+        if type(event) is tuple:
+            self.orders_received += 1
+            if self.on_order is not None:
+                self.on_order(*event)
+            return
+        assert isinstance(event, RunHeader)
+        if self.header is not None:  # a new segment
+            self.segments += 1
+        self.header = event
+
+    def _read(self, only_order: str | None, shard: tuple[int, int] | None) -> Iterator[ReadStep]:
+        """The one pass behind `rounds`, `shard` and `steps`; an error ends it as a step."""
         opened: dict[int, dict[str, Any]] = {}
         header: RunHeader | None = None
-        counts = self.counts
+        kinds: list[str] = []
+        events: list[Any] = []
         cleared = 0
-        for n, rec in enumerate(self.reader):
-            kind = rec["type"]
-            counts[kind] += 1
-            if self.progress is not None and n % 256 == 0:
-                self.progress(self.orders_received, header.expected_orders if header else None)
-            if kind == "round_cleared":
+        try:
+            for rec in self.reader:
+                kind = rec["type"]
+                kinds.append(kind)
+                if kind in _NOTHING_TO_REPLAY:
+                    continue
+                if kind != "round_cleared":
+                    try:
+                        header = self._other(rec, kind, header, opened, events)
+                    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                        if isinstance(exc, ReplayError):
+                            raise
+                        raise ReplayError(f"malformed {kind} record at seq {rec['seq']}: "
+                                          f"{type(exc).__name__}: {exc}") from None
+                    continue
                 if header is None:
                     raise ReplayError(f"round_cleared at seq {rec['seq']} comes before run_started")
                 head = opened.pop(rec.get("round_id"), None)
@@ -277,33 +417,30 @@ class JournalReplay:
                 rebuild = shard is None or cleared % shard[1] == shard[0]
                 cleared += 1
                 try:
-                    rr = self._round(rec, head, header, rebuild)
+                    rr = self._logged(rec, head)
                 except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
                     if isinstance(exc, ReplayError):
                         raise
                     raise ReplayError(f"malformed round_cleared at seq {rec['seq']}: {type(exc).__name__}: {exc}") from None
-                yield rr
-                continue
-            try:
-                header = self._other(rec, kind, header, opened)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                if isinstance(exc, ReplayError):
-                    raise
-                raise ReplayError(f"malformed {kind} record at seq {rec['seq']}: {type(exc).__name__}: {exc}") from None
-        if header is None:
-            raise ReplayError(f"{self.path}: no run_started record: nothing to replay")
-        if self.progress is not None:
-            self.progress(self.orders_received, header.expected_orders)
+                yield ReadStep(kinds, events, rr, rec, head, header, rebuild)
+                kinds, events = [], []
+            if header is None:
+                raise ReplayError(f"{self.path}: no run_started record: nothing to replay")
+        except Exception as exc:  # noqa: BLE001 - raised again, unchanged, when its turn comes (`settle`)
+            yield ReadStep(kinds, events, None, error=exc)
+            return
+        yield ReadStep(kinds, events, None, header=header, torn=self.reader.take_deferred_warnings())
 
     def _other(self, rec: dict[str, Any], kind: str, header: RunHeader | None,
-               opened: dict[int, dict[str, Any]]) -> RunHeader | None:
-        """Applies a record other than round_cleared to the replay state; returns the header."""
+               opened: dict[int, dict[str, Any]], events: list[Any]) -> RunHeader | None:
+        """Applies a record other than round_cleared to the reading state; returns the header.
+
+        What callers hear of it goes into ``events``, for `settle`.
+        """
         if kind == "order_received":
             order = order_from_record(rec)
             self.orders[order.order_id] = order
-            self.orders_received += 1
-            if self.on_order is not None:
-                self.on_order(order, rec["received_s"])
+            events.append((order, rec["received_s"]))
         elif kind == "round_opened":
             if "sources" in rec:
                 self._sources = _sites(rec["sources"])
@@ -313,10 +450,10 @@ class JournalReplay:
             # A restarted shell continues its journal with a new run_started: a new segment
             # (new bidder table, round ids counting again); rounds still open are abandoned.
             if header is not None:
-                self.segments += 1
                 opened.clear()
                 self._built.clear()  # built with the old segment's grid and catalogue
-            header = self.header = _header(rec)
+            header = _header(rec)
+            events.append(header)
             self._sources = header.sources
             self.profile, self.profile_name = header.profile, header.profile_name
         elif kind == "profile_changed":
@@ -325,8 +462,8 @@ class JournalReplay:
             self.profile_name = str(rec.get("name") or "custom")
         return header
 
-    def _round(self, rec: dict[str, Any], head: dict[str, Any], header: RunHeader, rebuild: bool) -> LoggedRound:
-        """One round_cleared record as logged, and with ``rebuild`` its Round and quotes too."""
+    def _logged(self, rec: dict[str, Any], head: dict[str, Any]) -> LoggedRound:
+        """One round_cleared record as logged: all the logged KPIs and the comparison need."""
         try:
             members = tuple([self.orders[o] for o in head["orders"]])
         except KeyError as exc:
@@ -338,12 +475,22 @@ class JournalReplay:
         if logged.award_i.shape != (3, len(members)):
             raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): result covers "
                               f"{logged.award_i.shape[-1]} orders, the round has {len(members)}")
-        as_logged = (rec["seq"], rec["round_id"], float(head["opened_s"]), members, head["attempts"], self.profile,
-                     self.profile_name, logged, rec.get("facts") or {})
-        if not rebuild:
-            return LoggedRound(*as_logged)
-        rnd = self._rebuilt(rec["round_id"], head["opened_s"], members, head["sources_obj"], header)
-        return ReplayRound(*as_logged, rnd, quote_columns(rec, header.bidder_ids))
+        return LoggedRound(rec["seq"], rec["round_id"], float(head["opened_s"]), members, head["attempts"],
+                           self.profile, self.profile_name, logged, rec.get("facts") or {})
+
+    def rebuilt(self, step: ReadStep) -> ReplayRound:
+        """A step's round rebuilt to be cleared again: its `Round` and its quotes as columns."""
+        rr, rec, head, header = step.round, step.rec, step.head, step.header
+        assert rr is not None and rec is not None and head is not None and header is not None
+        try:
+            rnd = self._rebuilt(rec["round_id"], head["opened_s"], rr.orders, head["sources_obj"], header)
+            quotes = quote_columns(rec, header.bidder_ids)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, ReplayError):
+                raise
+            raise ReplayError(f"malformed round_cleared at seq {rec['seq']}: {type(exc).__name__}: {exc}") from None
+        return ReplayRound(rr.seq, rr.round_id, rr.opened_s, rr.orders, rr.attempts, rr.profile, rr.profile_name,
+                           rr.logged, rr.facts, rnd, quotes)
 
     def _rebuilt(self, round_id: int, opened_s: float, members: tuple[Order, ...], sources: SourceSites,
                  header: RunHeader) -> Round:
@@ -352,16 +499,17 @@ class JournalReplay:
         A retried order comes back unchanged, so a retry round differs from the first
         only in its id and opening time, and `build_round` is most of a small round's
         rebuild. Clearing only reads a round's arrays. Keys are object ids, which stay
-        valid because the cached round holds the objects; the oldest entry goes first.
+        valid because the cached round holds the objects (and the header it was built
+        with, which must be this round's); the oldest entry goes first.
         """
         key = (id(sources), *map(id, members))
-        rnd = self._built.get(key)
-        if rnd is not None:
-            return replace(rnd, round_id=round_id, opened_s=float(opened_s))
+        hit = self._built.get(key)
+        if hit is not None and hit[0] is header:
+            return replace(hit[1], round_id=round_id, opened_s=float(opened_s))
         rnd = build_round(round_id, opened_s, members, sources, header.grid, header.sku_index)
         if len(self._built) >= _REBUILT_ROUNDS:
             del self._built[next(iter(self._built))]
-        self._built[key] = rnd
+        self._built[key] = (header, rnd)
         return rnd
 
 
@@ -550,7 +698,7 @@ class OutcomeKpis:
         minute = int(opened_s // 60)
         sp, lp, score, delivery = res.award_f.tolist()
         legs = res.award_i[2].tolist()
-        ids, kinds = header.bidder_ids, header.kinds
+        labels = header.leg_labels
         for o, w in enumerate(winners):
             if w < 0:
                 continue
@@ -571,13 +719,70 @@ class OutcomeKpis:
             self.paid += pay
             self.score_sum += score[o]
             b = legs[o]
-            kind = kinds.get(ids[b]) if 0 <= b < len(ids) else None
-            label = kind.value if kind is not None else "unknown"
+            label = labels[b] if 0 <= b < len(labels) else "unknown"
             self.leg_mix[label] += 1
             self.t_awards[minute] += 1
             self.t_paid[minute] += pay
             self.t_on_time[minute] += on_time
             self.t_kind[minute][label] += 1
+
+    def add_one_order_rounds(self, rounds: Sequence[LoggedRound], header: RunHeader) -> None:
+        """`add_round` of one-order rounds, one after the other, with the chunk's arrays read once.
+
+        Replay re-clears most rounds as columns, a chunk at a time, so it adds their
+        logged outcomes a chunk at a time too: the same additions in the same order
+        as `add_round` round by round (floats summed in journal order), with the award
+        arrays turned into lists once per chunk and the tallies kept in locals.
+        Each round's ``award_i`` must be [3, 1] and its ``award_f`` a float [4, 1] array.
+        """
+        if not rounds:
+            return
+        winners, _, legs = np.concatenate([rr.logged.award_i for rr in rounds], axis=1).tolist()
+        sp, lp, score, delivery = np.concatenate([rr.logged.award_f for rr in rounds], axis=1).tolist()
+        awarded, last_reason, labels = self.awarded, self.last_reason, header.leg_labels
+        fulfilled = vip_fulfilled = on_time_n = vip_on_time = round_awards = duplicates = 0
+        paid, score_sum = self.paid, self.score_sum
+        leg_mix, t_awards, t_paid = self.leg_mix, self.t_awards, self.t_paid
+        t_on_time, t_kind = self.t_on_time, self.t_kind
+        for i, rr in enumerate(rounds):
+            order = rr.orders[0]
+            oid = order.order_id
+            if winners[i] < 0:
+                if winners[i] == -1 and oid not in awarded:
+                    last_reason[oid] = rr.logged.reason[0]
+                continue
+            round_awards += 1
+            if oid in awarded:
+                duplicates += 1
+                continue
+            awarded.add(oid)
+            last_reason.pop(oid, None)
+            minute = int(rr.opened_s // 60)
+            vip = order.tier == Tier.VIP
+            pay = sp[i] + lp[i]
+            on_time = delivery[i] <= order.promise_s
+            fulfilled += 1
+            vip_fulfilled += vip
+            on_time_n += on_time
+            vip_on_time += vip and on_time
+            paid += pay
+            score_sum += score[i]
+            b = legs[i]
+            label = labels[b] if 0 <= b < len(labels) else "unknown"
+            leg_mix[label] += 1
+            t_awards[minute] += 1
+            t_paid[minute] += pay
+            t_on_time[minute] += on_time
+            t_kind[minute][label] += 1
+        self.rounds += len(rounds)
+        self.slots += len(rounds)
+        self.round_awards += round_awards
+        self.duplicate_awards += duplicates
+        self.fulfilled += fulfilled
+        self.vip_fulfilled += vip_fulfilled
+        self.on_time += on_time_n
+        self.vip_on_time += vip_on_time
+        self.paid, self.score_sum = paid, score_sum
 
     def report(self) -> dict[str, Any]:
         """The KPI dict (see the module docstring for what each rate counts)."""
@@ -763,14 +968,38 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
     first: Mismatch | None = None
     stopped = False
     start = time.perf_counter()
-    rounds: Iterator[LoggedRound] = journal.rounds() if shard is None else journal.shard(*shard)
-    for rr in rounds:
+    for turn in _turns(journal, shard, verify and not what_if):
+        if turn.whole:  # a chunk of one-order rounds of one run, every one verified by the columns
+            journal.settle_rounds(turn.steps)
+            rounds = [s.round for s in turn.steps]
+            header = turn.steps[0].header
+            assert header is not None and turn.columns_ms is not None
+            logged.add_one_order_rounds(rounds, header)  # type: ignore[arg-type]
+            if replayed is not None:
+                replayed.add_one_order_rounds(rounds, header)  # type: ignore[arg-type]
+            for r in rounds:
+                if "clear_ms" in r.facts:  # type: ignore[union-attr]
+                    logged.clear_ms.append(float(r.facts["clear_ms"]))  # type: ignore[union-attr]
+            clear_ms.extend([turn.columns_ms] * len(rounds))
+            n_rounds += len(rounds)
+            verified += len(rounds)
+            continue
+        step, columns_ms = turn.steps[0], turn.columns_ms
+        journal.settle(step)  # raises what reading raised here
+        rr: LoggedRound | None = step.round
+        if rr is None:  # the end
+            continue
         header = journal.header
         assert header is not None
         n_rounds += 1
         diff = None
-        if verify and isinstance(rr, ReplayRound):
-            got, diff = _reclear(rr, header, clear_ms)
+        if verify and step.rebuild:
+            if columns_ms is not None:  # re-cleared as columns, to its log bit for bit
+                clear_ms.append(columns_ms)
+                got = rr.logged
+            else:
+                rr = journal.rebuilt(step)
+                got, diff = _reclear(rr, header, clear_ms)
             verified += 1
             if diff is not None and replayed is None:
                 replayed = logged.forked(clear_ms)  # the rounds before this one matched
@@ -785,7 +1014,9 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
             if stop_at_first:
                 stopped = True
                 break
-        if alt is not None and isinstance(rr, ReplayRound):
+        if alt is not None and step.rebuild:
+            if not isinstance(rr, ReplayRound):
+                rr = journal.rebuilt(step)
             if header.mechanism not in alt_mechs:
                 alt_mechs[header.mechanism] = make_mechanism(header.mechanism, payment)
             keep = [o for o, order in enumerate(rr.orders) if order.order_id not in alt.awarded]
@@ -813,6 +1044,75 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
         what_if_settings=settings, received_per_minute=received, seconds=seconds, stopped_early=stopped,
         segments=journal.segments,
     )
+
+
+@dataclass(slots=True)
+class _Turn:
+    """What `_replay` takes next: one step, or a whole chunk of rounds the columns verified.
+
+    Attributes:
+        steps: the step (one), or the chunk's steps (``whole``).
+        columns_ms: each round's share of the columns' clearing time where the columns
+            verified it; None for a step the per-round path must clear.
+        whole: every step is a one-order round of the same run that the columns
+            verified, and no progress is shown: it is settled and counted at once.
+    """
+
+    steps: list[ReadStep]
+    columns_ms: float | None
+    whole: bool = False
+
+
+def _turns(journal: JournalReplay, shard: tuple[int, int] | None, columns: bool) -> Iterator[_Turn]:
+    """Every step of a journal in order, read a chunk ahead, the rounds the columns verified marked.
+
+    With ``columns``, each chunk's one-order rounds are re-cleared as columns first
+    (`by_columns`). The caller must `JournalReplay.settle` each step before using it.
+    """
+    steps = journal.steps(shard)
+    state = OneOrderColumns()
+    while chunk := list(islice(steps, CHUNK_ROUNDS)):
+        verified, ms = by_columns(chunk, state) if columns else ([False] * len(chunk), 0.0)
+        if all(verified) and all(s.header is chunk[0].header for s in chunk) and journal.progress is None:
+            yield _Turn(chunk, ms, whole=True)
+            continue
+        for step, ok in zip(chunk, verified):
+            yield _Turn([step], ms if ok else None)
+
+
+def by_columns(chunk: list[ReadStep], columns: OneOrderColumns) -> tuple[list[bool], float]:
+    """Which rounds of a chunk re-clear to their log as columns, and each one's share of the time taken.
+
+    Only one-order rounds of greedy first-score runs are tried, grouped by what they
+    share (run, profile, sites). If the columns find any round that differs from its
+    log, none is vouched for: the whole chunk goes through the per-round path, which
+    tells the difference the way it always has.
+    """
+    t0 = time.perf_counter()
+    ok = [False] * len(chunk)
+    groups: defaultdict[tuple[int, int, int], list[int]] = defaultdict(list)
+    for i, step in enumerate(chunk):
+        rr, header = step.round, step.header
+        if rr is not None and step.rebuild and len(rr.orders) == 1 and header is not None \
+                and header.mechanism == _BY_COLUMNS:
+            assert step.head is not None
+            groups[(id(header), id(rr.profile), id(step.head["sources_obj"]))].append(i)
+    n = 0
+    for members in groups.values():
+        steps = [chunk[i] for i in members]
+        first, head = steps[0], steps[0].head
+        assert first.round is not None and first.header is not None and head is not None
+        rounds = [s.round for s in steps]
+        check = columns.check(
+            [s.rec for s in steps], [r.orders[0] for r in rounds], [r.opened_s for r in rounds],  # type: ignore[misc]
+            [r.logged.reason for r in rounds], first.round.profile, head["sources_obj"],  # type: ignore[union-attr]
+            first.header.bidder_rows, first.header.categories)
+        if (check.decided & ~check.same).any():
+            return [False] * len(chunk), 0.0
+        for i, good in zip(members, (check.decided & check.same).tolist()):
+            ok[i] = good
+            n += good
+    return ok, (time.perf_counter() - t0) * 1000.0 / max(n, 1)
 
 
 def _reclear(rr: ReplayRound, header: RunHeader, clear_ms: list[float]) -> tuple[LoggedResult, Mismatch | None]:
@@ -1112,4 +1412,5 @@ def plot(report: ReplayReport, out: str | os.PathLike[str]) -> Path:
     return out
 
 
-__all__ += ["OutcomeKpis", "clear", "compare", "explain_round", "plot", "timeline"]
+__all__ += ["CHUNK_ROUNDS", "OutcomeKpis", "ReadStep", "by_columns", "clear", "compare", "explain_round", "plot",
+            "timeline"]

@@ -1,5 +1,8 @@
-"""Random but valid market inputs for tests: orders, rounds and quote books."""
+"""Random but valid market inputs for tests: orders, rounds and quote books; and replay reports without their timings."""
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import numpy as np
 
@@ -62,3 +65,12 @@ def random_book(seed: int, n_orders: int, n_sources: int, n_legs: int, profile: 
     rnd = random_round(seed, n_orders, n_sources)
     quotes, kinds = random_quotes(rnd, seed, n_legs)
     return build_book(rnd, quotes, kinds, profile or load_profile("balanced"))
+
+
+def untimed(report: Any) -> dict[str, Any]:
+    """A replay report as JSON, less what times this machine (seconds, clearing percentiles)."""
+    out = json.loads(json.dumps(report.as_dict()))
+    del out["seconds"], out["rounds_per_s"]
+    for kpis in out["kpis"].values():
+        del kpis["p50_clear_ms"], kpis["p99_clear_ms"]
+    return out

@@ -20,6 +20,7 @@ from market.journal_recorder import JournalRecorder
 from market.replay import JournalReplay, clear, explain, make_mechanism, replay, verify
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
+from tests.factories import untimed
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "bidhive_cli.main"]
@@ -166,15 +167,6 @@ def test_quotes_journaled_legs_first_clear_the_same(heuristic: tuple[Path, dict[
     report = replay(moved)
     assert report.ok, report.first_mismatch
     assert report.verified_rounds == replay(path).verified_rounds
-
-
-def untimed(report: Any) -> dict[str, Any]:
-    """A report as JSON, less what times this machine (seconds, clearing percentiles)."""
-    out = json.loads(json.dumps(report.as_dict()))
-    del out["seconds"], out["rounds_per_s"]
-    for kpis in out["kpis"].values():
-        del kpis["p50_clear_ms"], kpis["p99_clear_ms"]
-    return out
 
 
 @pytest.mark.parametrize("workers", [2, 3])
