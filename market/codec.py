@@ -150,12 +150,26 @@ def _default(obj: Any) -> Any:
 
 def _numeric_body(array: np.ndarray) -> bytes:
     """Body shared by both ext types: ``[dtype, shape, raw little-endian bytes]``."""
-    dtype = array.dtype
-    if dtype.kind not in _NUMERIC_KINDS or dtype.char in _UNPORTABLE_CHARS:
-        raise TypeError(f"cannot encode NumPy value of dtype {dtype} (only portable numeric dtypes)")
-    little = dtype.newbyteorder("<")
-    raw = array.astype(little, copy=False).tobytes(order="C")
-    return _packers.body.pack([little.str, list(array.shape), raw])
+    little_str, little = _little(array.dtype)
+    raw = (array if little is None else array.astype(little)).tobytes(order="C")
+    return _packers.body.pack([little_str, list(array.shape), raw])
+
+
+#: Per dtype written so far: its little-endian dtype string, and the dtype to convert
+#: to first (None when the array's bytes already are little-endian).
+_LITTLE: dict[np.dtype, tuple[str, np.dtype | None]] = {}
+
+
+def _little(dtype: np.dtype) -> tuple[str, np.dtype | None]:
+    """The checks and the byte order of a dtype, worked out once (a journal writes a few
+    arrays per record, nearly always of the same three dtypes)."""
+    known = _LITTLE.get(dtype)
+    if known is None:
+        if dtype.kind not in _NUMERIC_KINDS or dtype.char in _UNPORTABLE_CHARS:
+            raise TypeError(f"cannot encode NumPy value of dtype {dtype} (only portable numeric dtypes)")
+        little = dtype.newbyteorder("<")
+        known = _LITTLE[dtype] = (little.str, None if little == dtype else little)
+    return known
 
 
 def _ext_hook(code: int, body: bytes) -> np.ndarray | np.generic:

@@ -40,7 +40,6 @@ JOURNAL_SCHEMA = 1
 
 _I8 = np.dtype(np.int64)
 _F8 = np.dtype(np.float64)
-_MINUS1 = np.full(1 << 16, -1, dtype=np.int64)  # source_idx of source rows, sliced per quote
 
 
 def _is(dtype: np.dtype, want: np.dtype) -> bool:
@@ -308,38 +307,42 @@ class JournalRecorder:
         index = self._index
         meta: list[int] = []  # flat: bidder, rows, capacity, is_leg per quote
         rel: list[float] = []
-        order_idx: list[np.ndarray] = []
-        source_idx: list[np.ndarray] = []
-        price: list[np.ndarray] = []
-        t: list[np.ndarray] = []
-        travel: list[np.ndarray] = []
-        n_rows = n_leg_rows = 0
-        for q in quotes:
+        order_idx: list[int] = []
+        source_idx: list[int] = []
+        price: list[float] = []
+        t: list[float] = []
+        travel: list[float] = []
+        n_leg_rows = 0
+        for q in quotes:  # Python lists, one array each at the end: a quote has 1-3 rows
             b = index.get(q.agent_id)
-            o = q.order_idx
+            o, p = q.order_idx, q.price
+            if b is None or not (_is(o.dtype, _I8) and _is(p.dtype, _F8)):
+                return self._raw_quote_fields(quotes)
             rows = len(o)
             if type(q) is LegQuote:
-                if b is None or not (_is(o.dtype, _I8) and _is(q.source_idx.dtype, _I8) and _is(q.price.dtype, _F8)
-                                     and _is(q.pickup_s.dtype, _F8) and _is(q.travel_s.dtype, _F8)):
+                s, when, tr = q.source_idx, q.pickup_s, q.travel_s
+                if not (_is(s.dtype, _I8) and _is(when.dtype, _F8) and _is(tr.dtype, _F8)):
                     return self._raw_quote_fields(quotes)
-                source_idx.append(q.source_idx)
-                t.append(q.pickup_s)
-                travel.append(q.travel_s)
+                source_idx += s.tolist()
+                travel += tr.tolist()
                 meta += (b, rows, q.capacity, 1)
                 n_leg_rows += rows
             else:
-                if b is None or type(q) is not SourceQuote or rows > len(_MINUS1) or not (
-                        _is(o.dtype, _I8) and _is(q.price.dtype, _F8) and _is(q.ready_s.dtype, _F8)):
+                when = q.ready_s
+                if type(q) is not SourceQuote or not _is(when.dtype, _F8):
                     return self._raw_quote_fields(quotes)
-                source_idx.append(_MINUS1[:rows])
-                t.append(q.ready_s)
+                source_idx += [-1] * rows
                 meta += (b, rows, q.capacity, 0)
-            n_rows += rows
-            order_idx.append(o)
-            price.append(q.price)
+            order_idx += o.tolist()
+            price += p.tolist()
+            t += when.tolist()
             rel.append(q.reliability)
-        quotes_i = np.concatenate((np.array(meta, dtype=np.int64), *order_idx, *source_idx)).astype(np.int32)
-        quotes_f = np.concatenate((np.array(rel, dtype=np.float64), *price, *t, *travel))
+        try:
+            quotes_i = np.array(meta + order_idx + source_idx, dtype=np.int32)
+        except OverflowError:  # an index or capacity int32 cannot hold: keep it exact per quote
+            return self._raw_quote_fields(quotes)
+        quotes_f = np.array(rel + price + t + travel, dtype=np.float64)
+        n_rows = len(order_idx)
         return {"q_counts": [len(rel), n_rows, n_leg_rows], "quotes_i": quotes_i, "quotes_f": quotes_f}
 
     @staticmethod
