@@ -227,8 +227,8 @@ def _wait_gone(service: Service, wait_s: float) -> bool:
 
 # -- where the CPU goes ---------------------------------------------------------------------------
 #: Service processes by role, told apart by the title Ray gives its workers.
-ROLES = (("ray::ProxyActor", "proxy"), ("ray::ServeReplica", "replica"), ("ray::BidderHost", "bidders"),
-         ("ray::ServeController", "controller"))
+ROLES = (("ray::ProxyActor", "proxy"), ("ray::ServeReplica", "replica"), ("ray::BidderProcess", "bidders"),
+         ("ray::BidderHost", "bidders"), ("ray::ServeController", "controller"))
 
 
 def _cpu_s(pid: int) -> float:
