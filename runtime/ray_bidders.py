@@ -72,6 +72,9 @@ RAY_BIDDER_ENV = {"RAY_worker_maximum_startup_concurrency": "64"}
 #: Part of the deadline kept for taking the quotes that arrived (fetch, validate, sort).
 CLOSE_MARGIN_S = 0.02
 
+#: How soon a bidder that was restarting is asked again what it committed.
+DOUBT_RETRY_S = 0.2
+
 #: A commit must reach its bidder within this share of the deadline, or the bidder
 #: refuses it (and releases the hold): the rest of the deadline is for the ack's way back.
 COMMIT_WINDOW = 0.8
@@ -122,6 +125,17 @@ class _Asked:
     facts: RoundFacts
     asked: list[str]
     accepted: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Doubt:
+    """Commits a bidder has not confirmed: the question out to it (None while it restarts)."""
+
+    ref: Any
+    aid: str
+    round_ids: list[int]
+    give_up: float
+    ask_at: float = 0.0
 
 
 @dataclass
@@ -255,7 +269,7 @@ class RayBidders:
         self._awaiting: dict[int, dict[str, set[int]]] = {}
         self._refused: dict[int, set[int]] = {}
         self._confirmed: dict[int, set[int]] = {}
-        self._doubts: list[tuple[Any, str, list[int], float]] = []
+        self._doubts: list[_Doubt] = []
         self._committed: dict[int, dict[str, set[int]]] = {}
         self._refusers: dict[int, list[str]] = {}
         #: committed lines per bidder for orders whose other side refused (a capacity leak
@@ -472,36 +486,57 @@ class RayBidders:
         """
         logger.info("bidder %s: commits for rounds %s in doubt (%s); asking", aid, round_ids, why)
         ref = self.handles[aid].commit_status.remote(round_ids)
-        self._doubts.append((ref, aid, round_ids, time.monotonic() + self.doubt_timeout_s))
+        self._doubts.append(_Doubt(ref, aid, round_ids, time.monotonic() + self.doubt_timeout_s))
 
     def _resolve_doubts(self, wait_s: float = 0.0) -> None:
+        """Takes the bidders' answers about commits in doubt (waiting up to `wait_s` for them).
+
+        A bidder that is restarting cannot answer yet (`ActorUnavailableError`); it is asked
+        again after `DOUBT_RETRY_S`, because its snapshot holds the commits it made before
+        it went down. Only a bidder gone for good, or silent past `doubt_timeout_s`, has
+        its orders go back to the queue.
+        """
         if not self._doubts:
             return
-        refs = [d[0] for d in self._doubts]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        for d in self._doubts:
+            if d.ref is None and time.monotonic() >= d.ask_at:
+                d.ref = self.handles[d.aid].commit_status.remote(d.round_ids)
+        refs = [d.ref for d in self._doubts if d.ref is not None]
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        else:  # all restarting: wait for the next question, within wait_s
+            ready = []
+            time.sleep(min(wait_s, max(0.0, min(d.ask_at for d in self._doubts) - time.monotonic())))
         done = set(ready)
         keep = []
-        for ref, aid, rids, give_up in self._doubts:
-            if ref in done:
+        for d in self._doubts:
+            if d.ref is not None and d.ref in done:
                 try:
-                    status = ray.get(ref)
+                    status = ray.get(d.ref)
+                except ray.exceptions.ActorUnavailableError as err:  # restarting: ask its snapshot soon
+                    if time.monotonic() < d.give_up:
+                        keep.append(dataclasses.replace(d, ref=None, ask_at=time.monotonic() + DOUBT_RETRY_S))
+                        continue
+                    status = {}
+                    logger.warning("bidder %s cannot say what it committed (%s)", d.aid, type(err).__name__)
                 except RayError as err:  # gone for good: nothing it held survives
                     status = {}
-                    logger.warning("bidder %s cannot say what it committed (%s)", aid, type(err).__name__)
-            elif time.monotonic() > give_up:
+                    logger.warning("bidder %s cannot say what it committed (%s)", d.aid, type(err).__name__)
+            elif time.monotonic() > d.give_up:
                 status = {}
                 logger.warning("bidder %s did not say what it committed within %.0f s; its orders go back "
-                               "to the queue", aid, self.doubt_timeout_s)
-                self._stray.append(ref)
+                               "to the queue", d.aid, self.doubt_timeout_s)
+                if d.ref is not None:
+                    self._stray.append(d.ref)
             else:
-                keep.append((ref, aid, rids, give_up))
+                keep.append(d)
                 continue
-            for rid in rids:
+            for rid in d.round_ids:
                 ok = bool(status.get(rid))
                 if not ok:
-                    logger.info("bidder %s did not commit round %d: its orders go back to the queue", aid, rid)
-                    self._refusers.setdefault(rid, []).append(aid)
-                self._commit_done(rid, aid, ok)
+                    logger.info("bidder %s did not commit round %d: its orders go back to the queue", d.aid, rid)
+                    self._refusers.setdefault(rid, []).append(d.aid)
+                self._commit_done(rid, d.aid, ok)
         self._doubts = keep
 
     def _commit_done(self, round_id: int, aid: str, ok: bool) -> None:

@@ -388,6 +388,18 @@ def test_refused_commit_in_a_simulation_is_unserved_and_retried(bidders: dict[st
     assert k.orders == 60 and k.fulfilled + sum(k.unfulfilled.values()) == 60
 
 
+def wait_gone(pid: int, timeout_s: float = 30.0) -> None:
+    """Until the process is gone (a `ray.kill` lands asynchronously)."""
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still alive after {timeout_s} s")
+
+
 def test_ray_kill_between_quote_and_commit(cluster: dict[str, Any], bidders: dict[str, Any]) -> None:
     """A winner killed after quoting: its commits fail, its orders go back; it restarts from its snapshot."""
     core = make_core(bidders, max_batch=16)
@@ -399,6 +411,7 @@ def test_ray_kill_between_quote_and_commit(cluster: dict[str, Any], bidders: dic
     winners = {aid for op in core._open.values() for aid in op.awards}
     assert "wh-central" in winners
     ray.kill(bidders["wh-central"], no_restart=False)
+    wait_gone(before["pid"])  # else the commits may still reach it before the kill does
     assert core.run_until_idle(90)
     rb: RayBidders = core.bidders  # type: ignore[assignment]
     assert rb.totals["refused"] >= 1
