@@ -447,10 +447,16 @@ def test_two_auctioneers_share_bidders_without_double_booking(cluster: dict[str,
     # A generous deadline: this test is about double booking, not latency, and on a loaded
     # 2-core machine a 0.4 s deadline left one region's bidders timing out round after round.
     auct = start_auctioneers(regions, FLEET, bidders, seed=SEED, batch=batch, deadline_s=2.0)
-    orders = orders_at(80, 20)
+    # Four seconds of orders: about real time. A backlog spread over minutes would replay
+    # faster than real time, each region's market clock at its own pace, and a shared
+    # bidder's clock, moved on by the faster region, would expire the slower one's holds
+    # (5 s TTL) before its commits arrive: those are refused, which is safe but starves it.
+    orders = orders_at(80, 20, spread_s=4.0)
+    submitted = []
     for chunk in range(0, 80, 10):  # both regions busy at once
         for r, part in route(orders[chunk:chunk + 10], regions, FLEET).items():
-            auct[r].submit.remote(part)
+            submitted.append(auct[r].submit.remote(part))
+    assert sum(ray.get(submitted)) == 80  # a threaded actor may run wait_idle before a submit
     assert all(ray.get([a.wait_idle.remote(90) for a in auct]))
     outcomes = [ray.get(a.outcomes.remote()) for a in auct]
     assert sum(len(o) for o in outcomes) == 80
