@@ -173,8 +173,8 @@ def wire_round(rnd: Round) -> Round:
 #: Rounds whose pickle is at most this size travel inside each bidder's call; larger ones
 #: are put once in the object store (Ray would otherwise put an argument over its 100 KiB
 #: inline limit once per call). Inline, a 25-bidder broadcast of a 12-order round cost
-#: about a third less actor CPU than through the object store (`bidhive bench ray`,
-#: "transport").
+#: about a quarter less CPU than through the object store (`python -m bench.ray_bench
+#: --round-transport`).
 INLINE_ROUNDS_MAX_BYTES = 64 * 1024
 
 
