@@ -513,14 +513,12 @@ class RayBidders:
             if d.ref is not None and d.ref in done:
                 try:
                     status = ray.get(d.ref)
-                except ray.exceptions.ActorUnavailableError as err:  # restarting: ask its snapshot soon
-                    if time.monotonic() < d.give_up:
+                except RayError as err:
+                    restarting = isinstance(err, ray.exceptions.ActorUnavailableError)
+                    if restarting and time.monotonic() < d.give_up:  # its snapshot will answer soon
                         keep.append(dataclasses.replace(d, ref=None, ask_at=time.monotonic() + DOUBT_RETRY_S))
                         continue
-                    status = {}
-                    logger.warning("bidder %s cannot say what it committed (%s)", d.aid, type(err).__name__)
-                except RayError as err:  # gone for good: nothing it held survives
-                    status = {}
+                    status = {}  # gone for good: nothing it held survives
                     logger.warning("bidder %s cannot say what it committed (%s)", d.aid, type(err).__name__)
             elif time.monotonic() > d.give_up:
                 status = {}
