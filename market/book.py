@@ -250,19 +250,32 @@ def _combos(rnd: Round, cols: QuoteColumns, profile: ProfileCfg, categories: Cat
     if j is None:
         i, f, b = _NONE_I, _NONE_F, _NONE_B
         return Combos(i, i, i, f, f, f, f, f, f, f, b, b)
+    allowed = categories.rows(cols.agent_ids) if categories is not None else None
+    return _scored(j, cols.reliability, rnd.opened_s, rnd, allowed, profile, penalty)
+
+
+def _scored(j: _Joined, reliability: np.ndarray, opened_s: float | np.ndarray, orders: Round | OneOrderQuotes,
+            allowed: np.ndarray | None, profile: ProfileCfg, penalty: np.ndarray) -> Combos:
+    """Scores joined combinations and applies the hard constraints: the one place both do it.
+
+    Args:
+        j: the combinations; ``j.src`` and ``j.leg`` index ``reliability`` and ``allowed``.
+        opened_s: the round's opening time, or one per combination (a stack of rounds).
+        orders: per order (per round, for a stack) its promise, reserve, VIP flag and
+            category, indexed by ``j.order``.
+        allowed: [quote, category] declared abilities, or None to skip that check.
+    """
     order, sp, ready, lp, pickup = j.order, j.source[0], j.source[1], j.last_mile[0], j.last_mile[1]
-    rel = cols.reliability
-    combo_rel = rel[j.src] * rel[j.leg]
+    combo_rel = reliability[j.src] * reliability[j.leg]
     delivery = np.maximum(ready, pickup) + j.travel_s
     price = sp + lp
-    vip = rnd.vip[order]
-    scores = score_fn(price, delivery, rnd.opened_s, rnd.promise_s[order], combo_rel, vip, profile)
-    admissible = price <= rnd.reserve[order]
+    vip, promise = orders.vip[order], orders.promise_s[order]
+    scores = score_fn(price, delivery, opened_s, promise, combo_rel, vip, profile)
+    admissible = price <= orders.reserve[order]
     if profile.vip_hard_promise:
-        admissible &= ~vip | (delivery <= rnd.promise_s[order])
-    if categories is not None:
-        cat = rnd.category[order]
-        allowed = categories.rows(cols.agent_ids)
+        admissible &= ~vip | (delivery <= promise)
+    if allowed is not None:
+        cat = orders.category[order]
         admissible &= allowed[j.src, cat] & allowed[j.leg, cat]
     feasible = admissible & (scores < penalty[order])
     return Combos(order, j.src, j.leg, sp, lp, ready, pickup, delivery, combo_rel, scores, admissible, feasible)
@@ -396,23 +409,8 @@ def one_order_book(q: OneOrderQuotes, profile: ProfileCfg, categories: CategoryT
     owner[q.src_round, q.src_site] = q.src_quote
     source = matrix[:, q.leg_round, q.leg_site]
     ok = np.isfinite(source[0])
-    order, site, leg, travel = q.leg_round[ok], q.leg_site[ok], q.leg_quote[ok], q.travel_s[ok]
-    source, last_mile = source[:, ok], q.leg_values[:, ok]
-    src = owner[order, site]
+    order, site = q.leg_round[ok], q.leg_site[ok]
+    j = _Joined(order, owner[order, site], q.leg_quote[ok], source[:, ok], q.leg_values[:, ok], q.travel_s[ok])
     penalty = unfulfilled_penalty(q.vip, profile)
-    sp, ready, lp, pickup = source[0], source[1], last_mile[0], last_mile[1]
-    rel = q.reliability
-    combo_rel = rel[src] * rel[leg]
-    delivery = np.maximum(ready, pickup) + travel
-    price = sp + lp
-    vip, promise = q.vip[order], q.promise_s[order]
-    scores = score_fn(price, delivery, q.opened_s[order], promise, combo_rel, vip, profile)
-    admissible = price <= q.reserve[order]
-    if profile.vip_hard_promise:
-        admissible &= ~vip | (delivery <= promise)
-    cat = q.category[order]
-    allowed = categories.matrix
-    admissible &= allowed[q.bidder[src], cat] & allowed[q.bidder[leg], cat]
-    feasible = admissible & (scores < penalty[order])
-    combos = Combos(order, src, leg, sp, lp, ready, pickup, delivery, combo_rel, scores, admissible, feasible)
+    combos = _scored(j, q.reliability, q.opened_s[order], q, categories.matrix[q.bidder], profile, penalty)
     return OneOrderBook(combos, q.capacity, penalty, n)
