@@ -187,6 +187,7 @@ def test_pipelined_core_matches_sequential_rounds_in_process() -> None:
 # -- Ray ---------------------------------------------------------------------------------------------
 ray = pytest.importorskip("ray")
 
+from runtime import gc_pauses  # noqa: E402
 from runtime.auctioneer_actor import route, start_auctioneers  # noqa: E402
 from runtime.local_ray import local_ray  # noqa: E402
 from runtime.ray_bidders import RAY_BIDDER_ENV, RayBidders, spawn_bidders  # noqa: E402
@@ -194,12 +195,21 @@ from runtime.ray_bidders import RAY_BIDDER_ENV, RayBidders, spawn_bidders  # noq
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, Any]]:
-    """One loopback Ray cluster and eight bidder actors for the whole module."""
+    """One loopback Ray cluster and eight bidder actors for the whole module.
+
+    This process plays the auctioneer, so it bounds its full-GC pauses as the service's
+    replica does: the test process's heap (every module the suite imported) otherwise
+    makes a collection long enough to push a round past its deadline's slack.
+    """
     with local_ray(num_cpus=2, extra_env=RAY_BIDDER_ENV), \
             tempfile.TemporaryDirectory(prefix="bh-state-", dir=default_state_root()) as state:
         specs = fleet_specs(FLEET, SEED, "heuristic")
         handles = spawn_bidders(specs, state_dir=state)
-        yield {"handles": handles, "state_dir": state}
+        gc_pauses.bound_gc_pauses()
+        try:
+            yield {"handles": handles, "state_dir": state}
+        finally:
+            gc_pauses.release()
 
 
 @pytest.fixture
