@@ -173,12 +173,17 @@ class MarketEngine:
         self._journal_holds(out.rnd.round_id, awards, quoted, now)
 
     def _journal_holds(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None:
+        """Every bidder that quoted either commits its awards or releases its holds."""
+        committed: dict[str, list[str]] = {}
+        released: list[str] = []
         for agent_id in quoted:
             lines = awards.get(agent_id)
             if lines:
-                self.recorder.hold_committed(round_id, agent_id, [ln.order_id for ln in lines], now)
+                committed[agent_id] = [ln.order_id for ln in lines]
             else:
-                self.recorder.hold_released(round_id, agent_id, now)
+                released.append(agent_id)
+        if committed or released:
+            self.recorder.holds_settled(round_id, committed, released, now)
 
     def _award_lines(self, out: RoundOutcome) -> dict[str, list[AwardLine]]:
         """Realises each award in the world and builds the lines each winner commits."""
