@@ -59,6 +59,7 @@ class QuoteBook:
     reliability: np.ndarray  # per bidder, as quoted
     combos: Combos
     penalty: np.ndarray  # per order: cost of leaving it unserved
+    quotes: QuoteColumns  # what was scored, in bidder-index order (the journal writes these)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class QuoteColumns:
             leg rows.
         source_idx: per row, the source site's index (-1 on source rows).
         travel_s: per leg row, leg rows in quote order: source to customer (float64).
+        floats: reliability, values and travel_s back to back, when they are views of one
+            array (the journal's ``quotes_f``); None otherwise.
+        indices: order_idx then source_idx back to back, likewise (int64), or None.
     """
 
     agent_ids: tuple[str, ...]
@@ -120,9 +124,23 @@ class QuoteColumns:
     values: np.ndarray
     source_idx: np.ndarray
     travel_s: np.ndarray
+    floats: np.ndarray | None = None
+    indices: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.agent_ids)
+
+    def float_block(self) -> np.ndarray:
+        """reliability, values and travel_s as one float64 array: the journal's ``quotes_f``."""
+        if self.floats is not None:
+            return self.floats
+        return np.concatenate((self.reliability, self.values.ravel(), self.travel_s), dtype=np.float64)
+
+    def index_block(self) -> np.ndarray:
+        """order_idx then source_idx as one array: the tail of the journal's ``quotes_i``."""
+        if self.indices is not None:
+            return self.indices
+        return np.concatenate((self.order_idx, self.source_idx))
 
     @classmethod
     def of(cls, quotes: Sequence[Quote]) -> QuoteColumns:
@@ -136,19 +154,25 @@ class QuoteColumns:
         ordered: list[Quote] = [*sources, *legs]
         if not ordered:
             return cls((), (), _NONE_I, _NONE_I, _NONE_F, _NONE_I, _NONE_F.reshape(2, 0), _NONE_I, _NONE_F)
-        rows = [len(q.order_idx) for q in ordered]
-        values = [q.price for q in ordered] + [q.ready_s for q in sources] + [q.pickup_s for q in legs]
+        n, rows = len(ordered), [len(q.order_idx) for q in ordered]
+        total = sum(rows)
+        floats = np.concatenate([np.array([q.reliability for q in ordered], dtype=np.float64),
+                                 *[q.price for q in ordered], *[q.ready_s for q in sources],
+                                 *[q.pickup_s for q in legs], *[q.travel_s for q in legs]], dtype=np.float64)
+        indices = np.concatenate([*[q.order_idx for q in ordered], np.full(sum(rows[:len(sources)]), -1, dtype=np.int64),
+                                  *[q.source_idx for q in legs]])
         return cls(
             agent_ids=tuple([q.agent_id for q in ordered]),
             is_leg=(False,) * len(sources) + (True,) * len(legs),
             rows=np.array(rows, dtype=np.int64),
             capacity=np.array([q.capacity for q in ordered], dtype=np.int64),
-            reliability=np.array([q.reliability for q in ordered], dtype=np.float64),
-            order_idx=np.concatenate([q.order_idx for q in ordered]),
-            values=np.concatenate(values, dtype=np.float64).reshape(2, sum(rows)),
-            source_idx=np.concatenate([np.full(sum(rows[:len(sources)]), -1, dtype=np.int64),
-                                       *[q.source_idx for q in legs]]),
-            travel_s=np.concatenate([_NONE_F, *[q.travel_s for q in legs]], dtype=np.float64),
+            reliability=floats[:n],
+            order_idx=indices[:total],
+            values=floats[n:n + 2 * total].reshape(2, total),
+            source_idx=indices[total:],
+            travel_s=floats[n + 2 * total:],
+            floats=floats,
+            indices=indices,
         )
 
     def sources_first(self) -> QuoteColumns:
@@ -310,6 +334,7 @@ def build_book(
         reliability=cols.reliability,
         combos=_combos(rnd, cols, profile, categories, penalty),
         penalty=penalty,
+        quotes=cols,
     )
 
 

@@ -5,8 +5,8 @@ holds everything replay needs to re-clear the round without the bidders: the rou
 orders come from the ``order_received`` records named by ``round_opened``, the fleet's
 bidder table (ids, kinds, declared category masks), the source sites and the city grid
 go once into ``run_started``, and the round's quotes go into ``round_cleared`` as a few
-flat arrays, in the order the engine passed them to ``build_book`` (that order decides
-bidder indices and therefore tie-breaks).
+flat arrays: the book's own columns, in its bidder order (source quotes first), which
+decides bidder indices and therefore tie-breaks.
 
 Compactness matters because the journal sits on the clearing path: a round's quotes
 are four arrays whatever the number of bidders, and a round's hold commits and
@@ -26,26 +26,17 @@ from typing import Any
 import numpy as np
 
 from agents.fleet import Fleet, build_fleet
-from market.book import QuoteBook
+from market.book import QuoteBook, QuoteColumns
 from market.clearing import Allocation
 from market.config import ConfigError, FleetCfg, ProfileCfg, load_profile, load_profiles
 from market.journal import FsyncPolicy, JournalWriter
 from market.round import Round, SourceSites
-from market.types import CATEGORY_CODES, LegQuote, Order, Quote, SourceQuote
+from market.types import CATEGORY_CODES, Order, Quote, SourceQuote
 
 __all__ = ["JOURNAL_SCHEMA", "JournalRecorder", "award_arrays", "bidder_table", "versions"]
 
 JOURNAL_SCHEMA = 1
 """Version of the record fields written here (``run_started.schema``)."""
-
-_I8 = np.dtype(np.int64)
-_F8 = np.dtype(np.float64)
-
-
-def _is(dtype: np.dtype, want: np.dtype) -> bool:
-    """dtype check; identity first (NumPy reuses its builtin dtype objects)."""
-    return dtype is want or dtype == want
-
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str], ...]:
@@ -179,10 +170,6 @@ class JournalRecorder:
         self._sites: SourceSites | None = None
         self._profile: ProfileCfg | None = None
         self._profile_name = "custom"
-        self._holds: tuple[int, float] | None = None  # (round_id, now) of the collected hold events
-        self._committed: list[str] = []
-        self._committed_orders: list[list[str]] = []
-        self._released: list[str] = []
         self._started = False
         self._order_tags: dict[str, dict[str, Any]] = {}
 
@@ -194,7 +181,6 @@ class JournalRecorder:
     # -- run and orders -----------------------------------------------------------------
     def run_started(self, info: dict[str, Any]) -> None:
         """Journals the run: configs, seed, policy, mechanism, profile, bidders, versions."""
-        self._flush_holds()
         info = dict(info)
         bidders, sources, grid = self._fleet_facts(info)
         self._index = {b: i for i, b in enumerate(bidders["ids"])}
@@ -248,7 +234,6 @@ class JournalRecorder:
         """Journals an order in full, before any bidder is asked about it."""
         if not self._started:
             self._require_start("order_received")
-        self._flush_holds()
         self.writer.append(
             "order_received", **self._order_tags.pop(order.order_id, {}),
             order_id=order.order_id, received_s=now, created_s=order.created_s,
@@ -263,7 +248,6 @@ class JournalRecorder:
         """Journals which orders a round broadcasts (and new source sites, if they moved)."""
         if not self._started:
             self._require_start("round_opened")
-        self._flush_holds()
         fields: dict[str, Any] = {}
         if rnd.sources is not self._sites:
             if self._sites is None or not _same_sites(rnd.sources, self._sites):
@@ -276,7 +260,6 @@ class JournalRecorder:
 
     def round_cleared(self, rnd: Round, quotes: list[Quote], book: QuoteBook, alloc: Allocation, facts: dict[str, Any]) -> None:
         """Journals the round's quotes and its result, before anyone hears of an award."""
-        self._flush_holds()
         if book.profile is not self._profile:
             if self._profile is None or book.profile != self._profile:
                 weights = book.profile.model_dump(mode="json")
@@ -284,7 +267,7 @@ class JournalRecorder:
                 self.writer.append("profile_changed", name=self._profile_name, now_s=rnd.opened_s,
                                    profile=weights, observed=True)
             self._profile = book.profile
-        quote_fields = self._quote_fields(quotes)
+        quote_fields = self._quote_fields(book.quotes, quotes)
         award_i, award_f = award_arrays(book, alloc, self._index)
         kept = facts if self.timing else {k: v for k, v in facts.items() if k != "clear_ms"}
         self.writer.append(
@@ -292,58 +275,31 @@ class JournalRecorder:
             reason=list(alloc.reason), total_cost=alloc.total_cost, facts=kept,
         )
 
-    def _quote_fields(self, quotes: list[Quote]) -> dict[str, Any]:
-        """A round's quotes as two flat arrays (or one map per quote for unusual dtypes).
+    def _quote_fields(self, cols: QuoteColumns, quotes: list[Quote]) -> dict[str, Any]:
+        """A round's quotes as two flat arrays (or one map per quote if they cannot be).
 
         ``q_counts`` = [n_quotes, n_rows, n_leg_rows]. ``quotes_i`` int32, concatenated:
         per quote [bidder (row of the run's bidder table), rows, capacity, 1 if last-mile]
         (n_quotes x 4), then order_idx (n_rows), then source_idx (n_rows; -1 on source
         rows). ``quotes_f`` float64, concatenated: reliability (n_quotes), price
         (n_rows), ready_s for source rows or pickup_s for leg rows (n_rows), then
-        travel_s of the leg rows only (n_leg_rows). Rows follow the quotes' order.
-        The fast path takes the agents' int64 indices and float64 values, so the int32
-        on disk reads back to the same int64 values; anything else goes per quote.
+        travel_s of the leg rows only (n_leg_rows). Quotes come in bidder-index order.
+
+        They are the book's own columns (`QuoteBook.quotes`), what the round was scored
+        on, so writing them is a handful of calls whatever the number of quotes. A bidder
+        missing from the run's table, or a value int32 cannot hold, goes per quote instead.
         """
         index = self._index
-        meta: list[int] = []  # flat: bidder, rows, capacity, is_leg per quote
-        rel: list[float] = []
-        order_idx: list[int] = []
-        source_idx: list[int] = []
-        price: list[float] = []
-        t: list[float] = []
-        travel: list[float] = []
-        n_leg_rows = 0
-        for q in quotes:  # Python lists, one array each at the end: a quote has 1-3 rows
-            b = index.get(q.agent_id)
-            o, p = q.order_idx, q.price
-            if b is None or not (_is(o.dtype, _I8) and _is(p.dtype, _F8)):
-                return self._raw_quote_fields(quotes)
-            rows = len(o)
-            if type(q) is LegQuote:
-                s, when, tr = q.source_idx, q.pickup_s, q.travel_s
-                if not (_is(s.dtype, _I8) and _is(when.dtype, _F8) and _is(tr.dtype, _F8)):
-                    return self._raw_quote_fields(quotes)
-                source_idx += s.tolist()
-                travel += tr.tolist()
-                meta += (b, rows, q.capacity, 1)
-                n_leg_rows += rows
-            else:
-                when = q.ready_s
-                if type(q) is not SourceQuote or not _is(when.dtype, _F8):
-                    return self._raw_quote_fields(quotes)
-                source_idx += [-1] * rows
-                meta += (b, rows, q.capacity, 0)
-            order_idx += o.tolist()
-            price += p.tolist()
-            t += when.tolist()
-            rel.append(q.reliability)
+        bidders = [index.get(b, -1) for b in cols.agent_ids]
+        if -1 in bidders:
+            return self._raw_quote_fields(quotes)
+        meta = [v for quad in zip(bidders, cols.rows.tolist(), cols.capacity.tolist(), cols.is_leg) for v in quad]
         try:
-            quotes_i = np.array(meta + order_idx + source_idx, dtype=np.int32)
+            quotes_i = np.array(meta + cols.index_block().tolist(), dtype=np.int32)
         except OverflowError:  # an index or capacity int32 cannot hold: keep it exact per quote
             return self._raw_quote_fields(quotes)
-        quotes_f = np.array(rel + price + t + travel, dtype=np.float64)
-        n_rows = len(order_idx)
-        return {"q_counts": [len(rel), n_rows, n_leg_rows], "quotes_i": quotes_i, "quotes_f": quotes_f}
+        return {"q_counts": [len(bidders), len(cols.order_idx), len(cols.travel_s)], "quotes_i": quotes_i,
+                "quotes_f": cols.float_block()}
 
     @staticmethod
     def _raw_quote_fields(quotes: list[Quote]) -> dict[str, Any]:
@@ -360,37 +316,16 @@ class JournalRecorder:
         return {"quotes": raw}
 
     # -- holds and profiles -------------------------------------------------------------
-    def hold_committed(self, round_id: int, agent_id: str, order_ids: list[str], now: float) -> None:
-        """Collects a commit; one ``hold_committed`` record per round carries them all."""
-        self._hold_key(round_id, now)
-        self._committed.append(agent_id)
-        self._committed_orders.append(list(order_ids))
-
-    def hold_released(self, round_id: int, agent_id: str, now: float) -> None:
-        """Collects a release; one ``hold_released`` record per round carries them all."""
-        self._hold_key(round_id, now)
-        self._released.append(agent_id)
-
-    def _hold_key(self, round_id: int, now: float) -> None:
-        if self._holds != (round_id, now):
-            self._flush_holds()
-            self._holds = (round_id, now)
-
-    def _flush_holds(self) -> None:
-        """Writes the collected hold events (called by every other hook and by close)."""
-        if self._holds is None:
-            return
-        round_id, now = self._holds
-        committed, orders, released = self._committed, self._committed_orders, self._released
-        self._holds, self._committed, self._committed_orders, self._released = None, [], [], []
+    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float) -> None:
+        """Journals a round's commits and releases: one record of each kind, not one per bidder."""
         if committed:
-            self.writer.append("hold_committed", round_id=round_id, now_s=now, agents=committed, orders=orders)
+            self.writer.append("hold_committed", round_id=round_id, now_s=now, agents=list(committed),
+                               orders=list(committed.values()))
         if released:
             self.writer.append("hold_released", round_id=round_id, now_s=now, agents=released)
 
     def profile_changed(self, name: str, now: float) -> None:
         """Journals a live profile switch, with the weights the name stands for."""
-        self._flush_holds()
         try:
             profile = load_profile(name)
         except ConfigError:
@@ -403,14 +338,11 @@ class JournalRecorder:
 
     # -- lifecycle ----------------------------------------------------------------------
     def flush(self) -> None:
-        """Writes pending hold events and syncs the journal (per its fsync policy)."""
-        self._flush_holds()
+        """Syncs the journal (per its fsync policy)."""
         self.writer.flush()
 
     def close(self) -> None:
-        """Writes pending hold events, syncs and closes the journal; idempotent."""
-        if not self.writer.closed:
-            self._flush_holds()
+        """Syncs and closes the journal; idempotent."""
         self.writer.close()
 
     def __enter__(self) -> JournalRecorder:

@@ -534,6 +534,7 @@ def _columns(rec: dict[str, Any], ids: tuple[str, ...]) -> QuoteColumns:
         agent_ids=tuple([ids[b] for b in bidders]), is_leg=is_leg, rows=meta[:, 1], capacity=meta[:, 2],
         reliability=qf[:n_q], order_idx=idx[:n_rows],
         values=qf[n_q:n_q + 2 * n_rows].reshape(2, n_rows), source_idx=idx[n_rows:], travel_s=qf[n_q + 2 * n_rows:],
+        floats=qf, indices=idx,
     )
 
 

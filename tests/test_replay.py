@@ -234,35 +234,76 @@ def test_static_and_second_score_journals_verify(tmp_path: Path) -> None:
     assert report.header.mechanism == "auction/greedy/second_score"
 
 
-def test_any_engine_shell_with_a_live_profile_switch_verifies(tmp_path: Path) -> None:
-    """No simulator: a shell drives MarketEngine itself, as the Ray runtime will."""
-    path = tmp_path / "shell.bhj"
-    sc = load_scenario("weekday")
-    fleet = build_fleet(load_fleet(sc.fleet), seed=9)
-    policy = make_policy("heuristic")
-    recorder = JournalRecorder(path, fsync="always", fleet=fleet, rotate_bytes=64_000)
-    engine = MarketEngine(fleet, policy, load_profile("balanced"), LocalBidders(fleet.agents, policy.strategy),
-                          seed=9, recorder=recorder)
+def engine_shell(path: Path, seed: int, n_orders: int, bidders: type[LocalBidders] = LocalBidders,
+                 **recorder_kw: Any) -> tuple[MarketEngine, JournalRecorder, list[Any]]:
+    """A shell that drives MarketEngine itself, as the Ray runtime does: engine, journal, orders."""
     from market.demand import generate_orders
 
-    orders = generate_orders(sc, fleet.cfg, fleet.env.catalogue, 120, seed=9)
-    recorder.run_started({"policy": policy.name, "mechanism": policy.mechanism.name, "seed": 9,
+    sc = load_scenario("weekday")
+    fleet = build_fleet(load_fleet(sc.fleet), seed=seed)
+    policy = make_policy("heuristic")
+    recorder = JournalRecorder(path, fleet=fleet, **recorder_kw)
+    engine = MarketEngine(fleet, policy, load_profile("balanced"), bidders(fleet.agents, policy.strategy),
+                          seed=seed, recorder=recorder)
+    recorder.run_started({"policy": policy.name, "mechanism": policy.mechanism.name, "seed": seed,
                           "profile": engine.profile, "profile_name": "balanced"})
-    for k in range(0, len(orders), 8):
-        batch = orders[k:k + 8]
+    return engine, recorder, generate_orders(sc, fleet.cfg, fleet.env.catalogue, n_orders, seed=seed)
+
+
+def trade_in_batches(engine: MarketEngine, recorder: JournalRecorder, orders: list[Any], size: int,
+                     before: Any = None) -> None:
+    """Journals and trades the orders a batch per round (``before(k, now)`` ahead of each), then closes."""
+    for k in range(0, len(orders), size):
+        batch = orders[k:k + size]
         now = batch[-1].created_s
-        if k == 64:
-            engine.profile = load_profile("vip_guard")
-            recorder.profile_changed("vip_guard", now)
+        if before is not None:
+            before(k, now)
         for o in batch:
             recorder.order_received(o, now)
         engine.run_round(batch, now, [0] * len(batch))
     recorder.close()
+
+
+def test_any_engine_shell_with_a_live_profile_switch_verifies(tmp_path: Path) -> None:
+    """No simulator: a shell drives MarketEngine itself, as the Ray runtime will."""
+    path = tmp_path / "shell.bhj"
+    engine, recorder, orders = engine_shell(path, 9, 120, fsync="always", rotate_bytes=64_000)
+
+    def switch_at_64(k: int, now: float) -> None:
+        if k == 64:
+            engine.profile = load_profile("vip_guard")
+            recorder.profile_changed("vip_guard", now)
+
+    trade_in_batches(engine, recorder, orders, 8, switch_at_64)
     assert len(journal_files(path)) > 1  # rotated
     report = replay(path)
     assert report.ok, report.first_mismatch
     assert report.rounds == 15
     assert any(r["type"] == "profile_changed" and r["name"] == "vip_guard" for r in read_journal(path))
+
+
+class _HugeCapacity(LocalBidders):
+    """In-process bidders whose first quote of every other round claims a capacity int32 cannot hold."""
+
+    def quote_all(self, rnd: Any, now: float, hold_ttl_s: float) -> list[Any]:
+        quotes = super().quote_all(rnd, now, hold_ttl_s)
+        if quotes and rnd.round_id % 2:
+            quotes[0].capacity = 2**40
+        return quotes
+
+
+def test_quotes_int32_cannot_hold_are_journaled_per_quote_and_verify(tmp_path: Path) -> None:
+    """The columns go to disk as int32; a round they would not fit is written quote by quote, exactly."""
+    path = tmp_path / "huge.bhj"
+    engine, recorder, orders = engine_shell(path, 5, 40, _HugeCapacity)
+    trade_in_batches(engine, recorder, orders, 4)
+    cleared = [r for r in read_journal(path) if r["type"] == "round_cleared"]
+    per_quote = [r for r in cleared if "quotes" in r]
+    assert per_quote and len(per_quote) < len(cleared)  # only the rounds that need it
+    assert all(any(q["capacity"] == 2**40 for q in r["quotes"]) for r in per_quote)
+    report = replay(path)
+    assert report.ok, report.first_mismatch
+    assert report.verified_rounds == len(cleared)
 
 
 def test_a_continued_journal_replays_run_after_run(tmp_path: Path) -> None:
