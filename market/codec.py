@@ -70,12 +70,14 @@ class _Packers(threading.local):
         self.body = msgpack.Packer(use_bin_type=True)
 
 
-def pack(record: dict[str, Any]) -> bytes:
+def pack(record: dict[str, Any], *, keys_checked: bool = False) -> bytes:
     """Encode one record as a msgpack map.
 
     Args:
         record: A dict with ``str`` keys whose values are the types listed in
             the module docstring.
+        keys_checked: The caller guarantees every key is a ``str`` (the journal
+            builds records from keyword arguments), so the per-key check is skipped.
 
     Returns:
         The msgpack bytes; ``unpack`` returns an equal record.
@@ -86,9 +88,10 @@ def pack(record: dict[str, Any]) -> bytes:
     """
     if not isinstance(record, dict):
         raise TypeError(f"a record must be a dict, not {type(record).__qualname__}")
-    for key in record:
-        if not isinstance(key, str):
-            raise TypeError(f"record keys must be str, got {type(key).__qualname__} key {key!r}")
+    if not keys_checked:
+        for key in record:
+            if not isinstance(key, str):
+                raise TypeError(f"record keys must be str, got {type(key).__qualname__} key {key!r}")
     try:
         return _packers.record.pack(record)
     except BaseException:
@@ -135,9 +138,9 @@ def _as_tuple(key: Any) -> Any:
 def _default(obj: Any) -> Any:
     """Translate a value msgpack cannot write natively (called by msgpack)."""
     if isinstance(obj, np.ndarray):
-        return msgpack.ExtType(NUMPY_ARRAY_EXT, _numeric_body(obj))
+        return _ext(NUMPY_ARRAY_EXT, _numeric_body(obj))
     if isinstance(obj, np.generic):
-        return msgpack.ExtType(NUMPY_SCALAR_EXT, _numeric_body(np.asarray(obj)))
+        return _ext(NUMPY_SCALAR_EXT, _numeric_body(np.asarray(obj)))
     for plain in (bool, int, float, str, bytes):
         if isinstance(obj, plain):
             return plain(obj)
@@ -148,28 +151,56 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode value of type {type(obj).__module__}.{type(obj).__qualname__}")
 
 
+def _ext(code: int, body: bytes) -> msgpack.ExtType:
+    """`msgpack.ExtType` without its argument checks (a third of its cost; a journal record
+    holds a few arrays): the code is one of ours and the body is bytes."""
+    return tuple.__new__(msgpack.ExtType, (code, body))
+
+
 def _numeric_body(array: np.ndarray) -> bytes:
-    """Body shared by both ext types: ``[dtype, shape, raw little-endian bytes]``."""
-    little_str, little = _little(array.dtype)
-    raw = (array if little is None else array.astype(little)).tobytes(order="C")
-    return _packers.body.pack([little_str, list(array.shape), raw])
+    """Body shared by both ext types: ``[dtype, shape, raw little-endian bytes]``.
 
-
-#: Per dtype written so far: its little-endian dtype string, and the dtype to convert
-#: to first (None when the array's bytes already are little-endian).
-_LITTLE: dict[np.dtype, tuple[str, np.dtype | None]] = {}
-
-
-def _little(dtype: np.dtype) -> tuple[str, np.dtype | None]:
-    """The checks and the byte order of a dtype, worked out once (a journal writes a few
-    arrays per record, nearly always of the same three dtypes)."""
-    known = _LITTLE.get(dtype)
+    Everything before the raw bytes depends only on the dtype and the shape, so it is
+    packed once per (dtype, shape) (`_body_head`); packing it per array was two thirds
+    of an array's cost, and a journal writes a few small arrays per record.
+    """
+    key = (array.dtype, array.shape)
+    known = _HEADS.get(key)
     if known is None:
-        if dtype.kind not in _NUMERIC_KINDS or dtype.char in _UNPORTABLE_CHARS:
-            raise TypeError(f"cannot encode NumPy value of dtype {dtype} (only portable numeric dtypes)")
-        little = dtype.newbyteorder("<")
-        known = _LITTLE[dtype] = (little.str, None if little == dtype else little)
-    return known
+        known = _body_head(array.dtype, array.shape)
+        if len(_HEADS) < _MAX_HEADS:
+            _HEADS[key] = known
+    head, little = known
+    return head + (array if little is None else array.astype(little)).tobytes()
+
+
+_MAX_HEADS = 4096
+_HEADS: dict[tuple[np.dtype, tuple[int, ...]], tuple[bytes, np.dtype | None]] = {}
+"""Per (dtype, shape) written so far: the packed body up to the raw bytes, and the
+dtype to convert to first (None when the array's bytes already are little-endian)."""
+
+
+def _body_head(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, np.dtype | None]:
+    """The body's msgpack bytes before the raw data: array header, dtype, shape, bin header.
+
+    Raises:
+        TypeError: not a portable numeric dtype.
+    """
+    if dtype.kind not in _NUMERIC_KINDS or dtype.char in _UNPORTABLE_CHARS:
+        raise TypeError(f"cannot encode NumPy value of dtype {dtype} (only portable numeric dtypes)")
+    little = dtype.newbyteorder("<")
+    body = _packers.body
+    head = b"\x93" + body.pack(little.str) + body.pack(list(shape)) + _bin_header(math.prod(shape) * dtype.itemsize)
+    return head, None if little == dtype else little
+
+
+def _bin_header(n_bytes: int) -> bytes:
+    """msgpack's bin 8/16/32 header for that many bytes (what the packer writes before them)."""
+    if n_bytes < 1 << 8:
+        return b"\xc4" + n_bytes.to_bytes(1, "big")
+    if n_bytes < 1 << 16:
+        return b"\xc5" + n_bytes.to_bytes(2, "big")
+    return b"\xc6" + n_bytes.to_bytes(4, "big")
 
 
 def _ext_hook(code: int, body: bytes) -> np.ndarray | np.generic:

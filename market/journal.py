@@ -21,6 +21,7 @@ belong to the code that writes them.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -520,7 +521,7 @@ class JournalWriter:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._last_sync = clock()
+        self._sync_due = self._next_sync_due()
         #: Called with each record (as a dict, in ``seq`` order) once it is written: lets a
         #: shell keep views that are exactly what the journal says (the HTTP service).
         self.on_append: Callable[[dict[str, Any]], None] | None = None
@@ -565,15 +566,20 @@ class JournalWriter:
             raise ValueError("'seq' and 'type' are set by the journal, not passed as fields")
         if not isinstance(type, str):
             raise TypeError(f"record type must be str, not {_type_of(type).__qualname__}")
-        with self._mutex:
-            self._check_usable()
+        with self._mutex:  # the hot path of every shell: a few attribute reads, no helper calls
+            if self._failed is not None or self._file.closed:
+                self._check_usable()
             seq = self._next_seq
             record = {"seq": seq, "type": type, **fields}
-            frame = _frame(pack(record))
+            frame = _frame(pack(record, keys_checked=True))  # keyword arguments: str keys
             try:
-                self._write(frame)
+                if self.rotate_bytes is not None:
+                    self._rotate_for(len(frame))
+                self._file.write(frame)
+                self._size += len(frame)
                 self._next_seq = seq + 1
-                self._after_append()
+                if self._clock() >= self._sync_due:
+                    self._sync()
             except BaseException as exc:
                 self._failed = exc
                 raise
@@ -641,13 +647,11 @@ class JournalWriter:
                 _sync_dir(path.parent)
         return file, size
 
-    def _write(self, frame: bytes) -> None:
-        """Write one frame, rotating first if it would overflow the current file."""
+    def _rotate_for(self, frame_bytes: int) -> None:
+        """Start the next file first if this frame would take the current one past ``rotate_bytes``."""
         limit = self.rotate_bytes
-        if limit is not None and self._size > len(MAGIC) and self._size + len(frame) > limit:
+        if limit is not None and self._size > len(MAGIC) and self._size + frame_bytes > limit:
             self._rotate()
-        self._file.write(frame)
-        self._size += len(frame)
 
     def _rotate(self) -> None:
         """Finish the current file (synced, so only the last file can be torn) and start the next."""
@@ -656,19 +660,20 @@ class JournalWriter:
         self._index += 1
         self._file, self._size = self._open(self.current_path, create=True)
 
-    def _after_append(self) -> None:
-        """Apply the fsync policy after a record."""
-        if self.fsync == "always" or (
-            self.fsync == "interval" and self._clock() - self._last_sync >= self.fsync_interval_s
-        ):
-            self._sync()
+    def _next_sync_due(self) -> float:
+        """When the fsync policy next syncs on an append (clock time; -inf: every append)."""
+        if self.fsync == "always":
+            return -math.inf
+        if self.fsync == "interval":
+            return self._clock() + self.fsync_interval_s
+        return math.inf
 
     def _sync(self) -> None:
         """Flush the buffer to the OS and, unless ``fsync="never"``, to the disk."""
         self._file.flush()
         if self.fsync != "never":
             _datasync(self._file.fileno())
-        self._last_sync = self._clock()
+        self._sync_due = self._next_sync_due()
 
     def _check_usable(self) -> None:
         """Refuse to write after close or after a failed write."""

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import market.codec as codec_module
 import market.journal as journal_module
 from market.codec import NUMPY_ARRAY_EXT, NUMPY_SCALAR_EXT, pack, unpack
 from market.journal import (
@@ -152,6 +153,19 @@ def test_codec_arrays_round_trip_exactly_in_any_dtype_and_layout(dtype: str) -> 
     got = unpack(pack(values))
     assert_same(got, values)
     assert got["strided"].flags.c_contiguous and got["strided"].flags.writeable
+
+
+@settings(max_examples=150, deadline=None)
+@given(dtype=st.sampled_from(ALL_DTYPES), shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=70),
+       repeat=st.booleans())
+def test_property_array_bodies_are_what_msgpack_itself_frames(dtype: str, shape: tuple[int, ...], repeat: bool) -> None:
+    """The codec packs each (dtype, shape)'s body head once and reuses it (a first use and
+    a cached one here); the bytes must be exactly msgpack's own framing of the spec's body."""
+    array = np.ones(shape, dtype=dtype)
+    little = np.dtype(dtype).newbyteorder("<")
+    want = msgpack.packb([little.str, list(shape), array.astype(little).tobytes()], use_bin_type=True)
+    for _ in range(2 if repeat else 1):
+        assert codec_module._numeric_body(array) == want
 
 
 def test_codec_keeps_float_bits_and_numpy_scalar_types() -> None:
