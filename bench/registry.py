@@ -11,6 +11,7 @@ BENCHMARKS = {
     "peakday": "bench.peakday",
     "replay": "bench.replay_bench",
     "journal": "bench.journal_bench",
+    "journal-instructions": "bench.journal_instructions",
     "ray": "bench.ray_bench",
     "rl": "bench.rl_bench",
     "serve": "bench.serve_load",
