@@ -23,6 +23,8 @@ Three figures:
   run beside it (slow drift of the machine hits both runs of a repetition alike). ``overhead.isolated`` cross-checks it:
   the run's recorder hook calls are taped once and replayed into a `JournalRecorder`,
   which times the journal's own work per round without the simulation's noise.
+  ``overhead.simultaneous`` runs the null and the journaled simulation at the same time
+  in two processes, pair after pair, so both meet the same machine (`_simultaneous`).
 
 Run ``python -m bench.replay_bench`` (prints JSON) or ``bidhive bench replay``.
 """
@@ -31,6 +33,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -235,6 +239,37 @@ def _recorder_cost(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[
     return out
 
 
+def _child_sim(mode: str, n_orders: int, seed: int) -> None:
+    """One simulation in this process (a child of `_simultaneous`); prints its wall seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder: Recorder = NullRecorder() if mode == "null" else JournalRecorder(Path(tmp) / "run.bhj")
+        print(json.dumps(_sim(recorder, n_orders, seed)[0]))
+        recorder.close()
+
+
+def _simultaneous(n_orders: int, pairs: int, seed: int = 11) -> dict[str, Any]:
+    """Whole simulations without and with the journal (``interval``), the two of a pair at the
+    same time in two processes: on a shared machine whatever slows one core at that moment
+    mostly slows the other too, which runs one after the other do not share."""
+    def start(mode: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "bench.replay_bench", "--child-sim", mode, str(n_orders),
+                                 str(seed)], stdout=subprocess.PIPE, text=True)
+
+    null: list[float] = []
+    journal: list[float] = []
+    for k in range(pairs):
+        procs = {m: start(m) for m in (("null", "journal") if k % 2 == 0 else ("journal", "null"))}
+        walls = {m: float(p.communicate()[0]) for m, p in procs.items()}
+        null.append(walls["null"])
+        journal.append(walls["journal"])
+    per_pair = sorted(j / n - 1.0 for j, n in zip(journal, null))
+    return {"pairs": pairs, "orders": n_orders,
+            "median_of_pairs": round(statistics.median(per_pair), 4),
+            "quartiles_of_pairs": [round(q, 4) for q in statistics.quantiles(per_pair, n=4)] if pairs > 1 else [],
+            "ratio_of_medians": round(statistics.median(journal) / statistics.median(null) - 1.0, 4),
+            "ratio_of_minimums": round(min(journal) / min(null) - 1.0, 4)}
+
+
 def _load() -> list[float]:
     """The 1, 5 and 15 minute load averages: the machine is shared, so every figure carries them."""
     return [round(x, 2) for x in os.getloadavg()]
@@ -256,6 +291,7 @@ def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
         reclear = _reclear(path, reps)
         overhead = _overhead(tmp, n_sim, 1 if quick else 5)
         overhead["isolated"] = _recorder_cost(tmp, n_sim, reps)
+        overhead["simultaneous"] = _simultaneous(n_sim, 2 if quick else 12)
     return {
         "benchmark": "replay",
         "machine": {**machine(), "load_average_at_start": load_start, "load_average_at_end": _load()},
@@ -275,6 +311,7 @@ def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
             "journal_overhead_interval": {
                 "measured": overhead["isolated"]["interval"]["overhead"],
                 "measured_end_to_end": overhead["interval"]["overhead_wall"],
+                "measured_simultaneous_pairs": overhead["simultaneous"]["median_of_pairs"],
                 "target": TARGET_OVERHEAD,
                 "met": overhead["isolated"]["interval"]["overhead"] <= TARGET_OVERHEAD,
                 "note": "measured: the journal's own time per round (taped hook calls) over the simulation's; "
@@ -285,4 +322,7 @@ def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    if len(sys.argv) == 5 and sys.argv[1] == "--child-sim":
+        _child_sim(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        print(json.dumps(run(), indent=2))
