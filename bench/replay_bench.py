@@ -20,9 +20,10 @@ Three figures:
   in one process, in alternating order; each figure is the best of its runs (the machine
   is shared, so the minimum is the least noisy estimate), and
   ``overhead_wall_median_of_reps`` is the median of each repetition's ratio to the null
-  run beside it (slow drift of the machine hits both runs of a repetition alike). ``overhead.isolated`` cross-checks it:
-  the run's recorder hook calls are taped once and replayed into a `JournalRecorder`,
-  which times the journal's own work per round without the simulation's noise.
+  run beside it (slow drift of the machine hits both runs of a repetition alike).
+  ``overhead.isolated`` cross-checks it: the run's recorder hook calls are taped once and
+  replayed into a `JournalRecorder`, which times the journal's own work per round without
+  the simulation's noise.
   ``overhead.simultaneous`` runs the null and the journaled simulation at the same time
   in two processes, pair after pair, so both meet the same machine (`_simultaneous`).
 
