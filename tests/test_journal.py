@@ -20,7 +20,7 @@ import google_crc32c
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -158,6 +158,9 @@ def test_codec_arrays_round_trip_exactly_in_any_dtype_and_layout(dtype: str) -> 
 @settings(max_examples=150, deadline=None)
 @given(dtype=st.sampled_from(ALL_DTYPES), shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=70),
        repeat=st.booleans())
+@example(dtype="<i8", shape=(3,), repeat=True)  # bin 8
+@example(dtype="<f8", shape=(40,), repeat=True)  # bin 16
+@example(dtype="|u1", shape=(70_000,), repeat=True)  # bin 32
 def test_property_array_bodies_are_what_msgpack_itself_frames(dtype: str, shape: tuple[int, ...], repeat: bool) -> None:
     """The codec packs each (dtype, shape)'s body head once and reuses it (a first use and
     a cached one here); the bytes must be exactly msgpack's own framing of the spec's body."""
