@@ -3,8 +3,8 @@
 Wall-clock comparisons of whole runs scatter by ±20% on a shared 2-core machine, more
 than the 10% they are meant to resolve. Instruction counts from valgrind's cachegrind
 (no cache simulation) are the same from run to run, so this benchmark runs the same
-seeded simulation (``weekday``, 2,500 orders, the default fleet, heuristic policy, no
-exact-clearing samples) three times under it: set up only, run with a `NullRecorder`,
+seeded simulation (`bench.replay_bench.overhead_day`: ``weekday``, 2,500 orders, the
+default fleet, heuristic policy, no exact-clearing samples) three times under it: set up only, run with a `NullRecorder`,
 and run with a `JournalRecorder` (``interval`` fsync). The simulation's instructions
 are null − setup; the journal's are journal − null.
 
@@ -40,18 +40,14 @@ _COUNTS = {name: re.compile(rf"{label}:\s+([\d,]+)") for name, label in
 
 
 def _child(mode: str, n_orders: int) -> None:
-    """The measured process: build the simulation and, unless ``setup``, run it."""
-    from market.config import load_scenario
+    """The measured process: build the replay bench's overhead day and, unless ``setup``, run it."""
+    from bench.replay_bench import overhead_day
     from market.journal_recorder import JournalRecorder
     from market.recorder import NullRecorder, Recorder
-    from market.simulator import SimSetup, Simulator
-    from policies.registry import make_policy
 
     with tempfile.TemporaryDirectory() as tmp:
         recorder: Recorder = JournalRecorder(os.path.join(tmp, "run.bhj")) if mode == "journal" else NullRecorder()
-        setup = SimSetup.build(load_scenario("weekday"), make_policy("heuristic"), seed=SEED, n_orders=n_orders,
-                               recorder=recorder, exact_every=0)
-        sim = Simulator(setup)
+        sim = overhead_day(recorder, n_orders, SEED)
         if mode != "setup":
             sim.run()
         recorder.close()

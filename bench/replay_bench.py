@@ -164,12 +164,19 @@ def _timed_replay(path: Path, workers: int = 1) -> tuple[Any, float, float]:
     return report, time.perf_counter() - t0, time.process_time() - c0
 
 
-def _sim(recorder: Recorder, n_orders: int, seed: int) -> tuple[float, float, int]:
+def overhead_day(recorder: Recorder, n_orders: int, seed: int) -> Simulator:
+    """The simulation the journal's overhead is measured on: weekday, default fleet,
+    heuristic bidders, no exact-clearing samples (`bench.journal_instructions` uses it too)."""
     from market.config import load_scenario
 
     setup = SimSetup.build(load_scenario("weekday"), make_policy("heuristic"), seed=seed, n_orders=n_orders,
                            recorder=recorder, exact_every=0)
-    sim = Simulator(setup)
+    return Simulator(setup)
+
+
+def _sim(recorder: Recorder, n_orders: int, seed: int) -> tuple[float, float, int]:
+    """One `overhead_day` run: wall seconds, CPU seconds, rounds."""
+    sim = overhead_day(recorder, n_orders, seed)
     w0, c0 = time.perf_counter(), time.process_time()
     report = sim.run()
     return time.perf_counter() - w0, time.process_time() - c0, report["rounds"]
