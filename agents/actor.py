@@ -280,7 +280,7 @@ class BidderHost:
 
     # -- the protocol -----------------------------------------------------------------
     def exchange(self, settles: list[Settle], now: float, hold_ttl_s: float, *rounds: Round) -> Reply:
-        """Applies earlier rounds' settles, snapshots, then quotes each round (one call per bidder).
+        """Applies earlier rounds' settles, snapshots after a commit, then quotes each round (one call per bidder).
 
         Settles first, so a round's quotes see the same state as in a sequential run.
         """
@@ -289,7 +289,7 @@ class BidderHost:
         reply = Reply(self.spec.agent_id)
         if settles:
             reply.acks = [self._settle_one(s) for s in settles]
-            self._snapshot()
+            self._snapshot_if_committed(settles)
         for rnd in rounds:
             try:
                 q = self.agent.quote(rnd, now, self.strategy, hold_ttl_s)
@@ -322,11 +322,18 @@ class BidderHost:
         return self.exchange([], now, hold_ttl_s, rnd).quotes[0]
 
     def settle(self, settles: list[Settle]) -> list[Ack]:
-        """Commits or releases rounds, then snapshots; one ack per message."""
+        """Commits or releases rounds, then snapshots after a commit; one ack per message."""
         self.calls += 1
         acks = [self._settle_one(s) for s in settles]
-        self._snapshot()
+        self._snapshot_if_committed(settles)
         return acks
+
+    def _snapshot_if_committed(self, settles: list[Settle]) -> None:
+        """Snapshots when a commit changed what this bidder owes. Releases alone do not: a
+        hold they freed that a restart brings back expires by itself within its TTL, and a
+        snapshot per call was most of a bidder's CPU (a file per bidder per round)."""
+        if any(s.lines for s in settles):
+            self._snapshot()
 
     def _settle_one(self, s: Settle) -> Ack:
         if not s.lines:

@@ -18,13 +18,16 @@ auctioneer (one round of one order, commits flushed at once).
 Two transport experiments compare the same broadcast (B=64 quotes, releases riding
 along, no clearing): classic actor calls against a Ray Compiled Graph (`ray.dag`,
 `experimental_compile`) and against async actors. A third (`round_transport`; alone:
-`python -m bench.ray_bench --round-transport`) compares how the rounds travel: put once
-in the object store, or pickled once and carried inside every call (the runtime's way).
+`python -m bench.ray_bench --round-transport`) compares how the rounds travel: Ray calls
+with the rounds put once in the object store, Ray calls with them pickled once and
+carried inside every call, or those bytes over the bidders' channels (the runtime's way,
+`runtime.channel`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import tempfile
 import time
 from typing import Any
@@ -188,36 +191,54 @@ def _cpu_s(pids: set[int]) -> float:
 
 def round_transport(handles: dict[str, Any], pids: set[int], n_bidders: int = 25, batch: int = 12,
                     rounds_per_block: int = 60, blocks: int = 3) -> dict[str, Any]:
-    """How a broadcast's rounds reach the bidders: put once in the object store (`ray.put`,
-    every call gets the reference) against pickled once and carried inside every call
-    (`pack_rounds`), alternating blocks in one run. Reports wall ms and the CPU ms of every
-    process of the cluster and of this driver per broadcast (releases ride along)."""
+    """How a broadcast's rounds reach the bidders, alternating blocks in one run:
+    - `object_store`: Ray calls, the rounds put once (`ray.put`), every call gets the reference;
+    - `inline`: Ray calls, the rounds pickled once and carried inside every call (`pack_rounds`);
+    - `channel`: the same bytes over each bidder's channel (`runtime.channel`, the runtime's way).
+    Reports wall ms and the CPU ms of every process of the cluster and of this driver per
+    broadcast (releases ride along)."""
     import ray
 
-    from runtime.ray_bidders import pack_rounds
+    from runtime import channel
+    from runtime.ray_bidders import pack_rounds, wire_round
 
     cfg = synthetic_fleet(n_bidders)
     rounds = _wire_rounds(cfg, rounds_per_block, batch)
     bidders = _reset(handles, cfg)
-    senders = {"object_store": lambda rs: ray.put(rs), "inline": lambda rs: pack_rounds(rs)}
-    wall: dict[str, list[float]] = {k: [] for k in senders}
-    cpu: dict[str, float] = {k: 0.0 for k in senders}
+    node = ray.get_runtime_context().get_node_id()
+    endpoints = ray.get([h.open_channel.remote(node) for h in bidders.values()])
+    channels = [channel.Channel.connect(e, aid) for aid, e in zip(bidders, endpoints)]
+
+    def over_ray(pack: Any) -> Any:
+        return lambda rel, rnd: ray.get([h.exchange_rounds.remote(rel, rnd.opened_s, HOLD_TTL_S, pack([rnd]))
+                                         for h in bidders.values()])
+
+    def over_channels(rel: list[Settle], rnd: Any) -> None:
+        blob = pickle.dumps([wire_round(rnd)], protocol=pickle.HIGHEST_PROTOCOL)
+        refs = [ch.exchange_rounds.remote(rel, rnd.opened_s, HOLD_TTL_S, blob) for ch in channels]
+        for ref in refs:
+            channel.get(ref, timeout=30)
+
+    broadcasts = {"object_store": over_ray(ray.put), "inline": over_ray(pack_rounds), "channel": over_channels}
+    wall: dict[str, list[float]] = {k: [] for k in broadcasts}
+    cpu: dict[str, float] = {k: 0.0 for k in broadcasts}
     everyone = pids | {os.getpid()}
     for _ in range(blocks):
-        for name, send in senders.items():
+        for name, broadcast in broadcasts.items():
             before, prev = _cpu_s(everyone), None
             for rnd in rounds:
                 t = time.perf_counter()
-                rel = [Settle(prev.round_id, None, prev.opened_s)] if prev else []
-                payload = send([rnd])
-                ray.get([h.exchange_rounds.remote(rel, rnd.opened_s, HOLD_TTL_S, payload) for h in bidders.values()])
+                broadcast([Settle(prev.round_id, None, prev.opened_s)] if prev else [], rnd)
                 wall[name].append(time.perf_counter() - t)
                 prev = rnd
             cpu[name] += _cpu_s(everyone) - before
+    for ch in channels:
+        ch.close()
     n = rounds_per_block * blocks
-    out = {name: {**_ms(wall[name]), "cpu_ms_per_broadcast": round(cpu[name] / n * 1000, 2)} for name in senders}
+    out = {name: {**_ms(wall[name]), "cpu_ms_per_broadcast": round(cpu[name] / n * 1000, 2)} for name in broadcasts}
     return {"bidders": n_bidders, "batch": batch, "broadcasts_each": n, **out,
-            "cpu_ratio_inline_to_object_store": round(cpu["inline"] / cpu["object_store"], 3)}
+            "cpu_ratio_inline_to_object_store": round(cpu["inline"] / cpu["object_store"], 3),
+            "cpu_ratio_channel_to_inline": round(cpu["channel"] / cpu["inline"], 3)}
 
 
 def compiled_broadcast(bidders: dict[str, Any], rounds: list[Any], first_timeout_s: float) -> dict[str, Any]:

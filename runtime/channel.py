@@ -24,6 +24,7 @@ import logging
 import pickle
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -82,6 +83,8 @@ class ChannelServer:
         self.dispatch = dispatch
         self.listener: Listener | None = None
         self.endpoint: tuple[str, bytes] | None = None
+        self.conns: list[Connection] = []
+        self.served = 0  # calls answered, over all channels
 
     def open(self, node_id: str, here: str) -> tuple[str, bytes] | None:
         """The address and key to connect with, for an auctioneer on `node_id` (None on another node)."""
@@ -103,6 +106,7 @@ class ChannelServer:
                 continue
             except OSError:  # the listener was closed
                 return
+            self.conns = [c for c in self.conns if not c.closed] + [conn]
             threading.Thread(target=self._read, args=(conn,), name="bidhive-channel-read", daemon=True).start()
 
     def _read(self, conn: Connection) -> None:
@@ -112,22 +116,43 @@ class ChannelServer:
         while True:
             try:
                 inbox.put(conn.recv_bytes())
-            except (OSError, EOFError):
+            except (OSError, EOFError, TypeError):  # hung up (TypeError: closed under us by `close`)
                 inbox.put(None)
                 return
 
     def _work(self, conn: Connection, inbox: queue.SimpleQueue[bytes | None]) -> None:
         while (msg := inbox.get()) is not None:
             method, args = pickle.loads(msg)  # from an authenticated auctioneer, as trusted as Ray's calls
+            self.served += 1
             try:
                 out: tuple[bool, Any] = (True, self.dispatch(method, args))
             except Exception as err:  # noqa: BLE001 - the caller gets it, as Ray would hand it over
                 out = (False, f"{type(err).__name__}: {err}")
             try:
                 conn.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
-            except OSError:
-                return
-        conn.close()
+            except (OSError, TypeError):
+                break
+        _close_quietly(conn)
+
+    def close(self) -> None:
+        """Stops listening and hangs up on every auctioneer, as the process's death would."""
+        for conn in self.conns:  # a blocked read in another thread keeps a merely closed socket open
+            try:
+                with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, TypeError):  # already gone
+                pass
+        for part in [self.listener, *self.conns]:
+            _close_quietly(part)
+        self.listener, self.endpoint, self.conns = None, None, []
+
+
+def _close_quietly(part: Connection | Listener | None) -> None:
+    if part is not None:
+        try:
+            part.close()
+        except OSError:  # already closed by another thread
+            pass
 
 
 # -- the auctioneer's side -------------------------------------------------------------------
@@ -184,10 +209,7 @@ class Channel:
         self.broken = True
         while self.pending:
             self.pending.popleft().resolve(error=ChannelBroken(f"channel to {self.name} closed"))
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+        _close_quietly(self.conn)
 
     def close(self) -> None:
         self._break(None)

@@ -111,8 +111,12 @@ class BidderProcess(BidderHost):
         """Where the auctioneer on `node_id` connects its channel (None: this actor is on another node)."""
         return self._channels.open(node_id, self._node_id())
 
+    def state(self) -> dict[str, Any]:
+        """`BidderHost.state`, plus how many calls came over channels."""
+        return {**super().state(), "channel_calls": self._channels.served}
 
-for _name, _method in inspect.getmembers(BidderHost, inspect.isfunction):
+
+for _name, _method in inspect.getmembers(BidderProcess, inspect.isfunction):
     if not _name.startswith("_"):  # Ray's thread and the channels' threads take turns
         setattr(BidderProcess, _name, _one_at_a_time(_method))
 

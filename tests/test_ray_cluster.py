@@ -101,6 +101,9 @@ def test_bidders_on_two_nodes_clear_rounds(cluster: Cluster) -> None:
 
         fleet = build_fleet(FLEET, SEED)
         rb = RayBidders(fleet, handles, deadline_s=1.0)
+        here = ray.get_runtime_context().get_node_id()
+        on_this_node = {s["agent_id"] for s in states if s["node_id"] == here}
+        assert on_this_node and set(rb.channels) == on_this_node  # the other node's bidders keep Ray calls
         engine = MarketEngine(fleet, make_policy("heuristic"), load_profile("balanced"), rb, seed=SEED)
         core = AuctioneerCore(engine, BatchPolicy(window_s=0.0, max_batch=8, max_attempts=2, retry_after_s=0.0),
                               market=OrdersClock(follow_wall=False))

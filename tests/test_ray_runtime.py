@@ -34,7 +34,7 @@ from market.replay import verify
 from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
 from market.round import build_round
 from market.simulator import SimSetup, Simulator
-from market.types import Category, Order
+from market.types import AwardLine, Category, Order
 from policies.registry import make_policy
 
 FOOD = (Category.AMBIENT, Category.CHILLED, Category.FROZEN)
@@ -154,7 +154,8 @@ def test_orders_clock_follows_orders_and_never_goes_back() -> None:
     assert clk.now(5.0) == orders[2].created_s
 
 
-def test_snapshot_restores_capacity_and_holds(tmp_path: Path) -> None:
+def test_snapshot_after_a_commit_restores_what_the_bidder_owes(tmp_path: Path) -> None:
+    """A commit snapshots; a release alone does not (a hold a restart brings back expires by itself)."""
     spec = fleet_specs(FLEET, SEED, "heuristic")[3]  # riders-w
     host = BidderHost(spec, str(tmp_path))
     fleet = build_fleet(FLEET, SEED)
@@ -163,11 +164,22 @@ def test_snapshot_restores_capacity_and_holds(tmp_path: Path) -> None:
     q = host.quote(rnd, rnd.opened_s, 5.0)
     assert q is not None and host.agent.holds.units == q.capacity
     assert host.settle([Settle(1, None, rnd.opened_s)])[0].ok
+    assert not BidderHost(spec, str(tmp_path)).restored  # nothing owed yet: no snapshot
+    rnd2 = build_round(2, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
+    q2 = host.quote(rnd2, rnd2.opened_s, 5.0)
+    assert q2 is not None
+    k = int(q2.order_idx[0])
+    line = AwardLine(2, orders[k].order_id, k, "wh-central", spec.agent_id, 3.0, 3.0, rnd2.opened_s,
+                     rnd2.opened_s + 60.0, rnd2.opened_s + 900.0, 1.0, -1.0, float(rnd2.x[k]), float(rnd2.y[k]), 1,
+                     done_s=rnd2.opened_s + 1000.0, on_time=True)
+    assert host.settle([Settle(2, [line], rnd2.opened_s)])[0].ok
     before = pickle.dumps(host.agent.__dict__.get("busy"))
     again = BidderHost(spec, str(tmp_path))
     assert again.restored and again.agent.holds.units == 0
+    assert again.agent.committed_units == host.agent.committed_units == 1
     assert pickle.dumps(again.agent.__dict__.get("busy")) == before
-    assert not capacity_violations(again.agent, rnd.opened_s)
+    assert again.commit_status([2]) == {2: True}
+    assert not capacity_violations(again.agent, rnd2.opened_s)
 
 
 def test_pipelined_core_matches_sequential_rounds_in_process() -> None:
@@ -224,10 +236,11 @@ def bidders(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def make_core(handles: dict[str, Any], *, deadline_s: float = DEADLINE_S, max_batch: int = 8, max_attempts: int = 3,
-              quarantine_after: int = 3, quarantine_rounds: int = 4, k: int = 1, in_flight: int = 1) -> AuctioneerCore:
+              quarantine_after: int = 3, quarantine_rounds: int = 4, k: int = 1, in_flight: int = 1,
+              channels: bool = True) -> AuctioneerCore:
     fleet = build_fleet(FLEET, SEED)
     rb = RayBidders(fleet, handles, deadline_s=deadline_s, quarantine_after=quarantine_after,
-                    quarantine_rounds=quarantine_rounds)
+                    quarantine_rounds=quarantine_rounds, channels=channels)
     engine = MarketEngine(fleet, make_policy("heuristic"), load_profile("balanced"), rb, seed=SEED)
     batch = BatchPolicy(window_s=0.0, max_batch=max_batch, retry_after_s=0.0, max_attempts=max_attempts,
                         max_rounds_per_call=k, in_flight=in_flight)
@@ -344,7 +357,7 @@ def test_crash_mid_quote_restarts_with_its_state(bidders: dict[str, Any]) -> Non
     assert core.run_until_idle(60)
     before = ray.get(bidders["wh-central"].state.remote())
     assert before["committed_units"] > 0
-    bidders["wh-central"].set_fault.remote(Fault("crash"))
+    ray.get(bidders["wh-central"].set_fault.remote(Fault("crash")))  # set before the next channel call
     core.submit(orders_at(16, 14, t0=36_100.0))
     assert core.run_until_idle(90)
     assert rb.totals["failed"] + rb.totals["timed_out"] >= 1  # death may be noticed only after the deadline
@@ -354,6 +367,37 @@ def test_crash_mid_quote_restarts_with_its_state(bidders: dict[str, Any]) -> Non
     assert_every_order_ended_once(core, 32)
     assert_rounds_closed_in_time(rb)
     assert_books_agree(core, bidders)
+    # the restarted process gets a new channel, and the rounds go back to it
+    deadline, extra = time.monotonic() + 30, 0
+    while "wh-central" not in rb.channels and time.monotonic() < deadline:
+        extra += 1
+        core.submit(orders_at(2, 100 + extra, t0=36_200.0 + extra))
+        assert core.run_until_idle(30)
+    assert "wh-central" in rb.channels and not rb.channels["wh-central"].broken
+    served = after["channel_calls"]
+    core.submit(orders_at(8, 16, t0=36_300.0))
+    assert core.run_until_idle(60)
+    assert ray.get(bidders["wh-central"].state.remote())["channel_calls"] > served
+
+
+def test_rounds_travel_over_channels_and_clear_as_over_ray_calls(bidders: dict[str, Any]) -> None:
+    """Channels carry every round to the bidders on this node; the awards are those of Ray calls."""
+    outcomes = []
+    for channels in (True, False):
+        ray.get([h.reset.remote(s) for s, h in zip(fleet_specs(FLEET, SEED, "heuristic"), bidders.values())])
+        before = {s["agent_id"]: s["channel_calls"] for s in ray.get([h.state.remote() for h in bidders.values()])}
+        core = make_core(bidders, channels=channels, deadline_s=5.0)  # no bidder late: same awards
+        rb: RayBidders = core.bidders  # type: ignore[assignment]
+        assert sorted(rb.channels) == (sorted(bidders) if channels else [])
+        core.submit(orders_at(24, 21))
+        assert core.run_until_idle(60)
+        after = {s["agent_id"]: s["channel_calls"] for s in ray.get([h.state.remote() for h in bidders.values()])}
+        grew = {aid for aid in bidders if after[aid] > before[aid]}
+        assert grew == (set(bidders) if channels else set())
+        assert_every_order_ended_once(core, 24)
+        assert_books_agree(core, bidders)
+        outcomes.append({oid: (st.status, st.award) for oid, st in core.ledger.orders.items()})
+    assert outcomes[0] == outcomes[1]
 
 
 @pytest.mark.parametrize("kind", ["nan", "negative", "wrong_type", "bad_dtype", "index", "agent_id"])

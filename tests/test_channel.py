@@ -1,0 +1,132 @@
+"""The bidder channels (`runtime.channel`) in one process: order, errors, deadlines, breaks, auth."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing import AuthenticationError
+from typing import Any
+
+import pytest
+
+from runtime import channel
+from runtime.channel import Channel, ChannelBroken, ChannelServer, RemoteCallError
+
+NODE = "node-a"
+
+
+class Target:
+    """Stands in for a bidder host: records the calls it ran, in order."""
+
+    def __init__(self) -> None:
+        self.ran: list[tuple[str, tuple[Any, ...]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def dispatch(self, method: str, args: tuple[Any, ...]) -> Any:
+        self.ran.append((method, args))
+        if method == "echo":
+            return args[0]
+        if method == "slow":
+            self.gate.wait(10)
+            return "slow done"
+        if method == "boom":
+            raise ValueError("bad round")
+        raise AttributeError(method)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Target, ChannelServer, tuple[str, bytes]]]:
+    target = Target()
+    server = ChannelServer(target.dispatch)
+    endpoint = server.open(NODE, NODE)
+    assert endpoint is not None
+    yield target, server, endpoint
+    target.gate.set()
+    server.close()
+
+
+def test_calls_run_in_the_order_sent_and_answer_their_own_caller(served: Any) -> None:
+    target, _, endpoint = served
+    ch = Channel.connect(endpoint, "b1")
+    refs = [ch.echo.remote(k) for k in range(200)]
+    ready, late = channel.wait(refs, timeout=10)
+    assert late == [] and ready == refs
+    assert [channel.get(r) for r in refs] == list(range(200))
+    assert [a[0] for _, a in target.ran] == list(range(200))
+
+
+def test_a_raising_method_fails_its_call_only(served: Any) -> None:
+    _, _, endpoint = served
+    ch = Channel.connect(endpoint, "b1")
+    bad, good = ch.boom.remote(), ch.echo.remote("next")
+    channel.wait([bad, good], timeout=10)
+    with pytest.raises(RemoteCallError, match="ValueError: bad round"):
+        channel.get(bad)
+    assert channel.get(good) == "next"
+
+
+def test_a_slow_call_is_late_at_the_deadline_and_answers_after(served: Any) -> None:
+    target, _, endpoint = served
+    ch = Channel.connect(endpoint, "b1")
+    target.gate.clear()
+    slow, behind = ch.slow.remote(), ch.echo.remote(7)
+    start = time.monotonic()
+    ready, late = channel.wait([slow, behind], timeout=0.2)
+    assert ready == [] and late == [slow, behind]
+    assert 0.15 <= time.monotonic() - start < 2.0
+    target.gate.set()
+    assert channel.get(behind, timeout=10) == 7  # queued behind the slow call, in order
+    assert channel.get(slow) == "slow done"
+
+
+def test_sends_do_not_wait_for_a_busy_bidder(served: Any) -> None:
+    """The reader thread drains the socket: 8 MB to a bidder stuck in a call are sent at once."""
+    target, _, endpoint = served
+    ch = Channel.connect(endpoint, "b1")
+    target.gate.clear()
+    ch.slow.remote()
+    start = time.monotonic()
+    refs = [ch.echo.remote(b"x" * 65_536) for _ in range(128)]
+    assert time.monotonic() - start < 5.0
+    target.gate.set()
+    assert channel.wait(refs, timeout=30)[1] == []
+
+
+def test_a_hang_up_breaks_pending_and_later_calls(served: Any) -> None:
+    target, server, endpoint = served
+    ch = Channel.connect(endpoint, "b1")
+    assert channel.get(ch.echo.remote(1), timeout=10) == 1
+    target.gate.clear()
+    pending = ch.slow.remote()
+    server.close()  # what the bidder process's death does to its sockets
+    ready, _ = channel.wait([pending], timeout=5)
+    assert ready == [pending] and ch.broken
+    with pytest.raises(ChannelBroken):
+        channel.get(pending)
+    with pytest.raises(ChannelBroken):
+        channel.get(ch.echo.remote(2))
+
+
+def test_a_wrong_key_is_refused_and_the_listener_keeps_serving(served: Any) -> None:
+    _, _, (address, key) = served
+    with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
+        Channel.connect((address, bytes(32)), "intruder")
+    ch = Channel.connect((address, key), "b1")
+    assert channel.get(ch.echo.remote("still here"), timeout=10) == "still here"
+
+
+def test_two_auctioneers_get_their_own_answers(served: Any) -> None:
+    _, _, endpoint = served
+    a, b = Channel.connect(endpoint, "a"), Channel.connect(endpoint, "b")
+    ra = [a.echo.remote(("a", k)) for k in range(50)]
+    rb = [b.echo.remote(("b", k)) for k in range(50)]
+    channel.wait(ra + rb, timeout=10)
+    assert [channel.get(r) for r in ra] == [("a", k) for k in range(50)]
+    assert [channel.get(r) for r in rb] == [("b", k) for k in range(50)]
+
+
+def test_another_node_gets_no_channel() -> None:
+    server = ChannelServer(Target().dispatch)
+    assert server.open("node-b", NODE) is None
+    assert server.listener is None
