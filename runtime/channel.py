@@ -2,16 +2,17 @@
 
 Ray places, restarts and supervises the bidder actors; this module carries the rounds.
 A Ray actor call costs about 1 ms of CPU across the processes involved on the 2-core
-machine: a broadcast of a 4 KB message to 25 trivial actors took 18 ms wall and 32 ms
-of CPU, the same bytes over one Unix socket per actor 0.8 ms and 1.6 ms
-(`python -m bench.ray_bench --channel`). With one actor per resource and a broadcast
-per round, that cost decided the HTTP service's capacity.
+machine: a trivial method broadcast to 25 bidder actors cost 35 ms of CPU over Ray
+calls and 4-6 ms over channels; a 12-order round 83 ms and 28 ms
+(`python -m bench.ray_bench --round-transport`). With one actor per resource and a
+broadcast per round, that cost decided the HTTP service's capacity.
 
 Each bidder actor opens, when asked over Ray, a listener on a Linux abstract Unix
 socket (no file to clean up, no network port: nothing listens beyond the host) that
-accepts clients after an HMAC challenge on a random key (`multiprocessing.connection`). Calls on a channel run one at a time in the order
-sent, like Ray calls from one caller to a sync actor; a reader thread takes messages
-off the socket at once, so a slow call never blocks the auctioneer's sends.
+accepts clients after an HMAC challenge on a random key (`multiprocessing.connection`).
+Calls on a channel run one at a time in the order sent, like Ray calls from one caller
+to a sync actor; a reader thread takes messages off the socket at once, so a slow call
+never blocks the auctioneer's sends.
 
 Only the auctioneer's node uses channels: bidders elsewhere in a cluster keep Ray calls
 (`ChannelServer.open` declines another node). When a channel breaks (the actor died),

@@ -1,8 +1,10 @@
 """`RayBidders`: the engine's `Bidders` seam over one Ray actor per resource.
 
 One call per bidder per round: the round is pickled once and travels inside every
-bidder's call (put once in the object store when large: `pack_rounds`);
-`ray.wait(..., timeout=deadline)` closes the round with whatever
+bidder's call, over the bidder's direct channel when it runs on this node
+(`runtime.channel`, a third of the CPU of a Ray call), else as a Ray call (put once in
+the object store when large: `pack_rounds`); a wait with the deadline as its timeout
+(`runtime.channel.wait`, `ray.wait` for Ray calls) closes the round with whatever
 arrived. Each quote is validated (`market.validation`) before the engine sees it, and
 quotes are handed over in fleet order, so with no faults the awards are exactly those
 of the in-process run. What happened to each bidder is counted per round
