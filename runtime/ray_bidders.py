@@ -278,9 +278,10 @@ class RayBidders:
         doubt_timeout_s: how long to wait for a bidder whose call carrying commits was
             lost to say what it committed; after that its orders go back to the queue.
         channels: carry the rounds and settles to bidders on this node over direct
-            channels (`runtime.channel`) instead of Ray calls; about 20x less CPU per
-            call. Bidders on other nodes, and any whose channel broke until it is
-            reopened, use Ray calls. Default: on, unless `BIDHIVE_CHANNELS=0`.
+            channels (`runtime.channel`) instead of Ray calls: a round's broadcast took
+            about a third of the CPU (`python -m bench.ray_bench --round-transport`).
+            Bidders on other nodes, and any whose channel broke until it is reopened,
+            use Ray calls. Default: on, unless `BIDHIVE_CHANNELS=0`.
     """
 
     def __init__(
@@ -372,8 +373,14 @@ class RayBidders:
         return self.handles[aid]
 
     def _reopen(self) -> None:
-        """Reconnects broken channels. The `open_channel` answer queues behind every earlier
-        Ray call to the bidder, so none of those can overtake the calls on the new channel."""
+        """Reconnects broken channels.
+
+        Every Ray call made to the bidder before its `open_channel` call has run when that
+        answers. Calls made through Ray while it was pending may still run after the first
+        calls on the new channel; they belong to other rounds, and holds and commits are
+        kept per round, so the order between them changes what the bidder quotes, never
+        what it commits.
+        """
         now = time.monotonic()
         for aid, at in list(self._reopen_at.items()):
             if now >= at:
@@ -612,10 +619,10 @@ class RayBidders:
         else:  # all restarting: wait for the next question, within wait_s
             ready = []
             time.sleep(min(wait_s, max(0.0, min(d.ask_at for d in self._doubts) - time.monotonic())))
-        done = {id(r) for r in ready}
+        done = set(ready)
         keep = []
         for d in self._doubts:
-            if d.ref is not None and id(d.ref) in done:
+            if d.ref is not None and d.ref in done:
                 try:
                     status = channel.get(d.ref)
                 except RayError as err:
@@ -717,11 +724,10 @@ class RayBidders:
         if commits:
             self._awaiting[round_id] = {aid: {line.order_idx for line in m.lines or ()} for aid, m in commits.values()}
             ready, late = channel.wait(list(commits), timeout=self.settle_timeout_s)
-            arrived = {id(r) for r in ready}
             for ref in commits:
                 aid, m = commits[ref]
                 try:
-                    reply: Reply | BaseException | None = Reply(aid, acks=channel.get(ref)) if id(ref) in arrived else None
+                    reply: Reply | BaseException | None = Reply(aid, acks=channel.get(ref)) if ref in ready else None
                 except RayError as err:
                     reply = err
                 self._settled(aid, [m], reply)
