@@ -24,8 +24,10 @@ from __future__ import annotations
 import logging
 import pickle
 import queue
+import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -40,8 +42,15 @@ logger = logging.getLogger("bidhive.channel")
 
 RayError = ray.exceptions.RayError
 
-#: How long a mixed wait (Ray refs and channel calls) sleeps on one kind before looking at the other.
-_MIXED_POLL_S = 0.002
+#: How long a wait sleeps before it looks again at what it cannot watch: Ray refs beside
+#: channel calls, or bytes a full socket has not taken yet.
+_POLL_S = 0.002
+
+#: Bytes a channel keeps for a bidder whose socket takes nothing (a stopped process)
+#: before it gives the channel up.
+MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+
+_LENGTH = struct.Struct("!i")  # `multiprocessing.connection`'s frame header, for frames under 2 GiB
 
 
 class ChannelBroken(RayError):
@@ -165,6 +174,11 @@ class Channel:
         self.name = name
         self.pending: deque[CallRef] = deque()
         self.broken = False
+        # Sends never block: a stopped bidder process must not stall the round loop. The
+        # frames wait in `outbox` until its socket takes them (MSG_DONTWAIT on a dup of
+        # the connection's socket; reads stay blocking, as `recv_bytes` needs).
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self.outbox = bytearray()
 
     @classmethod
     def connect(cls, endpoint: tuple[str, bytes], name: str) -> Channel:
@@ -177,14 +191,23 @@ class Channel:
         if self.broken:
             ref.resolve(error=ChannelBroken(f"channel to {self.name} is closed"))
             return ref
+        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        self.outbox += _LENGTH.pack(len(payload))
+        self.outbox += payload
+        self.pending.append(ref)
+        self.send_some()
+        return ref
+
+    def send_some(self) -> None:
+        """Hands the socket as much of the outbox as it takes now, without waiting."""
         try:
-            self.conn.send_bytes(pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL))
+            while self.outbox:
+                del self.outbox[:self._sock.send(self.outbox, socket.MSG_DONTWAIT)]
+        except BlockingIOError:
+            if len(self.outbox) > MAX_OUTBOX_BYTES:
+                self._break(BufferError(f"{len(self.outbox)} bytes unsent"))
         except OSError as err:
             self._break(err)
-            ref.resolve(error=ChannelBroken(f"channel to {self.name}: {err}"))
-            return ref
-        self.pending.append(ref)
-        return ref
 
     def __getattr__(self, method: str) -> _Method:
         if method.startswith("_"):
@@ -210,6 +233,8 @@ class Channel:
         self.broken = True
         while self.pending:
             self.pending.popleft().resolve(error=ChannelBroken(f"channel to {self.name} closed"))
+        self.outbox.clear()
+        self._sock.close()
         _close_quietly(self.conn)
 
     def close(self) -> None:
@@ -228,11 +253,17 @@ class _Method:
 
 # -- waiting on channel calls and Ray refs alike ---------------------------------------------------
 def _pump(refs: Iterable[CallRef], timeout: float | None) -> None:
-    """Reads replies for the channels that owe one of `refs`, waiting up to `timeout`."""
+    """Sends what waits and reads replies for the channels that owe one of `refs`, waiting up
+    to `timeout` (a little at a time while some bytes are still unsent)."""
     chans = {id(r.channel): r.channel for r in refs if not r.done and not r.channel.broken}
-    if not chans:
+    for ch in chans.values():
+        if ch.outbox:
+            ch.send_some()
+    by_conn = {c.conn: c for c in chans.values() if not c.broken}
+    if not by_conn:
         return
-    by_conn = {c.conn: c for c in chans.values()}
+    if any(c.outbox for c in by_conn.values()):
+        timeout = _POLL_S if timeout is None else min(timeout, _POLL_S)
     for conn in wait_readable(list(by_conn), timeout):
         by_conn[conn].read_ready()  # type: ignore[index]
 
@@ -252,7 +283,7 @@ def wait(refs: Sequence[Any], *, num_returns: int | None = None, timeout: float 
         if sum(r.done for r in calls) + len(ray_ready) >= need:
             break
         left = None if end is None else max(0.0, end - time.monotonic())
-        step = left if not rays else min(_MIXED_POLL_S, _MIXED_POLL_S if left is None else left)
+        step = left if not rays else min(_POLL_S, _POLL_S if left is None else left)
         _pump(calls, step)
         if left == 0.0:  # time is up: one last look at what arrived meanwhile
             if rays:

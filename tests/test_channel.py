@@ -1,10 +1,12 @@
 """The bidder channels (`runtime.channel`) in one process: order, errors, deadlines, breaks, auth."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import AuthenticationError
+from multiprocessing.connection import Listener
 from typing import Any
 
 import pytest
@@ -130,3 +132,36 @@ def test_another_node_gets_no_channel() -> None:
     server = ChannelServer(Target().dispatch)
     assert server.open("node-b", NODE) is None
     assert server.listener is None
+
+
+@pytest.fixture
+def deaf() -> Iterator[tuple[str, bytes]]:
+    """A bidder process that stopped: it took the connection, then reads nothing."""
+    address, key = f"\0bidhive-test-{os.getpid()}-{time.monotonic_ns()}", bytes(range(32))
+    listener = Listener(address, "AF_UNIX", authkey=key)
+    held: list[Any] = []
+    threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+    yield address, key
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_stopped_bidder_never_blocks_the_sender(deaf: tuple[str, bytes]) -> None:
+    ch = Channel.connect(deaf, "stopped")
+    start = time.monotonic()
+    refs = [ch.echo.remote(b"x" * 65_536) for _ in range(128)]  # 8 MB: far more than a socket buffer
+    assert time.monotonic() - start < 2.0
+    assert ch.outbox and not ch.broken  # what the socket did not take waits
+    ready, late = channel.wait(refs, timeout=0.2)
+    assert ready == [] and late == refs
+
+
+def test_a_channel_whose_bidder_takes_nothing_gives_up_past_the_outbox_bound(
+        deaf: tuple[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "MAX_OUTBOX_BYTES", 1 << 20)
+    ch = Channel.connect(deaf, "stopped")
+    refs = [ch.echo.remote(b"x" * 65_536) for _ in range(64)]
+    assert ch.broken and not ch.outbox
+    with pytest.raises(ChannelBroken):
+        channel.get(refs[0])
