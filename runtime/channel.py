@@ -11,8 +11,9 @@ Each bidder actor opens, when asked over Ray, a listener on a Linux abstract Uni
 socket (no file to clean up, no network port: nothing listens beyond the host) that
 accepts clients after an HMAC challenge on a random key (`multiprocessing.connection`).
 Calls on a channel run one at a time in the order sent, like Ray calls from one caller
-to a sync actor; a reader thread takes messages off the socket at once, so a slow call
-never blocks the auctioneer's sends.
+to a sync actor. A reader thread in the actor takes messages off the socket at once, and
+the auctioneer's sends never wait for the socket (an outbox per channel), so neither a
+slow call nor a stopped process can stall the round loop.
 
 Only the auctioneer's node uses channels: bidders elsewhere in a cluster keep Ray calls
 (`ChannelServer.open` declines another node). When a channel breaks (the actor died),
