@@ -330,6 +330,7 @@ class RayBidders:
         #: until the job's realised end, never a double booking); see `_commit_done`
         self.orphaned: Counter[str] = Counter()
         self.channels: dict[str, Channel] = {}
+        self.channel_events: Counter[str] = Counter()  # opened, broken (for metrics)
         self._reopening: dict[str, Any] = {}  # agent id -> its `open_channel` Ray call
         self._reopen_at: dict[str, float] = {}
         if channels is None:
@@ -358,6 +359,7 @@ class RayBidders:
                 endpoint = ray.get(ref)
                 if endpoint is not None:  # None: the bidder is on another node
                     self.channels[aid] = Channel.connect(endpoint, aid)
+                    self.channel_events["opened"] += 1
             except (RayError, OSError, EOFError) as err:
                 logger.warning("bidder %s: no channel (%s: %s); using Ray calls", aid, type(err).__name__, err)
 
@@ -369,6 +371,7 @@ class RayBidders:
         if not ch.broken:
             return ch
         del self.channels[aid]  # its actor died: Ray restarts it, and the channel is asked for again
+        self.channel_events["broken"] += 1
         self._reopen_at[aid] = time.monotonic() + DOUBT_RETRY_S
         return self.handles[aid]
 

@@ -294,7 +294,10 @@ class OrderDesk:
             gauges = {kind: sum(v) / len(v) for kind, v in per_kind.items()}
         except Exception as err:  # noqa: BLE001 - a scrape still answers without the gauge
             logger.warning("utilization unavailable: %s", err)
-        totals = dict(getattr(self.host.core.bidders, "totals", {}))
+        bidders = self.host.core.bidders
+        totals = dict(getattr(bidders, "totals", {}))
+        channels = len(getattr(bidders, "channels", {}))
+        channel_events = dict(getattr(bidders, "channel_events", {}))
         with self._lock:
             m.set("open_orders", float(self._open), help="Orders accepted and not yet ended.")
             for ms in gc_pauses.take_pauses():
@@ -306,6 +309,11 @@ class OrderDesk:
             for what, n in sorted(totals.items()):
                 m.set_total("bidder_calls_total", float(n), help="Bidder call outcomes since start, by outcome.",
                             outcome=what)
+            m.set("bidder_channels", float(channels),
+                  help="Bidders reached over a direct channel now; the others get Ray calls (runtime/channel.py).")
+            for event in ("opened", "broken"):
+                m.set_total("bidder_channel_events_total", float(channel_events.get(event, 0)),
+                            help="Bidder channels opened and broken since start.", event=event)
             return m.render()
 
     def close(self) -> None:

@@ -257,6 +257,11 @@ def test_metrics_speak_prometheus(svc: Service) -> None:
                  'bidhive_clear_latency_ms_bucket{le="+Inf"}', "bidhive_open_orders", "bidhive_utilization{kind=",
                  'bidhive_orders_ended_total{reason="",status="awarded"}', 'bidhive_bidder_calls_total{outcome="timed_out"}'):
         assert name in text, name
+    value = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line and not line.startswith("#")}
+    assert value["bidhive_bidder_channels"] == 9  # the district fleet's 9 bidders, all on this node
+    assert value['bidhive_bidder_channel_events_total{event="opened"}'] == 9
+    assert value['bidhive_bidder_channel_events_total{event="broken"}'] == 0
 
 
 def test_overload_sheds_with_503_and_loses_no_accepted_order(svc: Service) -> None:
