@@ -10,6 +10,8 @@ from multiprocessing.connection import Listener
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime import channel
 from runtime.channel import Channel, ChannelBroken, ChannelServer, RemoteCallError
@@ -165,3 +167,34 @@ def test_a_channel_whose_bidder_takes_nothing_gives_up_past_the_outbox_bound(
     assert ch.broken and not ch.outbox
     with pytest.raises(ChannelBroken):
         channel.get(refs[0])
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[tuple[str, bytes]]:
+    server = ChannelServer(Target().dispatch)
+    endpoint = server.open(NODE, NODE)
+    assert endpoint is not None
+    yield endpoint
+    server.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(calls=st.lists(st.one_of(st.binary(max_size=70_000), st.none()), min_size=1, max_size=40),
+       timeouts=st.lists(st.sampled_from([0.0, 0.001, None]), min_size=1, max_size=5))
+def test_property_every_call_gets_its_own_answer(shared_server: tuple[str, bytes], calls: list[bytes | None],
+                                                 timeouts: list[float | None]) -> None:
+    """Whatever mix of sizes and failures, and however the waits slice the replies, each call
+    resolves to its own result (None stands for a raising method)."""
+    ch = Channel.connect(shared_server, "prop")
+    refs = [ch.echo.remote(c) if c is not None else ch.boom.remote() for c in calls]
+    for t in timeouts:  # partial waits take whatever has arrived so far
+        ready, late = channel.wait(refs, timeout=t)
+        assert ready == [r for r in refs if r.done] and late == [r for r in refs if not r.done]
+    assert channel.wait(refs, timeout=30)[1] == []
+    for c, ref in zip(calls, refs):
+        if c is None:
+            with pytest.raises(RemoteCallError):
+                channel.get(ref)
+        else:
+            assert channel.get(ref) == c
+    ch.close()
