@@ -11,8 +11,8 @@ Each bidder actor opens, when asked over Ray, a listener on a Linux abstract Uni
 socket (no file to clean up, no network port: nothing listens beyond the host) that
 accepts clients after an HMAC challenge on a random key (`multiprocessing.connection`).
 Calls on a channel run one at a time in the order sent, like Ray calls from one caller
-to a sync actor. A reader thread in the actor takes messages off the socket at once, and
-the auctioneer's sends never wait for the socket (an outbox per channel), so neither a
+to a sync actor: one thread per channel in the actor reads a call, runs it and answers.
+The auctioneer's sends never wait for the socket (an outbox per channel), so neither a
 slow call nor a stopped process can stall the round loop.
 
 Only the auctioneer's node uses channels: bidders elsewhere in a cluster keep Ray calls
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import queue
 import os
 import secrets
 import socket
@@ -118,21 +117,16 @@ class ChannelServer:
             except OSError:  # the listener was closed
                 return
             self.conns = [c for c in self.conns if not c.closed] + [conn]
-            threading.Thread(target=self._read, args=(conn,), name="bidhive-channel-read", daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn,), name="bidhive-channel-serve", daemon=True).start()
 
-    def _read(self, conn: Connection) -> None:
-        """Drains the socket at once, so the auctioneer's sends never wait on a slow call."""
-        inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        threading.Thread(target=self._work, args=(conn, inbox), name="bidhive-channel-work", daemon=True).start()
+    def _serve(self, conn: Connection) -> None:
+        """Runs one auctioneer's calls in order. A slow call holds the rest in the socket and in
+        the auctioneer's outbox, which never makes the auctioneer wait (`Channel.send_some`)."""
         while True:
             try:
-                inbox.put(conn.recv_bytes())
+                msg = conn.recv_bytes()
             except (OSError, EOFError, TypeError):  # hung up (TypeError: closed under us by `close`)
-                inbox.put(None)
-                return
-
-    def _work(self, conn: Connection, inbox: queue.SimpleQueue[bytes | None]) -> None:
-        while (msg := inbox.get()) is not None:
+                break
             method, args = pickle.loads(msg)  # from an authenticated auctioneer, as trusted as Ray's calls
             self.served += 1
             try:

@@ -85,7 +85,7 @@ def test_a_slow_call_is_late_at_the_deadline_and_answers_after(served: Any) -> N
 
 
 def test_sends_do_not_wait_for_a_busy_bidder(served: Any) -> None:
-    """The reader thread drains the socket: 8 MB to a bidder stuck in a call are sent at once."""
+    """8 MB to a bidder stuck in a call leave at once: what its socket cannot take waits in the outbox."""
     target, _, endpoint = served
     ch = Channel.connect(endpoint, "b1")
     target.gate.clear()
