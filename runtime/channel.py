@@ -23,8 +23,8 @@ handshake key (32 random bytes per actor) reaches the auctioneer over Ray.
 from __future__ import annotations
 
 import logging
-import pickle
 import os
+import pickle
 import secrets
 import socket
 import struct
