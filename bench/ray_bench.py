@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import tempfile
 import time
 from typing import Any
@@ -200,7 +199,7 @@ def round_transport(handles: dict[str, Any], pids: set[int], n_bidders: int = 25
     import ray
 
     from runtime import channel
-    from runtime.ray_bidders import pack_rounds, wire_round
+    from runtime.ray_bidders import pack_rounds, pickle_rounds
 
     cfg = synthetic_fleet(n_bidders)
     rounds = _wire_rounds(cfg, rounds_per_block, batch)
@@ -214,7 +213,7 @@ def round_transport(handles: dict[str, Any], pids: set[int], n_bidders: int = 25
                                          for h in bidders.values()])
 
     def over_channels(rel: list[Settle], rnd: Any) -> None:
-        blob = pickle.dumps([wire_round(rnd)], protocol=pickle.HIGHEST_PROTOCOL)
+        blob = pickle_rounds([rnd])
         refs = [ch.exchange_rounds.remote(rel, rnd.opened_s, HOLD_TTL_S, blob) for ch in channels]
         for ref in refs:
             channel.get(ref, timeout=30)

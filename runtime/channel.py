@@ -2,8 +2,8 @@
 
 Ray places, restarts and supervises the bidder actors; this module carries the rounds.
 A Ray actor call costs about 1 ms of CPU across the processes involved on the 2-core
-machine: a trivial method broadcast to 25 bidder actors cost 35 ms of CPU over Ray
-calls and 4-6 ms over channels; a 12-order round 83 ms and 28 ms
+machine: a trivial method broadcast to 25 bidder actors cost 24-35 ms of CPU over Ray
+calls and 1-6 ms over channels; a 12-order round 66 ms and 19 ms
 (`python -m bench.ray_bench --round-transport`). With one actor per resource and a
 broadcast per round, that cost decided the HTTP service's capacity.
 

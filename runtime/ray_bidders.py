@@ -211,8 +211,13 @@ def wire_round(rnd: Round) -> Round:
 INLINE_ROUNDS_MAX_BYTES = 64 * 1024
 
 
+def pickle_rounds(rounds: list[Round]) -> bytes:
+    """The rounds as every bidder receives them (`wire_round`), pickled once for the whole broadcast."""
+    return pickle.dumps([wire_round(r) for r in rounds], protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def pack_rounds(rounds: list[Round]) -> bytes | ray.ObjectRef:
-    """The rounds as every bidder receives them over Ray, pickled once for the whole broadcast."""
+    """`pickle_rounds` as a Ray call carries it: the bytes, or an object-store reference when large."""
     return _Payload(rounds).to(None)
 
 
@@ -221,7 +226,7 @@ class _Payload:
     bytes or (when large, made once) an object-store reference (`pack_rounds`)."""
 
     def __init__(self, rounds: list[Round]) -> None:
-        self.blob = pickle.dumps([wire_round(r) for r in rounds], protocol=pickle.HIGHEST_PROTOCOL)
+        self.blob = pickle_rounds(rounds)
         self._ref: ray.ObjectRef | None = None
 
     def to(self, caller: Any) -> bytes | ray.ObjectRef:
