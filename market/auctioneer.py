@@ -336,12 +336,15 @@ class AuctioneerCore:
         on_end: called with the ids of the orders that reached their terminal state in a
             settled round (awarded and committed, or unfulfilled for good), so a shell can
             answer the clients waiting on them.
+        on_round: called with each settled round's `RoundRecord`, so a shell can export
+            where a round's time went (quoting against settling).
         keep_records: the most recent rounds whose timing is kept (a service runs for days).
     """
 
     def __init__(self, engine: MarketEngine, batch: BatchPolicy | None = None,
                  clock: Callable[[], float] = time.perf_counter, market: OrdersClock | None = None,
-                 on_end: Callable[[list[str]], None] | None = None, keep_records: int = 100_000) -> None:
+                 on_end: Callable[[list[str]], None] | None = None,
+                 on_round: Callable[[RoundRecord], None] | None = None, keep_records: int = 100_000) -> None:
         self.engine = engine
         self.bidders = engine.bidders
         self.batch = batch or BatchPolicy()
@@ -352,6 +355,7 @@ class AuctioneerCore:
         self.market = market or OrdersClock()
         self.records: collections.deque[RoundRecord] = collections.deque(maxlen=keep_records)
         self.on_end = on_end
+        self.on_round = on_round
         self._open: dict[int, _Open] = {}
         self._flight: tuple[Any, ...] | None = None  # in_flight=2: the call whose quotes are not yet taken
 
@@ -480,6 +484,8 @@ class AuctioneerCore:
             else:
                 self.batcher.add(order, attempts + 1, wall, self.batch.retry_after_s)
         self.records.append(rec)
+        if self.on_round is not None:
+            self.on_round(rec)
         if ended and self.on_end is not None:
             self.on_end(ended)
 

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agents.fleet import Fleet, build_fleet
-from market.auctioneer import (AuctioneerCore, BatchPolicy, OrdersClock, RegionsCfg, assign_regions, region_bidders,
-                               round_id_base)
+from market.auctioneer import (AuctioneerCore, BatchPolicy, OrdersClock, RegionsCfg, RoundRecord, assign_regions,
+                               region_bidders, round_id_base)
 from market.config import FleetCfg, load_profile
 from market.engine import Bidders, LocalBidders, MarketEngine
 from market.recorder import NullRecorder, Recorder
@@ -79,7 +79,8 @@ def region_fleet(fleet: Fleet, bidders: tuple[str, ...] | None) -> Fleet:
 
 
 def build_core(spec: AuctioneerSpec, handles: dict[str, Any] | None, *, recorder: Recorder | None = None,
-               on_end: Callable[[list[str]], None] | None = None, market: OrdersClock | None = None) -> AuctioneerCore:
+               on_end: Callable[[list[str]], None] | None = None, market: OrdersClock | None = None,
+               on_round: Callable[[RoundRecord], None] | None = None) -> AuctioneerCore:
     """The auctioneer's engine over Ray bidders (in-process agents when `handles` is None).
 
     Round ids start at the region's base, so regions sharing bidders never collide.
@@ -95,7 +96,7 @@ def build_core(spec: AuctioneerSpec, handles: dict[str, Any] | None, *, recorder
         seed=spec.seed + spec.region_index, hold_ttl_s=spec.hold_ttl_s, exact_every=0,
         recorder=recorder or NullRecorder(), _round_id=round_id_base(spec.region_index),
     )
-    return AuctioneerCore(engine, spec.batch, market=market, on_end=on_end)
+    return AuctioneerCore(engine, spec.batch, market=market, on_end=on_end, on_round=on_round)
 
 
 class AuctioneerHost:
@@ -103,14 +104,14 @@ class AuctioneerHost:
 
     Args:
         handles: bidder actor per agent id; None runs the agents in this process.
-        recorder, on_end, market: passed to the core (see `AuctioneerCore`).
+        recorder, on_end, on_round, market: passed to the core (see `AuctioneerCore`).
     """
 
     def __init__(self, spec: AuctioneerSpec, handles: dict[str, Any] | None, start: bool = True, *,
                  recorder: Recorder | None = None, on_end: Callable[[list[str]], None] | None = None,
-                 market: OrdersClock | None = None) -> None:
+                 market: OrdersClock | None = None, on_round: Callable[[RoundRecord], None] | None = None) -> None:
         self.spec = spec
-        self.core = build_core(spec, handles, recorder=recorder, on_end=on_end, market=market)
+        self.core = build_core(spec, handles, recorder=recorder, on_end=on_end, market=market, on_round=on_round)
         self.name = spec.name or f"region-{spec.region_index}"
         self._inbox: collections.deque[list[Order]] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[AuctioneerCore], Any], Future[Any]]] = collections.deque()

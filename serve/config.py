@@ -24,7 +24,7 @@ class BatchCfg(Strict):
     max_rounds_per_call: int = Field(4, ge=1, le=64)
     in_flight: int = Field(2, ge=1, le=2)
     retry_after_ms: float = Field(20.0, ge=0, le=600_000)
-    max_attempts: int = Field(2, ge=1, le=100)
+    max_attempts: int = Field(1, ge=1, le=100)
 
     def policy(self) -> BatchPolicy:
         """The core's batching policy."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from market.auctioneer import AuctioneerCore
+from market.auctioneer import AuctioneerCore, RoundRecord
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
 from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
@@ -79,6 +79,7 @@ class OrderDesk:
         self.metrics = Metrics()
         self._lock = threading.Lock()
         self._waiters: dict[str, Future[dict[str, Any]]] = {}
+        self._accepted_at: dict[str, float] = {}  # perf_counter at acceptance, for the latency histogram
         self._open = 0
         self._next = 0
         journal = Path(cfg.journal)
@@ -94,7 +95,8 @@ class OrderDesk:
         spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=self.profile,
                               seed=cfg.seed, name="serve", batch=cfg.batch.policy(),
                               deadline_s=cfg.deadline_ms / 1000.0, hold_ttl_s=cfg.hold_ttl_s)
-        self.host = AuctioneerHost(spec, handles, start=False, recorder=self.recorder, on_end=self._ended)
+        self.host = AuctioneerHost(spec, handles, start=False, recorder=self.recorder, on_end=self._ended,
+                                   on_round=self._round_settled)
         self.recorder.run_started(self._run_info())
         self.segment = self.index.segments
         self._resume()
@@ -155,10 +157,24 @@ class OrderDesk:
         elif kind == "profile_changed":
             m.inc("profile_changes_total", help="Strategy profile switches.")
 
+    def _round_settled(self, rec: RoundRecord) -> None:
+        """Where a round's time went: asking the bidders and clearing, then confirming the commits."""
+        with self._lock:
+            self.metrics.observe_ms("round_quote_ms", (rec.cleared - rec.opened) * 1000.0,
+                                    help="Round opened to cleared: the bidders quoting, then clearing (ms).")
+            self.metrics.observe_ms("round_settle_ms", (rec.confirmed - rec.cleared) * 1000.0,
+                                    help="Round cleared to its winners' commits confirmed (ms).")
+
     def _ended(self, order_ids: list[str]) -> None:
         """The core ended these orders: sync the journal, then answer their clients."""
         self.recorder.flush()  # writes the round's hold commits and syncs: an award is on disk before anyone hears
+        now = time.perf_counter()
         with self._lock:
+            for oid in order_ids:
+                accepted = self._accepted_at.pop(oid, None)
+                if accepted is not None:
+                    self.metrics.observe_ms("order_latency_ms", (now - accepted) * 1000.0,
+                                            help="Order accepted to its answer ready, rounds and retries included (ms).")
             answers = [(oid, self.index.orders[oid]) for oid in order_ids if oid in self.index.orders]
             for oid, view in answers:
                 answer = view.answer()
@@ -210,6 +226,7 @@ class OrderDesk:
         order = body.to_order(oid, self.market_now(), self.cfg.reserve_base, self.cfg.reserve_share)
         fut: Future[dict[str, Any]] = Future()
         self._waiters[oid] = fut
+        self._accepted_at[oid] = time.perf_counter()
         self._open += 1
         self.recorder.tag_order(oid, idempotency_key=key, body_hash=digest)
         self.host.submit([order])

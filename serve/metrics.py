@@ -4,7 +4,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 
-LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
+LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 75, 100, 150, 250, 500, 1000, 2500)
 
 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:

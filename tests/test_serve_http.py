@@ -262,6 +262,12 @@ def test_metrics_speak_prometheus(svc: Service) -> None:
     assert value["bidhive_bidder_channels"] == 9  # the district fleet's 9 bidders, all on this node
     assert value['bidhive_bidder_channel_events_total{event="opened"}'] == 9
     assert value['bidhive_bidder_channel_events_total{event="broken"}'] == 0
+    # where the time went: every settled round in both phase histograms, every ended order timed once
+    settled = value["bidhive_round_quote_ms_count"]
+    assert 0 < settled == value["bidhive_round_settle_ms_count"] <= value["bidhive_rounds_total"]
+    ended = sum(v for k, v in value.items() if k.startswith("bidhive_orders_ended_total{"))
+    assert 0 < value["bidhive_order_latency_ms_count"] == ended
+    assert value['bidhive_order_latency_ms_bucket{le="+Inf"}'] == ended
 
 
 def test_overload_sheds_with_503_and_loses_no_accepted_order(svc: Service) -> None:
