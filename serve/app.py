@@ -126,11 +126,12 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
                                                       for e in errors]}, status_code=422)
 
 
-def _require_token(request: Request) -> None:
+async def _require_token(request: Request) -> None:
     """Route dependency: 401 unless the bearer token matches (when one is set).
 
     A dependency runs before the body's field errors are reported, so a caller without
-    the token learns nothing about the request model.
+    the token learns nothing about the request model. It is async because FastAPI runs a
+    plain ``def`` dependency in its thread pool: a thread hop per request for a header check.
     """
     token = Limits.token
     if token is None:
