@@ -78,8 +78,7 @@ class OrderDesk:
         self.idem = IdempotencyStore()
         self.metrics = Metrics()
         self._lock = threading.Lock()
-        self._waiters: dict[str, Future[dict[str, Any]]] = {}
-        self._accepted_at: dict[str, float] = {}  # perf_counter at acceptance, for the latency histogram
+        self._waiters: dict[str, tuple[Future[dict[str, Any]], float]] = {}  # the client's future, accepted at
         self._open = 0
         self._next = 0
         journal = Path(cfg.journal)
@@ -170,11 +169,6 @@ class OrderDesk:
         self.recorder.flush()  # writes the round's hold commits and syncs: an award is on disk before anyone hears
         now = time.perf_counter()
         with self._lock:
-            for oid in order_ids:
-                accepted = self._accepted_at.pop(oid, None)
-                if accepted is not None:
-                    self.metrics.observe_ms("order_latency_ms", (now - accepted) * 1000.0,
-                                            help="Order accepted to its answer ready, rounds and retries included (ms).")
             answers = [(oid, self.index.orders[oid]) for oid in order_ids if oid in self.index.orders]
             for oid, view in answers:
                 answer = view.answer()
@@ -183,8 +177,13 @@ class OrderDesk:
                 self._open -= 1
                 self.metrics.inc("orders_ended_total", help="Orders ended, by status and reason.",
                                  status=view.status, reason=view.reason or "")
-                fut = self._waiters.pop(oid, None)
-                if fut is not None and not fut.done():
+                waiter = self._waiters.pop(oid, None)
+                if waiter is None:  # resumed from the journal after a restart: nobody waits here
+                    continue
+                fut, accepted = waiter
+                self.metrics.observe_ms("order_latency_ms", (now - accepted) * 1000.0,
+                                        help="Order accepted to its answer ready, rounds and retries included (ms).")
+                if not fut.done():
                     fut.set_result(answer)
 
     # -- requests --------------------------------------------------------------------------
@@ -225,8 +224,7 @@ class OrderDesk:
             raise DeskError(409, f"order_id {oid} already exists")
         order = body.to_order(oid, self.market_now(), self.cfg.reserve_base, self.cfg.reserve_share)
         fut: Future[dict[str, Any]] = Future()
-        self._waiters[oid] = fut
-        self._accepted_at[oid] = time.perf_counter()
+        self._waiters[oid] = (fut, time.perf_counter())
         self._open += 1
         self.recorder.tag_order(oid, idempotency_key=key, body_hash=digest)
         self.host.submit([order])
