@@ -7,9 +7,10 @@ from its config, the fleet's city and catalogue, the run's seed and the bidding
 strategy's name, exactly as `agents.fleet.build_fleet` builds it in-process, which is
 what keeps Ray runs identical to in-process runs.
 
-State recovery: after every settle (commit or release) the host pickles its agent
-atomically (temp file + rename) into the run's state dir; a restarted actor loads that
-snapshot, so it resumes with the capacity, stock, riders and holds it had confirmed.
+State recovery: after every commit the host saves its agent into the run's state dir
+(`agents.durable`: two checksummed snapshot slots written in turn, and a log of the
+changes to the agent's pending jobs, so a save costs the same however much work is in
+flight); a restarted actor loads the newest intact snapshot, so it resumes with the capacity, stock, riders and holds it had confirmed.
 Holds placed after the last snapshot (an in-flight round at crash time) are lost; the
 commit for such a round is refused (HoldError) and the auctioneer treats those orders
 as unserved, never as booked twice. A reply is only sent after the snapshot is
@@ -36,6 +37,7 @@ import numpy as np
 
 from agents.base import Agent, AgentEnv
 from agents.crowd import CrowdCarrier
+from agents.durable import CommitMemory, SnapshotStore, thaw
 from agents.holds import HoldError
 from agents.locker import PickupLocker
 from agents.rider_pool import RiderPool
@@ -55,8 +57,10 @@ AGENT_CLASSES: dict[Kind, type[Agent]] = {
     Kind.CROWD: CrowdCarrier,
     Kind.LOCKER: PickupLocker,
 }
-SNAPSHOT_VERSION = 1
-COMMIT_MEMORY = 4096  # recent rounds whose commit outcome a bidder remembers (and snapshots)
+SNAPSHOT_VERSION = 2  # 2: the pending completions in a log beside the snapshot (agents.durable)
+#: Recent commits whose outcome a bidder remembers (and snapshots) for `commit_status`,
+#: asked right after the call carrying them failed: about 10 s of commits at 100 a second.
+COMMIT_MEMORY = 1024
 
 #: garbage modes `Fault(mode="garbage", garbage=...)` understands
 GARBAGE_KINDS = ("nan", "negative", "wrong_type", "bad_dtype", "capacity", "index", "agent_id")
@@ -102,23 +106,6 @@ class AgentSpec:
     def build(self) -> Agent:
         """A fresh agent (same grid, catalogue and seeded RNG as in-process)."""
         return AGENT_CLASSES[self.kind](self.agent, self.env())  # type: ignore[arg-type]
-
-
-def _freeze(agent: Agent) -> Any:
-    """The agent's live state without its config and environment (the spec rebuilds those)."""
-    state = getattr(agent, "__dict__", None)
-    if state is None or "env" not in state or "cfg" not in state:
-        return agent  # an unusual agent: pickle it whole
-    return (type(agent), {k: v for k, v in state.items() if k not in ("env", "cfg")})
-
-
-def _thaw(frozen: Any, spec: AgentSpec) -> Agent:
-    if isinstance(frozen, Agent):
-        return frozen
-    cls, state = frozen
-    agent = cls.__new__(cls)
-    agent.__dict__.update(state, env=spec.env(), cfg=spec.agent)
-    return agent
 
 
 def fleet_specs(cfg: FleetCfg, seed: int, strategy: str) -> list[AgentSpec]:
@@ -219,55 +206,39 @@ class BidderHost:
         self.state_dir = Path(state_dir) if state_dir else None
         self.strategy = resolve_strategy(spec.strategy)
         self.restored = False
-        self.committed: dict[int, bool] = {}
+        self.committed = CommitMemory(COMMIT_MEMORY)
+        self.store = SnapshotStore(self.state_dir, spec.agent_id) if self.state_dir else None
         self.agent = self._load() or spec.build()
         self.fault = fault if not (fault and fault.mode == "crash" and self._reconstructed()) else None
         self.violations: list[str] = []
         self.calls = 0
 
     # -- snapshots --------------------------------------------------------------------
-    @property
-    def _path(self) -> Path | None:
-        return self.state_dir / f"{self.spec.agent_id}.pkl" if self.state_dir else None
-
     def _load(self) -> Agent | None:
         """The last snapshot of this agent in the run's state dir (adopting its spec), if any."""
-        path = self._path
-        if path is None or not path.exists():
+        store = self.store
+        if store is None or not store.exists():
             return None
         try:
-            with path.open("rb") as f:
-                snap = pickle.load(f)
+            snap = store.load()
         except Exception as err:  # noqa: BLE001 - a torn or foreign file: start fresh, loudly
-            logger.warning("%s: unreadable snapshot %s (%s); starting fresh", self.spec.agent_id, path, err)
+            logger.warning("%s: unreadable snapshot in %s (%s); starting fresh", self.spec.agent_id, store.directory, err)
             return None
         if snap.get("version") != SNAPSHOT_VERSION or snap["spec"].agent_id != self.spec.agent_id:
-            logger.warning("%s: snapshot %s is not this agent's; starting fresh", self.spec.agent_id, path)
+            logger.warning("%s: the snapshot in %s is not this agent's; starting fresh", self.spec.agent_id, store.directory)
             return None
         self.restored = True
         self.committed = snap["committed"]
         self.spec = snap["spec"]
         self.strategy = resolve_strategy(self.spec.strategy)
-        agent = _thaw(snap["agent"], self.spec)
+        agent = thaw(snap["agent"], self.spec.env(), self.spec.agent)
         logger.warning("%s: restored from snapshot (%d units held, %d committed)",
                        self.spec.agent_id, agent.holds.units, agent.committed_units)
         return agent
 
     def _snapshot(self) -> None:
-        path = self._path
-        if path is None:
-            return
-        data = pickle.dumps({"version": SNAPSHOT_VERSION, "spec": self.spec, "agent": _freeze(self.agent),
-                             "committed": self.committed},
-                            protocol=pickle.HIGHEST_PROTOCOL)
-        tmp = path.with_name(f".{path.name}.tmp")  # one writer per agent: a fixed temp name is safe
-        try:
-            with tmp.open("wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # atomic: a crash leaves the old or the new snapshot, never half
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        if self.store is not None:
+            self.store.save({"version": SNAPSHOT_VERSION, "spec": self.spec, "committed": self.committed}, self.agent)
 
     @staticmethod
     def _reconstructed() -> bool:
@@ -341,8 +312,6 @@ class BidderHost:
             return Ack(s.round_id, True)
         ack = self._commit(s)
         self.committed[s.round_id] = ack.ok
-        while len(self.committed) > COMMIT_MEMORY:
-            self.committed.pop(next(iter(self.committed)))
         return ack
 
     def _commit(self, s: Settle) -> Ack:
@@ -463,7 +432,7 @@ class BidderHost:
         self.violations = []
         self.fault = None
         self.restored = False
-        self.committed = {}
+        self.committed = CommitMemory(COMMIT_MEMORY)
         self._snapshot()  # a restart from here rebuilds this spec's state, not the constructor's
         return spec.agent_id
 

@@ -71,6 +71,10 @@ class Agent(ABC):
     """A fulfilment resource that bids in rounds from its own live state."""
 
     kind: ClassVar[Kind]
+    #: Where a bidder host's snapshot store (`agents.durable`) has the agent record each
+    #: change to its pending completions: a job added (its heap entry) or finished (its
+    #: seq). None, and so free, everywhere else.
+    completion_log: list[Any] | None = None
 
     def __init__(self, cfg: AgentCfg, env: AgentEnv) -> None:
         self.cfg = cfg
@@ -114,7 +118,9 @@ class Agent(ABC):
             self.holds_expired += 1
             self._on_release(hold.payload)
         while self._completions and self._completions[0][0] <= now:
-            done_s, _, payload = heapq.heappop(self._completions)
+            done_s, seq, payload = heapq.heappop(self._completions)
+            if self.completion_log is not None:
+                self.completion_log.append(seq)
             self._on_complete(done_s, payload)
         self._advance(now)
         self.now_s = max(self.now_s, now)
@@ -125,7 +131,10 @@ class Agent(ABC):
     def schedule_completion(self, done_s: float, payload: Any) -> None:
         """Registers when a committed job frees its capacity (called by the world)."""
         self._completion_seq += 1
-        heapq.heappush(self._completions, (done_s, self._completion_seq, payload))
+        entry = (done_s, self._completion_seq, payload)
+        heapq.heappush(self._completions, entry)
+        if self.completion_log is not None:
+            self.completion_log.append(entry)
 
     def _on_complete(self, done_s: float, payload: Any) -> None:
         """Frees capacity of a finished job; default nothing."""

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "ray": "bench.ray_bench",
     "rl": "bench.rl_bench",
     "serve": "bench.serve_load",
+    "snapshot": "bench.snapshot_bench",
 }
 
 

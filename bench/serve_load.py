@@ -515,7 +515,7 @@ def own_snapshot_dirs(before: set[str]) -> list[str]:
 
     metro = {a.agent_id for a in build_fleet(load_fleet("metro")).agents}
     return sorted(d for d in _state_root_entries() - before
-                  if (stems := {f.stem for f in Path(d).glob("*.pkl")}) and stems <= metro)
+                  if (stems := {f.name.split(".")[0] for f in Path(d).glob("*.snap")}) and stems <= metro)
 
 
 def _still_there(paths: list[str], grace_s: float = 5.0) -> list[str]:

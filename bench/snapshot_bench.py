@@ -1,0 +1,125 @@
+"""A bidder's save after a commit (`agents.durable`), against the whole-state snapshot it replaced.
+
+A bidder saves after every commit, before it acknowledges it, so the save is on the
+round's path. Its cost grows with the agent's pending jobs in the old scheme (the whole
+heap pickled every time) and should not in the new one (the heap's changes appended to
+a log). For a rider pool and a warehouse of the metro fleet with N pending jobs (N as
+in a service that has run for a while: a few thousand), this times:
+
+- ``whole``: the scheme before, kept here as the reference: the agent's state with its
+  heap and a dict of the last 4,096 commit outcomes pickled, written to a temp file,
+  renamed.
+- ``logged``: `SnapshotStore.save` after a commit that adds one job and finishes one
+  (the steady state: the log appends those two changes).
+- ``new_generation``: the same save when a new log generation is due (the heap whole,
+  once per ``COMPACT_RATIO`` x N changes).
+
+Each figure is the median of `REPS` saves, in µs, in the state dir bidders use
+(`agents.actor.default_state_root`, tmpfs where there is one). Run
+``python -m bench.snapshot_bench`` or ``bidhive bench snapshot``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agents.actor import COMMIT_MEMORY, SNAPSHOT_VERSION, AgentSpec, default_state_root, fleet_specs
+from agents.base import Agent
+from agents.durable import CommitMemory, SnapshotStore, freeze
+from bench.stats import machine
+from market.config import load_fleet
+
+REPS = 300
+BEFORE_COMMIT_MEMORY = 4096  # the commit outcomes the scheme before kept, as a dict
+PENDING = (0, 500, 2000, 5000)
+
+
+def _spec(kind: str) -> AgentSpec:
+    return next(s for s in fleet_specs(load_fleet("metro"), 0, "heuristic") if s.kind.value == kind)
+
+
+def _payload(agent: Agent, k: int) -> Any:
+    """A pending job's payload as the agent's kind schedules it (a rider pool: rider, x, y, on time)."""
+    if agent.kind.value == "rider_pool":
+        return k % 40, 1.5 + k % 7, -2.25 + k % 5, True
+    return k % 9 != 0
+
+
+def _agent(spec: AgentSpec, pending: int) -> Agent:
+    agent = spec.build()
+    for k in range(pending):
+        agent.schedule_completion(60_000.0 + 3.7 * k, _payload(agent, k))
+    return agent
+
+
+def _whole(directory: Path, spec: AgentSpec, agent: Agent, committed: dict[int, bool]) -> None:
+    """The save before `agents.durable`: everything pickled and written, every time."""
+    data = pickle.dumps({"version": 1, "spec": spec, "agent": freeze(agent), "committed": committed},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    path = directory / f"{spec.agent_id}.old.pkl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _median_us(run: Any, reps: int) -> float:
+    times = []
+    for k in range(reps):
+        t0 = time.perf_counter()
+        run(k)
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e6, 1)
+
+
+def _one(directory: Path, kind: str, pending: int, reps: int) -> dict[str, Any]:
+    spec = _spec(kind)
+    agent = _agent(spec, pending)
+    memory = CommitMemory(COMMIT_MEMORY)
+    committed = {r: True for r in range(BEFORE_COMMIT_MEMORY)}
+    for r in range(COMMIT_MEMORY):
+        memory[r] = True
+    header = {"version": SNAPSHOT_VERSION, "spec": spec, "committed": memory}
+    store = SnapshotStore(directory, spec.agent_id)
+    store.save(header, agent)
+
+    def commit(k: int) -> None:  # one job added, the earliest one finished: the heap keeps its size
+        agent.schedule_completion(70_000.0 + k, _payload(agent, k))
+        agent.advance(agent._completions[0][0])
+
+    def logged(k: int) -> None:
+        commit(k)
+        store.save(header, agent)
+
+    def new_generation(k: int) -> None:
+        commit(k)
+        store._log_changes = 1 << 40  # due now
+        store.save(header, agent)
+
+    out = {"whole_us": _median_us(lambda k: _whole(directory, spec, agent, committed), reps),
+           "logged_us": _median_us(logged, reps), "new_generation_us": _median_us(new_generation, reps)}
+    store.close()
+    return out
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Save times by kind and number of pending jobs."""
+    reps = 30 if quick else REPS
+    directory = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
+    try:
+        results = {kind: {str(n): _one(directory, kind, n, reps) for n in PENDING} for kind in ("rider_pool", "warehouse")}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {"benchmark": "snapshot", "machine": machine(), "state_dir": default_state_root(), "reps": reps,
+            "commit_memory": {"before": BEFORE_COMMIT_MEMORY, "now": COMMIT_MEMORY}, "by_kind_and_pending_jobs": results}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

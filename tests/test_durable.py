@@ -1,0 +1,165 @@
+"""A bidder's durable state: snapshot plus completion log restores exactly what the agent had."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents import durable
+from agents.actor import AgentSpec, fleet_specs
+from agents.base import Agent
+from agents.durable import CommitMemory, SnapshotStore, freeze, thaw
+from market.config import load_fleet
+
+SPEC = fleet_specs(load_fleet("default"), 7, "heuristic")[0]  # a warehouse: its jobs' payload is on_time
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.floats(0.0, 500.0, allow_nan=False), st.booleans()),
+        st.tuples(st.just("advance"), st.floats(0.0, 500.0, allow_nan=False)),  # time may go back: exactness still holds
+        st.tuples(st.just("save")),
+        st.tuples(st.just("torn_save")),
+    ),
+    max_size=80,
+)
+
+
+def _state(agent: Agent) -> tuple[bytes, list[Any]]:
+    """The agent's state as bytes, and its pending jobs in pop order (heap layouts may differ)."""
+    _, state = freeze(agent)
+    rest = {k: v for k, v in state.items() if k != "_completions"}
+    return pickle.dumps(rest), sorted(state["_completions"])
+
+
+def _logs(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.log"))
+
+
+def _restored(directory: Path, spec: AgentSpec = SPEC) -> Agent:
+    snap = SnapshotStore(directory, spec.agent_id).load()
+    return thaw(snap["agent"], spec.env(), spec.agent)
+
+
+class _Torn(Exception):
+    pass
+
+
+def _torn_save(store: SnapshotStore, agent: Agent) -> None:
+    """A save whose log append happens and whose snapshot is never written (a crash between)."""
+    def crash(_: dict[str, Any]) -> None:
+        raise _Torn
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(store, "_replace", crash)
+        with pytest.raises(_Torn):
+            store.save({"version": 0}, agent)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS)
+def test_a_restart_gets_the_state_of_the_last_save(ops: list[tuple[Any, ...]],
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Jobs added and finished in any order, saves between (some torn by a crash), logs compacted
+    along the way: loading gives the agent exactly as it was at the last completed save."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(durable, "MIN_COMPACT_CHANGES", 6)
+        m.setattr(durable, "COMPACT_RATIO", 1)
+        _check_restarts(ops, tmp_path_factory.mktemp("durable"))
+
+
+def _check_restarts(ops: list[tuple[Any, ...]], directory: Path) -> None:
+    agent, store = SPEC.build(), SnapshotStore(directory, SPEC.agent_id)
+    saved = None
+    for op in ops:
+        if op[0] == "push":
+            agent.schedule_completion(op[1], op[2])
+        elif op[0] == "advance":
+            agent.advance(op[1])
+        elif op[0] == "save":
+            store.save({"version": 0}, agent)
+            saved = _state(agent)
+        elif saved is not None:
+            _torn_save(store, agent)
+        if saved is not None:
+            assert _state(_restored(directory)) == saved
+    store.close()
+
+
+def test_the_log_is_compacted_into_a_new_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its share of changes, a save starts a new log with the whole heap, and the old log goes."""
+    monkeypatch.setattr(durable, "MIN_COMPACT_CHANGES", 10)
+    monkeypatch.setattr(durable, "COMPACT_RATIO", 0)
+    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
+    store.save({}, agent)
+    assert _logs(tmp_path) == [f"{SPEC.agent_id}.1.log"]
+    for k in range(12):  # 12 jobs added, one per save: the 12th save finds 11 > 10 changes logged
+        agent.schedule_completion(1000.0 + k, True)
+        store.save({}, agent)
+    assert _logs(tmp_path) == [f"{SPEC.agent_id}.2.log"]
+    log = tmp_path / f"{SPEC.agent_id}.2.log"
+    assert durable._read_changes(log, log.stat().st_size) == agent._completions  # one frame: the whole heap
+    assert sorted(_restored(tmp_path)._completions) == sorted(agent._completions)
+    store.close()
+
+
+def test_a_restarted_store_starts_a_new_generation(tmp_path: Path) -> None:
+    """The process after a restart never appends to the log its predecessor left."""
+    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
+    store.save({}, agent)
+    agent.schedule_completion(10.0, True)
+    store.save({}, agent)
+    store.close()
+    again = SnapshotStore(tmp_path, SPEC.agent_id)
+    restored = thaw(again.load()["agent"], SPEC.env(), SPEC.agent)
+    assert restored._completions == [(10.0, 1, True)] and restored.completion_log is None
+    restored.schedule_completion(20.0, False)
+    again.save({}, restored)
+    assert _logs(tmp_path) == [f"{SPEC.agent_id}.2.log"]
+    assert sorted(_restored(tmp_path)._completions) == [(10.0, 1, True), (20.0, 2, False)]
+    again.close()
+
+
+def test_a_save_cut_short_leaves_the_one_before(tmp_path: Path) -> None:
+    """A slot torn at any length (the process killed mid-write) fails its check: the other slot wins."""
+    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
+    store.save({"n": 1}, agent)
+    agent.schedule_completion(10.0, True)
+    store.save({"n": 2}, agent)
+    store.close()
+    newest = 0  # saves take turns from slot 1: the second went to slot 0
+    whole = store.slot_path(newest).read_bytes()
+    for cut in (0, 10, 40, len(whole) // 2, len(whole) - 1):
+        store.slot_path(newest).write_bytes(whole[:cut])
+        snap = SnapshotStore(tmp_path, SPEC.agent_id).load()
+        assert snap["n"] == 1 and snap["agent"][1]["_completions"] == []
+    flipped = bytearray(whole)
+    flipped[-3] ^= 0xFF
+    store.slot_path(newest).write_bytes(bytes(flipped))
+    assert SnapshotStore(tmp_path, SPEC.agent_id).load()["n"] == 1
+    store.slot_path(newest).write_bytes(whole)
+    assert SnapshotStore(tmp_path, SPEC.agent_id).load()["n"] == 2
+
+
+def test_a_snapshot_naming_log_bytes_that_are_gone_is_unreadable(tmp_path: Path) -> None:
+    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
+    store.save({}, agent)
+    agent.schedule_completion(10.0, True)
+    store.save({}, agent)
+    store.close()
+    (tmp_path / f"{SPEC.agent_id}.1.log").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds 0 of the"):
+        SnapshotStore(tmp_path, SPEC.agent_id).load()
+
+
+def test_commit_memory_answers_the_latest_outcome_of_its_last_rounds() -> None:
+    memory = CommitMemory(4)
+    for round_id, ok in [(1, True), (2, False), (3, True), (2, True)]:
+        memory[round_id] = ok
+    assert [memory.get(r) for r in (1, 2, 3, 9)] == [True, True, True, None]
+    memory[5] = False  # the fifth outcome takes the oldest slot, round 1's
+    assert memory.get(1) is None and memory.get(5) is False and len(memory) == 4
+    assert pickle.loads(pickle.dumps(memory)).get(2) is True
