@@ -18,7 +18,9 @@ Two modes, given in SPEC (JSON):
   recorded, so the bench can show how far the offered rate was really offered.
 
 Each request is recorded as (slot, due_s, sent_s, latency_s, status, order_id,
-answer_status), times relative to the phase start; status 0 is a transport failure.
+answer_status), times relative to the phase start (``t0_monotonic`` in the result, on
+this machine's monotonic clock, so other readings can be lined up with them); status 0 is
+a transport failure.
 Locust's own request totals come along as a cross-check.
 """
 from locust import FastHttpUser, task  # first: locust monkey-patches for gevent on import
@@ -156,7 +158,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     total = env.stats.total
     return {
         "records": PHASE.records, "slots_taken": PHASE.next_slot, "slots": PHASE.total,
-        "in_flight_at_stop": in_flight, "ended_s": round(ended, 3),
+        "in_flight_at_stop": in_flight, "ended_s": round(ended, 3), "t0_monotonic": PHASE.t0,
         "locust": {"requests": total.num_requests, "failures": total.num_failures,
                    "median_ms": total.median_response_time, "p99_ms": total.get_response_time_percentile(0.99)},
     }
