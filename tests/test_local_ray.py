@@ -24,6 +24,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from runtime.local_ray import (  # noqa: E402
+    QUIET_ENV,
     LocalRay,
     is_loopback,
     listening_addresses,
@@ -157,6 +158,34 @@ def test_nothing_listens_beyond_loopback(cluster: LocalRay) -> None:
     assert gcs_port in {s.port for s in raw} and len(raw) >= 8
     assert [s for s in raw if not is_loopback(s.ip)] == []
     ray.kill(probe)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def test_ray_s_own_stats_and_metrics_are_off_on_the_embedded_cluster(cluster: LocalRay) -> None:
+    """`QUIET_ENV` reaches the processes that read it: the dashboard agent and the workers."""
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def environ(self) -> dict[str, str]:
+            return dict(os.environ)
+
+    probe = Probe.remote()
+    worker = ray.get(probe.environ.remote())
+    agents = [p for p in cluster.pids() if "dashboard/agent.py" in " ".join(_cmdline_words(p))]
+    assert agents, "no dashboard agent found"
+    for env in (worker, *map(_environ, agents)):
+        assert {k: env.get(k) for k in QUIET_ENV} == QUIET_ENV
+    ray.kill(probe)
+
+
+def _cmdline_words(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 @pytest.mark.slow
