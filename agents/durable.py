@@ -170,29 +170,29 @@ class SnapshotStore:
             return
         changes, agent.completion_log = agent.completion_log, []
         cls, state = frozen
-        old = None
-        if changes is None or self._log_fd is None or \
-                self._log_changes > max(MIN_COMPACT_CHANGES, COMPACT_RATIO * len(agent._completions)):
-            old = self._start_generation(agent._completions)
+        new_generation = changes is None or self._log_fd is None or \
+            self._log_changes > max(MIN_COMPACT_CHANGES, COMPACT_RATIO * len(agent._completions))
+        if new_generation:
+            self._start_generation(agent._completions)
         elif changes:
             self._append(changes)
             self._log_changes += len(changes)
         state = {k: v for k, v in state.items() if k != "_completions"}
         self._replace({**header, "agent": (cls, state), "log": (self._gen, self._log_bytes)})
-        if old is not None:  # the snapshot names the new generation now: the old one can go
-            old_gen, old_fd = old
-            if old_fd is not None:
-                os.close(old_fd)
-            self._log_path(old_gen).unlink(missing_ok=True)
+        if new_generation:  # the snapshot names the new log now: the others can go
+            for path in self.directory.glob(f"{self.agent_id}.*.log"):
+                if path != self._log_path(self._gen):
+                    path.unlink(missing_ok=True)
 
-    def _start_generation(self, heap: list[tuple[float, int, Any]]) -> tuple[int, int | None]:
-        """A new log whose first frame is the whole heap; returns the old generation and its fd."""
-        old = self._gen, self._log_fd
+    def _start_generation(self, heap: list[tuple[float, int, Any]]) -> None:
+        """A new log whose first frame is the whole heap. The old log stays until a
+        snapshot names the new one: until then it is what a restart reads."""
+        if self._log_fd is not None:
+            os.close(self._log_fd)
         self._gen += 1
         self._log_fd = os.open(self._log_path(self._gen), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         self._log_bytes = self._log_changes = 0
         self._append(list(heap))
-        return old
 
     def _append(self, changes: list[Any]) -> None:
         assert self._log_fd is not None
@@ -232,8 +232,8 @@ class SnapshotStore:
     def load(self) -> dict[str, Any]:
         """The last snapshot, its agent's pending jobs rebuilt from the log it names.
 
-        The next `save` starts a new log generation, so a restarted actor never appends
-        to a log an earlier process left.
+        Reads only. The next `save` starts a new log generation, so a restarted actor
+        never appends to a log an earlier process left, and removes the older logs.
 
         Raises:
             OSError, ValueError, pickle.UnpicklingError, ...: The files are unreadable.
@@ -248,9 +248,6 @@ class SnapshotStore:
             _, state = snap["agent"]
             state["_completions"] = _replay(_read_changes(self._log_path(gen), length))
             self._gen = max(self._gen, gen)
-            for stale in self.directory.glob(f"{self.agent_id}.*.log"):  # left by a crash mid-way through a new generation
-                if stale != self._log_path(gen):
-                    stale.unlink(missing_ok=True)
         return snap
 
     def close(self) -> None:
