@@ -106,13 +106,19 @@ def test_the_log_is_compacted_into_a_new_generation(tmp_path: Path, monkeypatch:
     store.close()
 
 
+def _two_saves(directory: Path) -> SnapshotStore:
+    """A closed store of two saves: ``{"n": 1}`` with no job pending, then ``{"n": 2}`` with one."""
+    agent, store = SPEC.build(), SnapshotStore(directory, SPEC.agent_id)
+    store.save({"n": 1}, agent)
+    agent.schedule_completion(10.0, True)
+    store.save({"n": 2}, agent)
+    store.close()
+    return store
+
+
 def test_a_restarted_store_starts_a_new_generation(tmp_path: Path) -> None:
     """The process after a restart never appends to the log its predecessor left."""
-    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
-    store.save({}, agent)
-    agent.schedule_completion(10.0, True)
-    store.save({}, agent)
-    store.close()
+    _two_saves(tmp_path)
     again = SnapshotStore(tmp_path, SPEC.agent_id)
     restored = thaw(again.load()["agent"], SPEC.env(), SPEC.agent)
     assert restored._completions == [(10.0, 1, True)] and restored.completion_log is None
@@ -125,11 +131,7 @@ def test_a_restarted_store_starts_a_new_generation(tmp_path: Path) -> None:
 
 def test_a_save_cut_short_leaves_the_one_before(tmp_path: Path) -> None:
     """A slot torn at any length (the process killed mid-write) fails its check: the other slot wins."""
-    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
-    store.save({"n": 1}, agent)
-    agent.schedule_completion(10.0, True)
-    store.save({"n": 2}, agent)
-    store.close()
+    store = _two_saves(tmp_path)
     newest = 0  # saves take turns from slot 1: the second went to slot 0
     whole = store.slot_path(newest).read_bytes()
     for cut in (0, 10, 40, len(whole) // 2, len(whole) - 1):
@@ -145,11 +147,7 @@ def test_a_save_cut_short_leaves_the_one_before(tmp_path: Path) -> None:
 
 
 def test_a_snapshot_naming_log_bytes_that_are_gone_is_unreadable(tmp_path: Path) -> None:
-    agent, store = SPEC.build(), SnapshotStore(tmp_path, SPEC.agent_id)
-    store.save({}, agent)
-    agent.schedule_completion(10.0, True)
-    store.save({}, agent)
-    store.close()
+    _two_saves(tmp_path)
     (tmp_path / f"{SPEC.agent_id}.1.log").write_bytes(b"")
     with pytest.raises(ValueError, match="holds 0 of the"):
         SnapshotStore(tmp_path, SPEC.agent_id).load()
