@@ -11,12 +11,16 @@ then costs a small pickle of the rest of the state plus one append. `CommitMemor
 keeps the recent commit outcomes as two arrays for the same reason: as a dict of 4,096
 entries they took about 115 µs to pickle.
 
-Files, in the run's state dir: ``{agent}.0.snap`` and ``{agent}.1.snap``, saves taking
-turns, each a header (magic, save number, length, CRC32) and the pickled snapshot, the
-newest intact one being the state; ``{agent}.{gen}.log``, the log of generation ``gen``, frames of a 4-byte
-length and a pickled list of changes, the first frame being the heap the log starts from. The snapshot names its log generation and how many
-of its bytes it covers, so a change appended for a commit whose snapshot was never
-written (a crash between the two) is not read back.
+Files, in the run's state dir:
+
+- ``{agent}.0.snap`` and ``{agent}.1.snap``: saves take turns, each a header (magic,
+  save number, length, CRC32) and the pickled snapshot; the newest intact one is the state.
+- ``{agent}.{gen}.log``: the log of generation ``gen``, frames of a 4-byte length and a
+  pickled list of changes, the first frame being the heap the log starts from.
+
+The snapshot names its log generation and how many of its bytes it covers, so a change
+appended for a commit whose snapshot was never written (a crash between the two) is not
+read back.
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ _FRAME = struct.Struct("<I")
 _SLOT_HEAD = struct.Struct("<8sQQI")  # magic, save number, snapshot length, its CRC32
 _MAGIC = b"bhsnap01"
 
-#: A full snapshot is due when the log holds this many changes per pending job (and at
-#: least `MIN_COMPACT_CHANGES`): the log stays a few times the heap's size.
+#: A new log generation is due when the log holds more than this many changes per
+#: pending job (and more than `MIN_COMPACT_CHANGES`): a log stays a few times the heap's size.
 COMPACT_RATIO = 4
 MIN_COMPACT_CHANGES = 4096
 
