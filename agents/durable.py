@@ -132,7 +132,7 @@ def _replay(changes: list[Any]) -> list[tuple[float, int, Any]]:
 
 
 class SnapshotStore:
-    """One agent's snapshot file and its completion log.
+    """One agent's two snapshot slots and its completion log.
 
     Args:
         directory: The run's state dir.
@@ -236,8 +236,8 @@ class SnapshotStore:
     def load(self) -> dict[str, Any]:
         """The last snapshot, its agent's pending jobs rebuilt from the log it names.
 
-        Reads only. The next `save` starts a new log generation, so a restarted actor
-        never appends to a log an earlier process left, and removes the older logs.
+        Changes no file. The next `save` starts a new log generation, so a restarted
+        actor never appends to a log an earlier process left, and removes the older logs.
 
         Raises:
             OSError, ValueError, pickle.UnpicklingError, ...: The files are unreadable.
