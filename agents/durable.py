@@ -181,7 +181,7 @@ class SnapshotStore:
         elif changes:
             self._append(changes)
             self._log_changes += len(changes)
-        state = {k: v for k, v in state.items() if k != "_completions"}
+        del state["_completions"]  # `freeze` made this dict: the heap lives in the log
         self._replace({**header, "agent": (cls, state), "log": (self._gen, self._log_bytes)})
         if new_generation:  # the snapshot names the new log now: the others can go
             for path in self.directory.glob(f"{self.agent_id}.*.log"):

@@ -518,7 +518,8 @@ def start_local_ray(
     Embedded mode: binds everything to 127.0.0.1, keeps token auth on with a
     fresh per-session token (a 0600 file in the session's own temp dir, so
     ``~/.ray/auth_token`` is neither read nor written), turns the dashboard UI
-    off unless asked (and with it Ray's own stats and metrics, `QUIET_ENV`), and puts all session files in a new short temp dir that
+    off unless asked (and with it Ray's own stats and metrics, `QUIET_ENV`), and
+    puts all session files in a new short temp dir that
     :meth:`LocalRay.shutdown` deletes.
 
     Join mode (``RAY_ADDRESS`` set, and not ``local``): plain
