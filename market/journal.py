@@ -79,6 +79,8 @@ _SEQ_KEY = b"\xa3seq"
 _MAP_HEADER_LEN = {1: range(0x80, 0x90), 3: (0xDE,), 5: (0xDF,)}
 _BUFFER_BYTES = 1 << 16
 _type_of = type  # JournalWriter.append names its first parameter "type"
+_FRAME_HEAD = FRAME_HEADER.pack
+_crc32c = google_crc32c.value
 
 
 class JournalError(ValueError):
@@ -566,12 +568,27 @@ class JournalWriter:
             raise ValueError("'seq' and 'type' are set by the journal, not passed as fields")
         if not isinstance(type, str):
             raise TypeError(f"record type must be str, not {_type_of(type).__qualname__}")
+        return self.append_record({"seq": None, "type": type, **fields})
+
+    def append_record(self, record: dict[str, Any]) -> int:
+        """Append a record built by the caller and return its ``seq``: `append` without
+        the keyword arguments, for a shell that writes a record per hook call.
+
+        Args:
+            record: ``{"seq": None, "type": TYPE, **fields}`` with ``str`` keys, ``seq``
+                first; its ``seq`` is filled in here, before it is encoded (a value
+                the codec rejects still raises without leaving a gap).
+
+        Returns and raises as `append`.
+        """
         with self._mutex:  # the hot path of every shell: a few attribute reads, no helper calls
             if self._failed is not None or self._file.closed:
                 self._check_usable()
-            seq = self._next_seq
-            record = {"seq": seq, "type": type, **fields}
-            frame = _frame(pack(record, keys_checked=True))  # keyword arguments: str keys
+            seq = record["seq"] = self._next_seq
+            payload = pack(record, keys_checked=True)
+            if len(payload) > MAX_RECORD_BYTES:
+                raise ValueError(f"record of {len(payload)} bytes exceeds MAX_RECORD_BYTES ({MAX_RECORD_BYTES})")
+            frame = _FRAME_HEAD(len(payload), _crc32c(payload)) + payload
             try:
                 if self.rotate_bytes is not None:
                     self._rotate_for(len(frame))
@@ -681,13 +698,6 @@ class JournalWriter:
             raise ValueError(f"journal {self.path} is closed")
         if self._failed is not None:
             raise JournalError(f"journal {self.path} stopped after a failed write: {self._failed!r}")
-
-
-def _frame(payload: bytes) -> bytes:
-    """Length + CRC32C header and payload, as one bytes object so it is written in one call."""
-    if len(payload) > MAX_RECORD_BYTES:
-        raise ValueError(f"record of {len(payload)} bytes exceeds MAX_RECORD_BYTES ({MAX_RECORD_BYTES})")
-    return FRAME_HEADER.pack(len(payload), google_crc32c.value(payload)) + payload
 
 
 def _datasync(fd: int) -> None:

@@ -234,14 +234,15 @@ class JournalRecorder:
         """Journals an order in full, before any bidder is asked about it."""
         if not self._started:
             self._require_start("order_received")
-        self.writer.append(
-            "order_received", **self._order_tags.pop(order.order_id, {}),
-            order_id=order.order_id, received_s=now, created_s=order.created_s,
-            customer_id=order.customer_id, tier=str(order.tier), channel=order.channel,
-            items=[[it.sku, it.qty] for it in order.items], lat=order.lat, lon=order.lon,
-            promise_s=order.promise_s, value=order.value, category=str(order.category),
-            locker_ok=order.locker_ok, reserve=order.reserve,
-        )
+        tags = self._order_tags.pop(order.order_id, None) if self._order_tags else None
+        self.writer.append_record({
+            "seq": None, "type": "order_received", **(tags or {}),
+            "order_id": order.order_id, "received_s": now, "created_s": order.created_s,
+            "customer_id": order.customer_id, "tier": str(order.tier), "channel": order.channel,
+            "items": [[it.sku, it.qty] for it in order.items], "lat": order.lat, "lon": order.lon,
+            "promise_s": order.promise_s, "value": order.value, "category": str(order.category),
+            "locker_ok": order.locker_ok, "reserve": order.reserve,
+        })
 
     # -- rounds -------------------------------------------------------------------------
     def round_opened(self, rnd: Round, attempts: list[int]) -> None:
@@ -253,10 +254,10 @@ class JournalRecorder:
             if self._sites is None or not _same_sites(rnd.sources, self._sites):
                 fields["sources"] = _sources_dict(rnd.sources)
             self._sites = rnd.sources
-        self.writer.append(
-            "round_opened", round_id=rnd.round_id, opened_s=rnd.opened_s,
-            orders=[o.order_id for o in rnd.orders], attempts=list(attempts), **fields,
-        )
+        self.writer.append_record({
+            "seq": None, "type": "round_opened", "round_id": rnd.round_id, "opened_s": rnd.opened_s,
+            "orders": [o.order_id for o in rnd.orders], "attempts": list(attempts), **fields,
+        })
 
     def round_cleared(self, rnd: Round, quotes: list[Quote], book: QuoteBook, alloc: Allocation, facts: dict[str, Any]) -> None:
         """Journals the round's quotes and its result, before anyone hears of an award."""
@@ -270,10 +271,10 @@ class JournalRecorder:
         quote_fields = self._quote_fields(book.quotes, quotes)
         award_i, award_f = award_arrays(book, alloc, self._index)
         kept = facts if self.timing else {k: v for k, v in facts.items() if k != "clear_ms"}
-        self.writer.append(
-            "round_cleared", round_id=rnd.round_id, **quote_fields, award_i=award_i, award_f=award_f,
-            reason=list(alloc.reason), total_cost=alloc.total_cost, facts=kept,
-        )
+        self.writer.append_record({
+            "seq": None, "type": "round_cleared", "round_id": rnd.round_id, **quote_fields, "award_i": award_i,
+            "award_f": award_f, "reason": list(alloc.reason), "total_cost": alloc.total_cost, "facts": kept,
+        })
 
     def _quote_fields(self, cols: QuoteColumns, quotes: list[Quote]) -> dict[str, Any]:
         """A round's quotes as two flat arrays (or one map per quote if they cannot be).
@@ -319,10 +320,11 @@ class JournalRecorder:
     def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float) -> None:
         """Journals a round's commits and releases: one record of each kind, not one per bidder."""
         if committed:
-            self.writer.append("hold_committed", round_id=round_id, now_s=now, agents=list(committed),
-                               orders=list(committed.values()))
+            self.writer.append_record({"seq": None, "type": "hold_committed", "round_id": round_id, "now_s": now,
+                                       "agents": list(committed), "orders": list(committed.values())})
         if released:
-            self.writer.append("hold_released", round_id=round_id, now_s=now, agents=released)
+            self.writer.append_record({"seq": None, "type": "hold_released", "round_id": round_id, "now_s": now,
+                                       "agents": released})
 
     def profile_changed(self, name: str, now: float) -> None:
         """Journals a live profile switch, with the weights the name stands for."""
