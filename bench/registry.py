@@ -11,6 +11,7 @@ BENCHMARKS = {
     "peakday": "bench.peakday",
     "replay": "bench.replay_bench",
     "journal": "bench.journal_bench",
+    "journal-ablation": "bench.journal_ablation",
     "journal-instructions": "bench.journal_instructions",
     "ray": "bench.ray_bench",
     "rl": "bench.rl_bench",
