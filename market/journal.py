@@ -566,8 +566,6 @@ class JournalWriter:
         """
         if "seq" in fields or "type" in fields:
             raise ValueError("'seq' and 'type' are set by the journal, not passed as fields")
-        if not isinstance(type, str):
-            raise TypeError(f"record type must be str, not {_type_of(type).__qualname__}")
         return self.append_record({"seq": None, "type": type, **fields})
 
     def append_record(self, record: dict[str, Any]) -> int:
@@ -579,8 +577,14 @@ class JournalWriter:
                 first; its ``seq`` is filled in here, before it is encoded (a value
                 the codec rejects still raises without leaving a gap).
 
-        Returns and raises as `append`.
+        Returns and raises as `append`; also ValueError when ``seq`` and ``type`` are not
+        the first two keys (the reader finds frames after damage by that start).
         """
+        keys = iter(record)
+        if next(keys, None) != "seq" or next(keys, None) != "type":
+            raise ValueError("a record's first two keys are 'seq' and 'type', in that order")
+        if not isinstance(record["type"], str):
+            raise TypeError(f"record type must be str, not {_type_of(record['type']).__qualname__}")
         with self._mutex:  # the hot path of every shell: a few attribute reads, no helper calls
             if self._failed is not None or self._file.closed:
                 self._check_usable()

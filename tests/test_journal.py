@@ -325,6 +325,22 @@ def test_append_rejects_reserved_fields_and_bad_values_without_using_a_seq(tmp_p
     with pytest.raises(ValueError, match="closed"):
         writer.append("x")
 
+def test_append_record_wants_seq_then_type_and_leaves_no_gap_on_a_bad_value(tmp_path: Path) -> None:
+    path = tmp_path / "run.bhj"
+    with JournalWriter(path) as writer:
+        with pytest.raises(ValueError, match="first two keys"):
+            writer.append_record({"type": "x", "seq": None})  # the reader finds frames by a "seq" first
+        with pytest.raises(ValueError, match="first two keys"):
+            writer.append_record({"seq": None, "ok": 1, "type": "x"})
+        with pytest.raises(TypeError, match="record type must be str, not int"):
+            writer.append_record({"seq": None, "type": 7})
+        with pytest.raises(TypeError, match="set"):
+            writer.append_record({"seq": None, "type": "x", "bad": {1}})
+        record = {"seq": None, "type": "x", "ok": 1}
+        assert writer.append_record(record) == 0 and record["seq"] == 0
+    assert read_quietly(path) == [{"seq": 0, "type": "x", "ok": 1}]
+
+
 
 # --------------------------------------------------------------------------- torn tails
 
