@@ -21,11 +21,13 @@ Three figures:
   is shared, so the minimum is the least noisy estimate), and
   ``overhead_wall_median_of_reps`` is the median of each repetition's ratio to the null
   run beside it (slow drift of the machine hits both runs of a repetition alike).
-  ``overhead.isolated`` cross-checks it: the run's recorder hook calls are taped once and
-  replayed into a `JournalRecorder`, which times the journal's own work per round without
-  the simulation's noise.
+  ``overhead.isolated`` times the journal's own work per round without the simulation's
+  noise: the run's recorder hook calls are taped once and replayed into a
+  `JournalRecorder` in a loop. Hot in the cache there, the journal costs about 0.6x of
+  what it costs inside a run (`bench.journal_ablation`), so this figure is a floor.
   ``overhead.simultaneous`` runs the null and the journaled simulation at the same time
-  in two processes, pair after pair, so both meet the same machine (`_simultaneous`).
+  in two processes, pair after pair, so both meet the same machine (`_simultaneous`);
+  its median of pairs is the target's figure.
 
 Run ``python -m bench.replay_bench`` (prints JSON) or ``bidhive bench replay``.
 """
@@ -317,13 +319,16 @@ def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
                 "note": "met: one process, wall time; the CPU figure and the one with workers are given beside it",
             },
             "journal_overhead_interval": {
-                "measured": overhead["isolated"]["interval"]["overhead"],
+                "measured": overhead["simultaneous"]["median_of_pairs"],
                 "measured_end_to_end": overhead["interval"]["overhead_wall"],
-                "measured_simultaneous_pairs": overhead["simultaneous"]["median_of_pairs"],
+                "measured_taped_hooks": overhead["isolated"]["interval"]["overhead"],
                 "target": TARGET_OVERHEAD,
-                "met": overhead["isolated"]["interval"]["overhead"] <= TARGET_OVERHEAD,
-                "note": "measured: the journal's own time per round (taped hook calls) over the simulation's; "
-                        "end to end compares whole runs and carries the shared machine's noise",
+                "met": max(overhead["simultaneous"]["median_of_pairs"], overhead["interval"]["overhead_wall"])
+                <= TARGET_OVERHEAD,
+                "note": "measured: whole simulations without and with the journal, the two of a pair at the same "
+                        "time (median of the pairs); met needs the best-of-runs figure under the target too. The "
+                        "taped hook calls leave out what the journal costs in place (about 0.6x of it, "
+                        "`bidhive bench journal-ablation`), so they are not used for met",
             },
         },
     }
