@@ -46,11 +46,12 @@ VARIANTS = ("none", "full", "fsync_never", "no_encode", "no_writer")
 CHUNK_ROUNDS = 64
 ORDERS = 2500
 SEED = 11
-_CONSTANT_PAYLOAD = b"\x81\xa3seq\x00" * 100
+_CONSTANT_PAYLOAD = b"\x81\xa3seq\x00" * 100  # 600 bytes, about a record; the file is never read back
 
 
 def _recorder(variant: str, path: Path) -> Recorder:
-    """The second arm's recorder, with the variant's part of the journal taken out."""
+    """The second arm's recorder, with the variant's part of the journal taken out (``no_encode``
+    patches the journal module for good: each run has a process of its own)."""
     if variant == "none":
         return NullRecorder()
     recorder = JournalRecorder(path, fsync="never" if variant == "fsync_never" else "interval")
