@@ -78,7 +78,6 @@ FsyncPolicy = Literal["always", "interval", "never"]
 _SEQ_KEY = b"\xa3seq"
 _MAP_HEADER_LEN = {1: range(0x80, 0x90), 3: (0xDE,), 5: (0xDF,)}
 _BUFFER_BYTES = 1 << 16
-_type_of = type  # JournalWriter.append names its first parameter "type"
 _FRAME_HEAD = FRAME_HEADER.pack
 _crc32c = google_crc32c.value
 
@@ -584,7 +583,7 @@ class JournalWriter:
         if next(keys, None) != "seq" or next(keys, None) != "type":
             raise ValueError("a record's first two keys are 'seq' and 'type', in that order")
         if not isinstance(record["type"], str):
-            raise TypeError(f"record type must be str, not {_type_of(record['type']).__qualname__}")
+            raise TypeError(f"record type must be str, not {type(record['type']).__qualname__}")
         with self._mutex:  # the hot path of every shell: a few attribute reads, no helper calls
             if self._failed is not None or self._file.closed:
                 self._check_usable()
