@@ -170,20 +170,26 @@ class MarketEngine:
         for o, facts in out.award_facts:
             if o not in refused:
                 self.kpis.awarded(*facts)
-        self._journal_holds(out.rnd.round_id, awards, quoted, now)
+        refused_ids = sorted(out.rnd.orders[o].order_id for o in refused)
+        self._journal_holds(out.rnd.round_id, awards, quoted, refused_ids, now)
 
-    def _journal_holds(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float) -> None:
-        """Every bidder that quoted either commits its awards or releases its holds."""
+    def _journal_holds(self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str],
+                       refused: list[str], now: float) -> None:
+        """Every bidder that quoted either commits its awards or releases its holds; awards
+        whose commit was refused are journaled as such, never as committed."""
         committed: dict[str, list[str]] = {}
         released: list[str] = []
+        gone = set(refused)
         for agent_id in quoted:
             lines = awards.get(agent_id)
-            if lines:
-                committed[agent_id] = [ln.order_id for ln in lines]
-            else:
+            if not lines:
                 released.append(agent_id)
-        if committed or released:
-            self.recorder.holds_settled(round_id, committed, released, now)
+                continue
+            took = [ln.order_id for ln in lines if ln.order_id not in gone]
+            if took:
+                committed[agent_id] = took
+        if committed or released or refused:
+            self.recorder.holds_settled(round_id, committed, released, now, refused)
 
     def _award_lines(self, out: RoundOutcome) -> dict[str, list[AwardLine]]:
         """Realises each award in the world and builds the lines each winner commits."""

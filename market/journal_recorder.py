@@ -35,8 +35,9 @@ from market.types import CATEGORY_CODES, Order, Quote, SourceQuote
 
 __all__ = ["JOURNAL_SCHEMA", "JournalRecorder", "award_arrays", "bidder_table", "versions"]
 
-JOURNAL_SCHEMA = 1
-"""Version of the record fields written here (``run_started.schema``)."""
+JOURNAL_SCHEMA = 2
+"""Version of the record fields written here (``run_started.schema``); 2 added
+``hold_released.refused`` and left refused awards out of ``hold_committed``."""
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str], ...]:
@@ -317,14 +318,21 @@ class JournalRecorder:
         return {"quotes": raw}
 
     # -- holds and profiles -------------------------------------------------------------
-    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float) -> None:
-        """Journals a round's commits and releases: one record of each kind, not one per bidder."""
+    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float,
+                      refused: list[str]) -> None:
+        """Journals a round's commits and releases: one record of each kind, not one per bidder.
+
+        Awards whose commit was refused go into ``hold_released`` as ``refused`` (the field
+        is left out when there are none, so a run without faults writes what it always did).
+        """
         if committed:
             self.writer.append_record({"seq": None, "type": "hold_committed", "round_id": round_id, "now_s": now,
                                        "agents": list(committed), "orders": list(committed.values())})
-        if released:
-            self.writer.append_record({"seq": None, "type": "hold_released", "round_id": round_id, "now_s": now,
-                                       "agents": released})
+        if released or refused:
+            record = {"seq": None, "type": "hold_released", "round_id": round_id, "now_s": now, "agents": released}
+            if refused:
+                record["refused"] = list(refused)
+            self.writer.append_record(record)
 
     def profile_changed(self, name: str, now: float) -> None:
         """Journals a live profile switch, with the weights the name stands for."""

@@ -14,13 +14,19 @@ from market.types import Order, Quote
 
 
 class Recorder(Protocol):
-    """Receives a run's events in order; an order is recorded before it is quoted."""
+    """Receives a run's events in order; an order is recorded before it is quoted.
+
+    `holds_settled` names, per round, the winners' committed orders, the quoting bidders
+    that released, and the awarded orders whose commit was refused or never confirmed
+    (`refused`: unserved after all, so never among the committed).
+    """
 
     def run_started(self, info: dict[str, Any]) -> None: ...
     def order_received(self, order: Order, now: float) -> None: ...
     def round_opened(self, rnd: Round, attempts: list[int]) -> None: ...
     def round_cleared(self, rnd: Round, quotes: list[Quote], book: QuoteBook, alloc: Allocation, facts: dict[str, Any]) -> None: ...
-    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float) -> None: ...
+    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float,
+                      refused: list[str]) -> None: ...
     def profile_changed(self, name: str, now: float) -> None: ...
     def close(self) -> None: ...
 
@@ -40,7 +46,8 @@ class NullRecorder:
     def round_cleared(self, rnd: Round, quotes: list[Quote], book: QuoteBook, alloc: Allocation, facts: dict[str, Any]) -> None:
         """No-op."""
 
-    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float) -> None:
+    def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float,
+                      refused: list[str]) -> None:
         """No-op."""
 
     def profile_changed(self, name: str, now: float) -> None:

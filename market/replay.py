@@ -45,7 +45,7 @@ import struct
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -59,6 +59,7 @@ from market.book import CategoryTable, QuoteBook, QuoteColumns
 from market.catalogue import Catalogue
 from market.clearing import PAYMENT_RULES, Allocation, Mechanism, ScoringAuction, clear_round, priority_sequence
 from market.config import CatalogueCfg, ProfileCfg
+from market.engine import COMMIT_REFUSED
 from market.geo import CityGrid
 from market.journal import JournalReader, TornTailWarning
 from market.journal_recorder import award_arrays, versions
@@ -255,6 +256,9 @@ class ReadStep:
         rebuild: whether it is to be cleared again (it is its shard's).
         error: what reading raised after ``kinds`` (raised when its turn comes).
         torn: at the end, the reader's torn-tail warnings, to give when the end's turn comes.
+        refused: per ``hold_released`` record read since the previous step that has
+            ``refused``, its ``(round_id, order ids)``: awards of an earlier round whose
+            commit did not take, to take back from the KPIs before this step's round.
     """
 
     kinds: list[str]
@@ -266,6 +270,7 @@ class ReadStep:
     rebuild: bool = False
     error: Exception | None = None
     torn: list[str] = field(default_factory=list)
+    refused: list[tuple[int, list[str]]] = field(default_factory=list)
 
 
 class JournalReplay:
@@ -298,6 +303,8 @@ class JournalReplay:
         self._built: dict[tuple[int, ...], tuple[RunHeader, Round]] = {}
         self._records = 0
         self.segments = 1
+        #: ``(round_id, order_id)`` of every award whose commit was refused, as settled so far
+        self.refused_awards: set[tuple[int, str]] = set()
 
     def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
         """Every cleared round in journal order (with ``only_order``: those holding that order)."""
@@ -348,6 +355,7 @@ class JournalReplay:
                     event = next(events, None)  # none for a record that failed to read: an error follows
                     if event is not None:
                         self._heard(event)
+        self._refused(step)
         if step.error is not None:
             raise step.error
         if step.round is None:  # the end
@@ -372,6 +380,11 @@ class JournalReplay:
         for step in steps:
             for event in step.events:
                 self._heard(event)
+            self._refused(step)
+
+    def _refused(self, step: ReadStep) -> None:
+        for round_id, order_ids in step.refused:
+            self.refused_awards.update((round_id, oid) for oid in order_ids)
 
     def _heard(self, event: tuple[Order, float] | RunHeader) -> None:
         """An order received (counted, and told to ``on_order``), or a run started."""
@@ -391,12 +404,15 @@ class JournalReplay:
         header: RunHeader | None = None
         kinds: list[str] = []
         events: list[Any] = []
+        refused: list[tuple[int, list[str]]] = []
         cleared = 0
         try:
             for rec in self.reader:
                 kind = rec["type"]
                 kinds.append(kind)
                 if kind in _NOTHING_TO_REPLAY:
+                    if "refused" in rec:
+                        refused.append((int(rec["round_id"]), [str(o) for o in rec["refused"]]))
                     continue
                 if kind != "round_cleared":
                     try:
@@ -422,14 +438,14 @@ class JournalReplay:
                     if isinstance(exc, ReplayError):
                         raise
                     raise ReplayError(f"malformed round_cleared at seq {rec['seq']}: {type(exc).__name__}: {exc}") from None
-                yield ReadStep(kinds, events, rr, rec, head, header, rebuild)
-                kinds, events = [], []
+                yield ReadStep(kinds, events, rr, rec, head, header, rebuild, refused=refused)
+                kinds, events, refused = [], [], []
             if header is None:
                 raise ReplayError(f"{self.path}: no run_started record: nothing to replay")
         except Exception as exc:  # noqa: BLE001 - raised again, unchanged, when its turn comes (`settle`)
-            yield ReadStep(kinds, events, None, error=exc)
+            yield ReadStep(kinds, events, None, error=exc, refused=refused)
             return
-        yield ReadStep(kinds, events, None, header=header, torn=self.reader.take_deferred_warnings())
+        yield ReadStep(kinds, events, None, header=header, torn=self.reader.take_deferred_warnings(), refused=refused)
 
     def _other(self, rec: dict[str, Any], kind: str, header: RunHeader | None,
                opened: dict[int, dict[str, Any]], events: list[Any]) -> RunHeader | None:
@@ -669,6 +685,8 @@ class OutcomeKpis:
     t_paid: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
     t_on_time: Counter[int] = field(default_factory=Counter)
     t_kind: defaultdict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # per awarded order, what its award added: (round_id, minute, paid, on time, vip, leg label, score)
+    won: dict[str, tuple[int, int, float, bool, bool, str, float]] = field(default_factory=dict)
 
     def forked(self, clear_ms: list[float]) -> OutcomeKpis:
         """A deep copy that goes on with other clearing times.
@@ -684,7 +702,8 @@ class OutcomeKpis:
         self.orders += 1
         self.vip_orders += int(vip)
 
-    def add_round(self, orders: tuple[Order, ...], opened_s: float, res: LoggedResult, header: RunHeader) -> None:
+    def add_round(self, round_id: int, orders: tuple[Order, ...], opened_s: float, res: LoggedResult,
+                  header: RunHeader) -> None:
         """Adds a round's outcome; an order already awarded in an earlier round is not counted again."""
         self.rounds += 1
         self.slots += len(orders)
@@ -726,6 +745,7 @@ class OutcomeKpis:
             self.t_paid[minute] += pay
             self.t_on_time[minute] += on_time
             self.t_kind[minute][label] += 1
+            self.won[oid] = (round_id, minute, pay, on_time, vip, label, score[o])
 
     def add_one_order_rounds(self, rounds: Sequence[LoggedRound], header: RunHeader) -> None:
         """`add_round` of one-order rounds, one after the other, with the chunk's arrays read once.
@@ -744,7 +764,7 @@ class OutcomeKpis:
         fulfilled = vip_fulfilled = on_time_n = vip_on_time = round_awards = duplicates = 0
         paid, score_sum = self.paid, self.score_sum
         leg_mix, t_awards, t_paid = self.leg_mix, self.t_awards, self.t_paid
-        t_on_time, t_kind = self.t_on_time, self.t_kind
+        t_on_time, t_kind, won = self.t_on_time, self.t_kind, self.won
         for i, rr in enumerate(rounds):
             order = rr.orders[0]
             oid = order.order_id
@@ -775,6 +795,7 @@ class OutcomeKpis:
             t_paid[minute] += pay
             t_on_time[minute] += on_time
             t_kind[minute][label] += 1
+            won[oid] = (rr.round_id, minute, pay, on_time, vip, label, score[i])
         self.rounds += len(rounds)
         self.slots += len(rounds)
         self.round_awards += round_awards
@@ -784,6 +805,29 @@ class OutcomeKpis:
         self.on_time += on_time_n
         self.vip_on_time += vip_on_time
         self.paid, self.score_sum = paid, score_sum
+
+    def refuse(self, round_id: int, order_ids: Iterable[str]) -> None:
+        """Takes back the awards round `round_id` made to these orders: their commits were
+        refused (``hold_released.refused``), so they are unserved, as the live run counted them."""
+        for oid in order_ids:
+            got = self.won.get(oid)
+            if got is None or got[0] != round_id:
+                continue
+            del self.won[oid]
+            _, minute, pay, on_time, vip, label, score = got
+            self.awarded.discard(oid)
+            self.last_reason[oid] = COMMIT_REFUSED
+            self.fulfilled -= 1
+            self.vip_fulfilled -= vip
+            self.on_time -= on_time
+            self.vip_on_time -= vip and on_time
+            self.paid -= pay
+            self.score_sum -= score
+            self.leg_mix[label] -= 1
+            self.t_awards[minute] -= 1
+            self.t_paid[minute] -= pay
+            self.t_on_time[minute] -= on_time
+            self.t_kind[minute][label] -= 1
 
     def report(self) -> dict[str, Any]:
         """The KPI dict (see the module docstring for what each rate counts)."""
@@ -987,6 +1031,10 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
             continue
         step, columns_ms = turn.steps[0], turn.columns_ms
         journal.settle(step)  # raises what reading raised here
+        for round_id, order_ids in step.refused:  # before this step's round: they came after their own
+            for k in (logged, replayed, alt):
+                if k is not None:
+                    k.refuse(round_id, order_ids)
         rr: LoggedRound | None = step.round
         if rr is None:  # the end
             continue
@@ -1005,8 +1053,8 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
             if diff is not None and replayed is None:
                 replayed = logged.forked(clear_ms)  # the rounds before this one matched
             if replayed is not None:
-                replayed.add_round(rr.orders, rr.opened_s, got, header)
-        logged.add_round(rr.orders, rr.opened_s, rr.logged, header)
+                replayed.add_round(rr.round_id, rr.orders, rr.opened_s, got, header)
+        logged.add_round(rr.round_id, rr.orders, rr.opened_s, rr.logged, header)
         if "clear_ms" in rr.facts:
             logged.clear_ms.append(float(rr.facts["clear_ms"]))
         if diff is not None:
@@ -1029,7 +1077,7 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
             t0 = time.perf_counter()
             book, alloc = clear(header, rnd, quotes, profile or rr.profile, alt_mechs[header.mechanism])
             alt.clear_ms.append((time.perf_counter() - t0) * 1000.0)
-            alt.add_round(rnd.orders, rnd.opened_s, _result(book, alloc, header.index), header)
+            alt.add_round(rnd.round_id, rnd.orders, rnd.opened_s, _result(book, alloc, header.index), header)
     if verify and replayed is None:  # every round matched: the logged outcomes, with replay's clearing times
         replayed = replace(logged, clear_ms=clear_ms)  # shares counters; neither changes any more
     seconds = time.perf_counter() - start
@@ -1056,7 +1104,8 @@ class _Turn:
         columns_ms: each round's share of the columns' clearing time where the columns
             verified it; None for a step the per-round path must clear.
         whole: every step is a one-order round of the same run that the columns
-            verified, and no progress is shown: it is settled and counted at once.
+            verified, none takes back a refused award, and no progress is shown: it is
+            settled and counted at once.
     """
 
     steps: list[ReadStep]
@@ -1074,7 +1123,8 @@ def _turns(journal: JournalReplay, shard: tuple[int, int] | None, columns: bool)
     state = OneOrderColumns()
     while chunk := list(islice(steps, CHUNK_ROUNDS)):
         verified, ms = by_columns(chunk, state) if columns else ([False] * len(chunk), 0.0)
-        if all(verified) and all(s.header is chunk[0].header for s in chunk) and journal.progress is None:
+        if all(verified) and all(s.header is chunk[0].header and not s.refused for s in chunk) \
+                and journal.progress is None:
             yield _Turn(chunk, ms, whole=True)
             continue
         for step, ok in zip(chunk, verified):
@@ -1303,9 +1353,17 @@ def explain(path: str | os.PathLike[str], order_id: str, *, profile: ProfileCfg 
         raise ReplayError(f"order '{order_id}' is not in the journal {path} ({journal.orders_received} orders)")
     if not rounds:
         return {"order_id": order_id, "rounds": [], "verdict": "received but never cleared in this journal"}
+    if profile is None and payment is None:  # refusals are facts of the logged awards only
+        for r in rounds:
+            if r["winner"] and (r["round_id"], order_id) in journal.refused_awards:
+                r["commit_refused"] = True
+                r["verdict"] += "; its winners' commit was then refused, so the award did not take"
     last = rounds[-1]
-    return {"order_id": order_id, "rounds": rounds, "verdict": last["verdict"],
-            "outcome": "awarded" if last["winner"] else f"unserved ({last['reason']})"}
+    if last["winner"]:
+        outcome = f"unserved ({COMMIT_REFUSED})" if last.get("commit_refused") else "awarded"
+    else:
+        outcome = f"unserved ({last['reason']})"
+    return {"order_id": order_id, "rounds": rounds, "verdict": last["verdict"], "outcome": outcome}
 
 
 # --------------------------------------------------------------------------- plot

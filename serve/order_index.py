@@ -7,17 +7,20 @@ was told exists outside the journal.
 
 An order is ``awarded`` once the round that chose it has journaled its hold commits
 (the service answers only then), ``unfulfilled`` once a round left it unserved on its
-last allowed attempt, and ``pending`` otherwise.
+last allowed attempt (an award whose commit was refused counts as unserved), and
+``pending`` otherwise.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from market.book import QuoteColumns
+from market.engine import COMMIT_REFUSED
 from market.replay import quote_columns
 
 PENDING, AWARDED, UNFULFILLED = "pending", "awarded", "unfulfilled"
@@ -122,7 +125,7 @@ class OrderIndex:
             view = self.orders.get(oid)
             if view is None:
                 continue
-            if view.status == AWARDED:  # a commit was refused after all: the order is traded again
+            if view.status == AWARDED:  # schema-1 journals listed refused awards as committed: traded again
                 view.status, view.award = PENDING, None
             view._round, view._chosen, view.attempts = rid, None, int(attempt) + 1
             view.events.append({"event": "round_opened", "round_id": rid, "at_s": rec["opened_s"],
@@ -184,13 +187,30 @@ class OrderIndex:
                     ended.append(oid)
         return ended
 
-    def _hold_released(self, rec: dict[str, Any]) -> None:
+    def _hold_released(self, rec: dict[str, Any]) -> list[str]:
         rid = int(rec["round_id"])
         agents = list(rec["agents"])
-        for oid in self._open.get(rid, []):
+        if agents:
+            for oid in self._open.get(rid, []):
+                view = self.orders.get(oid)
+                if view is not None and view._round == rid:
+                    view.events.append({"event": "released", "agents": agents, "at_s": rec["now_s"]})
+        return self._commits_refused(rid, rec.get("refused") or (), rec["now_s"])
+
+    def _commits_refused(self, rid: int, order_ids: Iterable[str], at_s: float) -> list[str]:
+        """Awards of round `rid` that did not take: unserved after all (retried, or ended if out of attempts)."""
+        ended: list[str] = []
+        for oid in order_ids:
             view = self.orders.get(oid)
-            if view is not None and view._round == rid:
-                view.events.append({"event": "released", "agents": agents, "at_s": rec["now_s"]})
+            if view is None or view._round != rid or view.status != PENDING:
+                continue
+            view._chosen, view.reason = None, COMMIT_REFUSED
+            view.events.append({"event": "commit_refused", "round_id": rid, "at_s": at_s})
+            if view.attempts >= self._max_attempts:
+                view.status = UNFULFILLED
+                view.events.append({"event": "unfulfilled", "reason": COMMIT_REFUSED})
+                ended.append(oid)
+        return ended
 
     def _profile_changed(self, rec: dict[str, Any]) -> None:
         self.profile = str(rec.get("name") or "custom")

@@ -30,7 +30,7 @@ from market.config import (
 )
 from market.demand import generate_orders
 from market.journal_recorder import JournalRecorder
-from market.replay import verify
+from market.replay import replay, verify
 from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
 from market.round import build_round
 from market.simulator import SimSetup, Simulator
@@ -428,18 +428,24 @@ def test_lying_about_capacity_makes_commits_refused_never_double_booked(bidders:
     assert_books_agree(core, bidders)
 
 
-def test_refused_commit_in_a_simulation_is_unserved_and_retried(bidders: dict[str, Any]) -> None:
-    """The synchronous path: settle reports refused orders; the simulator retries them."""
+def test_refused_commit_in_a_simulation_is_unserved_and_retried(bidders: dict[str, Any], tmp_path: Path) -> None:
+    """The synchronous path: settle reports refused orders; the simulator retries them, and
+    the journal says which awards did not take, so replay counts what the run counted."""
     bidders["crowd"].set_fault.remote(Fault("garbage", garbage="capacity"))  # lies in every round
-    setup = SimSetup.build(small_scenario(), make_policy("heuristic"), seed=SEED, n_orders=60, fleet_cfg=FLEET)
+    setup = SimSetup.build(small_scenario(), make_policy("heuristic"), seed=SEED, n_orders=60, fleet_cfg=FLEET,
+                           recorder=JournalRecorder(tmp_path / "refused.bhj", timing=False))
     sim = Simulator(setup, bidders=lambda fleet, pol: RayBidders(fleet, bidders, deadline_s=5.0))
     outcomes = []
     for pending in sim.rounds():
         outcomes.append(pending)
+    sim.engine.recorder.close()
     k = sim.engine.kpis
     assert sim.engine.bidders.totals["refused"] >= 1
     assert any(COMMIT_REFUSED in p.outcome.alloc.reason for p in outcomes if p.outcome)
     assert k.orders == 60 and k.fulfilled + sum(k.unfulfilled.values()) == 60
+    logged = replay(tmp_path / "refused.bhj").logged.report()
+    assert (logged["fulfilled"], logged["duplicate_awards"]) == (k.fulfilled, 0)
+    assert logged["unfulfilled"] == dict(sorted(k.unfulfilled.items()))
 
 
 def wait_gone(pid: int, timeout_s: float = 30.0) -> None:

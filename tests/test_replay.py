@@ -93,6 +93,62 @@ def test_simulated_journal_verifies_and_logged_kpis_match_the_run(heuristic: tup
     assert strip(report.replayed.report()) == strip(logged)
 
 
+class RefusingBidders(LocalBidders):
+    """In-process bidders whose winners refuse the commits of every `every`-th round with
+    awards, as a bidder that crashed or lied about capacity does in the Ray runtime."""
+
+    def __init__(self, agents: Any, strategy: Any, every: int) -> None:
+        super().__init__(agents, strategy)
+        self.every, self.award_rounds = every, 0
+
+    def settle(self, round_id: int, awards: dict[str, Any], quoted: list[str], now: float) -> set[int] | None:
+        self.award_rounds += bool(awards)
+        if not awards or self.award_rounds % self.every:
+            return super().settle(round_id, awards, quoted, now)
+        for agent_id in quoted:
+            self.by_id[agent_id].release(round_id, now)
+        return {line.order_idx for lines in awards.values() for line in lines}
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_refused_commits_are_journaled_and_replay_counts_them_as_the_run_did(tmp_path: Path,
+                                                                             max_attempts: int) -> None:
+    """A refused award is unserved (`commit_refused`) in the run: the journal says so, never
+    lists it as committed, and replay's KPIs are the run's (no award counted twice on retry)."""
+    path = tmp_path / "refused.bhj"
+    scenario = load_scenario("weekday")
+    scenario = scenario.model_copy(update={"round": scenario.round.model_copy(update={"max_attempts": max_attempts})})
+    setup = SimSetup.build(scenario, make_policy("heuristic"), seed=3, n_orders=300,
+                           recorder=JournalRecorder(path, timing=False))
+    kpis = Simulator(setup, bidders=lambda fleet, pol: RefusingBidders(fleet.agents, pol.strategy, every=5)).run()
+    assert kpis["unfulfilled"].get("commit_refused", 0) > 0 or max_attempts > 1
+    committed: dict[int, set[str]] = {}
+    refused: dict[int, list[str]] = {}
+    for rec in read_journal(path):
+        if rec["type"] == "hold_committed":
+            committed[rec["round_id"]] = {oid for oids in rec["orders"] for oid in oids}
+        elif rec["type"] == "hold_released" and "refused" in rec:
+            refused[rec["round_id"]] = rec["refused"]
+    assert len(refused) >= 10
+    for round_id, oids in refused.items():
+        assert not committed.get(round_id, set()) & set(oids)
+    report = replay(path)
+    assert report.ok, report.first_mismatch
+    logged = report.logged.report()
+    assert logged["fulfilled_rate"] == kpis["fulfilled_rate"]
+    assert logged["unfulfilled"] == kpis["unfulfilled"]
+    assert logged["duplicate_awards"] == 0
+    assert logged["cost_per_order"] == pytest.approx(kpis["cost_per_order"], rel=1e-12)
+    what_if = replay(path, profile=load_profile("time_first"), profile_name="time_first").what_if
+    assert what_if is not None and what_if.report()["duplicate_awards"] == 0
+    round_id, oids = next(iter(refused.items()))
+    told = explain(path, oids[0])
+    refused_round = next(r for r in told["rounds"] if r["round_id"] == round_id)
+    assert refused_round["commit_refused"] and "refused" in refused_round["verdict"]
+    if max_attempts == 1:  # no retry: the refused round was its last
+        assert told["rounds"][-1] is refused_round and told["outcome"] == "unserved (commit_refused)"
+
+
 def test_tampered_award_fails_verify_naming_it(heuristic: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     path, _ = heuristic
     target: dict[str, Any] = {}

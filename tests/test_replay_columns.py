@@ -417,7 +417,7 @@ def test_kpis_of_a_chunk_are_its_rounds_added_one_by_one(rounds: list[Any], size
         "grid": {"origin_lat": GRID.origin_lat, "origin_lon": GRID.origin_lon}})
     one, many = replay_mod.OutcomeKpis(), replay_mod.OutcomeKpis()
     for rr in rounds:
-        one.add_round(rr.orders, rr.opened_s, rr.logged, header)
+        one.add_round(rr.round_id, rr.orders, rr.opened_s, rr.logged, header)
     for start in range(0, len(rounds), size):
         many.add_one_order_rounds(rounds[start:start + size], header)
     assert json.dumps(vars_of(one)) == json.dumps(vars_of(many))

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from market.journal import read_journal
+from market.engine import LocalBidders
 from market.journal_recorder import JournalRecorder
 from market.types import Category, Item, Order, Tier
 from serve.config import BatchCfg, ServeCfg
@@ -66,6 +67,39 @@ def test_the_service_journal_passes_replay_verify(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "bidhive_cli.main", "replay", str(tmp_path / "j.bhj"), "--verify",
                           "--json"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_an_award_whose_commits_are_refused_is_answered_as_unserved(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Winners that refuse their commits (a crashed bidder, a lost hold): the client never
+    hears "awarded" for that round; the order is traded again, and ends unfulfilled
+    (`commit_refused`) once out of attempts. The journal rebuilds the same answers."""
+    refusals = {"left": 2}
+    commit = LocalBidders.settle
+
+    def settle(self: LocalBidders, round_id: int, awards: dict[str, Any], quoted: list[str], now: float) -> Any:
+        if not awards or refusals["left"] == 0:
+            return commit(self, round_id, awards, quoted, now)
+        refusals["left"] -= 1
+        for agent_id in quoted:
+            self.by_id[agent_id].release(round_id, now)
+        return {line.order_idx for lines in awards.values() for line in lines}
+
+    monkeypatch.setattr(LocalBidders, "settle", settle)
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))  # two attempts per order
+    try:
+        lost, won = _place(desk, 1), _place(desk, 2)
+        details = {a["order_id"]: desk.order(a["order_id"]) for a in (lost, won)}
+    finally:
+        desk.close()
+    assert (lost["status"], lost["reason"], lost["award"]) == ("unfulfilled", "commit_refused", None)
+    assert won["status"] == "awarded"
+    events = [e["event"] for e in details[lost["order_id"]]["events"]]
+    assert events.count("commit_refused") == 2 and "committed" not in events and events[-1] == "unfulfilled"
+    rebuilt = OrderIndex()
+    for rec in read_journal(tmp_path / "j.bhj"):
+        rebuilt.apply(rec)
+    assert {oid: rebuilt.orders[oid].detail() for oid in details} == details
 
 
 def test_a_restart_keeps_keys_and_resumes_orders_that_had_not_ended(tmp_path: Path) -> None:
