@@ -139,6 +139,7 @@ def test_refused_commits_are_journaled_and_replay_counts_them_as_the_run_did(tmp
     assert logged["unfulfilled"] == kpis["unfulfilled"]
     assert logged["duplicate_awards"] == 0
     assert logged["cost_per_order"] == pytest.approx(kpis["cost_per_order"], rel=1e-12)
+    assert replay(path, workers=2).logged.report() == logged
     what_if = replay(path, profile=load_profile("time_first"), profile_name="time_first").what_if
     assert what_if is not None and what_if.report()["duplicate_awards"] == 0
     round_id, oids = next(iter(refused.items()))
