@@ -412,7 +412,7 @@ class JournalReplay:
                 kinds.append(kind)
                 if kind in _NOTHING_TO_REPLAY:
                     if "refused" in rec:
-                        refused.append((int(rec["round_id"]), [str(o) for o in rec["refused"]]))
+                        refused.append(_refusal(rec))
                     continue
                 if kind != "round_cleared":
                     try:
@@ -527,6 +527,15 @@ class JournalReplay:
             del self._built[next(iter(self._built))]
         self._built[key] = (header, rnd)
         return rnd
+
+
+def _refusal(rec: dict[str, Any]) -> tuple[int, list[str]]:
+    """A ``hold_released`` record's refused awards: ``(round_id, order ids)``."""
+    refused = rec["refused"]
+    if not isinstance(refused, list) or not all(isinstance(o, str) for o in refused) or type(rec.get("round_id")) is not int:
+        raise ReplayError(f"malformed {rec['type']} record at seq {rec['seq']}: 'refused' must be a list of order ids "
+                          "and 'round_id' an int")
+    return rec["round_id"], refused
 
 
 def quote_columns(rec: dict[str, Any], bidder_ids: tuple[str, ...]) -> QuoteColumns:

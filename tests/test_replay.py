@@ -425,6 +425,7 @@ def test_explain_names_the_winner(heuristic: tuple[Path, dict[str, Any]]) -> Non
         ("unknown_profile", "unknown profile 'fastest'"),
         ("unknown_order", "is not in the journal"),
         ("bad_payment", "unknown payment rule"),
+        ("bad_refused", "'refused' must be a list of order ids"),
     ],
 )
 def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heuristic: tuple[Path, dict[str, Any]],
@@ -447,6 +448,12 @@ def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heurist
         args += ["--order", "o-nope"]
     elif case == "bad_payment":
         args += ["--payment", "vcg"]
+    elif case == "bad_refused":  # a well-framed record whose refused awards are not order ids
+        def edit(rec: dict[str, Any]) -> None:
+            if rec["type"] == "hold_released" and rec["round_id"] == 5:
+                rec["refused"] = [17]
+        rewrite(path, tmp_path / "bad.bhj", edit)
+        args = [str(tmp_path / "bad.bhj")]
     out = bidhive("replay", *args)
     assert out.returncode not in (0, 1) or case == "corrupt" and out.returncode != 0
     assert "Traceback" not in out.stderr
