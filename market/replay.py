@@ -686,7 +686,6 @@ class OutcomeKpis:
     round_awards: int = 0
     duplicate_awards: int = 0
     leg_mix: Counter[str] = field(default_factory=Counter)
-    awarded: set[str] = field(default_factory=set)
     last_reason: dict[str, str] = field(default_factory=dict)
     clear_ms: list[float] = field(default_factory=list)
     # per minute of the market clock: awards, money paid, predicted on time, leg kinds
@@ -694,7 +693,8 @@ class OutcomeKpis:
     t_paid: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
     t_on_time: Counter[int] = field(default_factory=Counter)
     t_kind: defaultdict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    # per awarded order, what its award added: (round_id, minute, paid, on time, vip, leg label, score)
+    # the orders awarded, each with what its award added (a refusal takes it back):
+    # (round_id, minute, paid, on time, vip, leg label, score)
     won: dict[str, tuple[int, int, float, bool, bool, str, float]] = field(default_factory=dict)
 
     def forked(self, clear_ms: list[float]) -> OutcomeKpis:
@@ -717,10 +717,10 @@ class OutcomeKpis:
         self.rounds += 1
         self.slots += len(orders)
         winners = res.award_i[0].tolist()
-        awarded = self.awarded
+        won = self.won
         if -1 in winners:
             for o, w in enumerate(winners):
-                if w < 0 and orders[o].order_id not in awarded:
+                if w < 0 and orders[o].order_id not in won:
                     self.last_reason[orders[o].order_id] = res.reason[o]
         if len(winners) == winners.count(-1):
             return
@@ -733,10 +733,9 @@ class OutcomeKpis:
                 continue
             self.round_awards += 1
             oid = orders[o].order_id
-            if oid in awarded:
+            if oid in won:
                 self.duplicate_awards += 1
                 continue
-            awarded.add(oid)
             self.last_reason.pop(oid, None)
             vip = orders[o].tier == Tier.VIP
             pay = sp[o] + lp[o]
@@ -754,7 +753,7 @@ class OutcomeKpis:
             self.t_paid[minute] += pay
             self.t_on_time[minute] += on_time
             self.t_kind[minute][label] += 1
-            self.won[oid] = (round_id, minute, pay, on_time, vip, label, score[o])
+            won[oid] = (round_id, minute, pay, on_time, vip, label, score[o])
 
     def add_one_order_rounds(self, rounds: Sequence[LoggedRound], header: RunHeader) -> None:
         """`add_round` of one-order rounds, one after the other, with the chunk's arrays read once.
@@ -769,7 +768,7 @@ class OutcomeKpis:
             return
         winners, _, legs = np.concatenate([rr.logged.award_i for rr in rounds], axis=1).tolist()
         sp, lp, score, delivery = np.concatenate([rr.logged.award_f for rr in rounds], axis=1).tolist()
-        awarded, last_reason, labels = self.awarded, self.last_reason, header.leg_labels
+        last_reason, labels = self.last_reason, header.leg_labels
         fulfilled = vip_fulfilled = on_time_n = vip_on_time = round_awards = duplicates = 0
         paid, score_sum = self.paid, self.score_sum
         leg_mix, t_awards, t_paid = self.leg_mix, self.t_awards, self.t_paid
@@ -778,14 +777,13 @@ class OutcomeKpis:
             order = rr.orders[0]
             oid = order.order_id
             if winners[i] < 0:
-                if winners[i] == -1 and oid not in awarded:
+                if winners[i] == -1 and oid not in won:
                     last_reason[oid] = rr.logged.reason[0]
                 continue
             round_awards += 1
-            if oid in awarded:
+            if oid in won:
                 duplicates += 1
                 continue
-            awarded.add(oid)
             last_reason.pop(oid, None)
             minute = int(rr.opened_s // 60)
             vip = order.tier == Tier.VIP
@@ -824,7 +822,6 @@ class OutcomeKpis:
                 continue
             del self.won[oid]
             _, minute, pay, on_time, vip, label, score = got
-            self.awarded.discard(oid)
             self.last_reason[oid] = COMMIT_REFUSED
             self.fulfilled -= 1
             self.vip_fulfilled -= vip
@@ -1077,7 +1074,7 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
                 rr = journal.rebuilt(step)
             if header.mechanism not in alt_mechs:
                 alt_mechs[header.mechanism] = make_mechanism(header.mechanism, payment)
-            keep = [o for o, order in enumerate(rr.orders) if order.order_id not in alt.awarded]
+            keep = [o for o, order in enumerate(rr.orders) if order.order_id not in alt.won]
             rnd, quotes = rr.rnd, rr.quotes
             if len(keep) < rnd.size:
                 if not keep:
