@@ -29,13 +29,16 @@ from market.config import (
     CrowdCfg, FleetCfg, LockerCfg, RiderPoolCfg, RoundCfg, WarehouseCfg, load_fleet, load_profile, load_scenario,
 )
 from market.demand import generate_orders
+from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
 from market.replay import replay, verify
 from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
 from market.round import build_round
+from market.recorder import NullRecorder
 from market.simulator import SimSetup, Simulator
 from market.types import AwardLine, Category, Order
 from policies.registry import make_policy
+from serve.order_index import OrderIndex
 
 FOOD = (Category.AMBIENT, Category.CHILLED, Category.FROZEN)
 SEED = 7
@@ -237,11 +240,14 @@ def bidders(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def make_core(handles: dict[str, Any], *, deadline_s: float = DEADLINE_S, max_batch: int = 8, max_attempts: int = 3,
               quarantine_after: int = 3, quarantine_rounds: int = 4, k: int = 1, in_flight: int = 1,
-              channels: bool = True) -> AuctioneerCore:
+              channels: bool = True, journal: Path | None = None) -> AuctioneerCore:
     fleet = build_fleet(FLEET, SEED)
     rb = RayBidders(fleet, handles, deadline_s=deadline_s, quarantine_after=quarantine_after,
                     quarantine_rounds=quarantine_rounds, channels=channels)
-    engine = MarketEngine(fleet, make_policy("heuristic"), load_profile("balanced"), rb, seed=SEED)
+    recorder = NullRecorder() if journal is None else JournalRecorder(journal, fleet=fleet, timing=False)
+    recorder.run_started({"seed": SEED, "policy": "heuristic", "mechanism": "auction/greedy/first_score",
+                          "profile": load_profile("balanced"), "max_attempts": max_attempts})
+    engine = MarketEngine(fleet, make_policy("heuristic"), load_profile("balanced"), rb, seed=SEED, recorder=recorder)
     batch = BatchPolicy(window_s=0.0, max_batch=max_batch, retry_after_s=0.0, max_attempts=max_attempts,
                         max_rounds_per_call=k, in_flight=in_flight)
     return AuctioneerCore(engine, batch, market=OrdersClock(follow_wall=False))
@@ -414,18 +420,29 @@ def test_garbage_quotes_are_dropped(bidders: dict[str, Any], kind: str) -> None:
     assert not any(settled_holds(bidders).values())  # the garbage bidder was told to release
 
 
-def test_lying_about_capacity_makes_commits_refused_never_double_booked(bidders: dict[str, Any]) -> None:
-    """A bidder claims capacity it does not hold: its commit fails, the orders are retried."""
+def test_lying_about_capacity_makes_commits_refused_never_double_booked(bidders: dict[str, Any], tmp_path: Path) -> None:
+    """A bidder claims capacity it does not hold: its commit fails, the orders are retried.
+    The journal says so: the views the HTTP service answers from end each order as the
+    auctioneer's ledger does, and replay counts no award twice."""
     bidders["crowd"].set_fault.remote(Fault("garbage", garbage="capacity", times=1))
-    core = make_core(bidders, max_batch=16)
+    core = make_core(bidders, max_batch=16, journal=tmp_path / "liar.bhj")
     rb: RayBidders = core.bidders  # type: ignore[assignment]
     core.submit(orders_at(16, 16))
     assert core.run_until_idle(60)
+    core.engine.recorder.close()
     assert rb.totals["refused"] >= 1
     retried = [st for st in core.ledger.orders.values() if len(st.rounds) > 1]
     assert retried
     assert_every_order_ended_once(core, 16)
     assert_books_agree(core, bidders)
+    index, refused = OrderIndex(), set()
+    for rec in read_journal(tmp_path / "liar.bhj"):
+        index.apply(rec)
+        refused.update(rec.get("refused", ()) if rec["type"] == "hold_released" else ())
+    assert refused and all(any(e["event"] == "commit_refused" for e in index.orders[oid].events) for oid in refused)
+    assert {oid: index.orders[oid].status for oid in core.ledger.orders} == \
+        {oid: st.status for oid, st in core.ledger.orders.items()}
+    assert replay(tmp_path / "liar.bhj").logged.report()["duplicate_awards"] == 0
 
 
 def test_refused_commit_in_a_simulation_is_unserved_and_retried(bidders: dict[str, Any], tmp_path: Path) -> None:
