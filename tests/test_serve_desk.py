@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from market.journal import read_journal
 from market.engine import LocalBidders
+from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
 from market.types import Category, Item, Order, Tier
 from serve.config import BatchCfg, ServeCfg

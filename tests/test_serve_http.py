@@ -6,6 +6,7 @@ with a bearer token and a small `max_open_orders`, so overload is reachable.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -323,13 +324,11 @@ def test_bidders_killed_under_load_leave_only_answers_the_journal_backs(svc: Ser
     commits a kill can cause; here the kill mostly lands between rounds: no quotes)."""
     pids = _bidder_pids(svc)
     assert len(pids) == 9  # the district fleet, one process per resource
-    answered = threading.Event()
-    count = {"n": 0}
+    answered, answers_so_far = threading.Event(), itertools.count(1)
 
     def post(i: int) -> httpx.Response:
         r = svc.post(_order(3000 + i, destination={"lat": 31.2304 + 0.002 * (i % 9), "lon": 121.4737}))
-        count["n"] += 1
-        if count["n"] >= 12:
+        if next(answers_so_far) >= 12:  # `next` on a count is atomic in CPython
             answered.set()
         return r
 
