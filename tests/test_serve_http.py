@@ -70,9 +70,9 @@ class Service:
         assert self.cluster is not None
         stop_service(self.cluster)
 
-    def post(self, body: Any, key: str | None = None, **kw: Any) -> httpx.Response:
+    def post(self, body: Any, key: str | None = None, client: httpx.Client | None = None, **kw: Any) -> httpx.Response:
         headers = {**AUTH, **({"Idempotency-Key": key} if key else {}), **kw.pop("headers", {})}
-        return self.client.post("/orders", json=body, headers=headers, **kw)
+        return (client or self.client).post("/orders", json=body, headers=headers, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +203,9 @@ def test_fifty_concurrent_posts_with_one_key_make_one_auction(svc: Service) -> N
     start = threading.Barrier(50)
 
     def post(_: int) -> httpx.Response:
-        start.wait()
-        return svc.post(_order(5), key="burst-5")
+        with httpx.Client(base_url=svc.url, timeout=30) as own:  # a client each (see the overload test)
+            start.wait()
+            return svc.post(_order(5), key="burst-5", client=own)
 
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(post, range(50)))
@@ -277,8 +278,11 @@ def test_overload_sheds_with_503_and_loses_no_accepted_order(svc: Service) -> No
     start = threading.Barrier(160)  # all at once: over channels the bidders clear a trickle too fast to shed
 
     def post(i: int) -> httpx.Response:
-        start.wait(30)
-        return svc.post(_order(1000 + i, order_id=f"load-{i}"))
+        # A client each, as 160 customers would have: one pool shared by 160 threads once
+        # failed client-side (httpcore: `ReadError: [Errno 9] Bad file descriptor`).
+        with httpx.Client(base_url=svc.url, timeout=30) as own:
+            start.wait(30)
+            return svc.post(_order(1000 + i, order_id=f"load-{i}"), client=own)
 
     with ThreadPoolExecutor(160) as pool:
         answers = list(pool.map(post, range(160)))
