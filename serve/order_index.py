@@ -151,12 +151,18 @@ class OrderIndex:
                 view.events.append({"event": "awarded", "round_id": rid, **view._chosen})
                 continue
             view.events.append({"event": "unserved", "round_id": rid, "reason": reason})
-            view.reason = reason
-            if view.attempts >= self._max_attempts:
-                view.status = UNFULFILLED
-                view.events.append({"event": "unfulfilled", "reason": reason})
+            if self._unserved(view, reason):
                 ended.append(oid)
         return ended
+
+    def _unserved(self, view: OrderView, reason: str) -> bool:
+        """Marks the view unserved in its round; ends it (True) once it is out of attempts."""
+        view.reason = reason
+        if view.attempts < self._max_attempts:
+            return False
+        view.status = UNFULFILLED
+        view.events.append({"event": "unfulfilled", "reason": reason})
+        return True
 
     def _auction(self, rid: int, facts: dict[str, Any], quotes: int) -> dict[str, Any]:
         return {"round_id": rid, "bidders_asked": int(facts.get("asked", facts.get("bidders", 0))),
@@ -204,11 +210,9 @@ class OrderIndex:
             view = self.orders.get(oid)
             if view is None or view._round != rid or view.status != PENDING:
                 continue
-            view._chosen, view.reason = None, COMMIT_REFUSED
+            view._chosen = None
             view.events.append({"event": "commit_refused", "round_id": rid, "at_s": at_s})
-            if view.attempts >= self._max_attempts:
-                view.status = UNFULFILLED
-                view.events.append({"event": "unfulfilled", "reason": COMMIT_REFUSED})
+            if self._unserved(view, COMMIT_REFUSED):
                 ended.append(oid)
         return ended
 
