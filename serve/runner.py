@@ -8,17 +8,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from runtime.local_ray import LocalRay
 from serve.config import Listen, ServeCfg
 
 logger = logging.getLogger("bidhive.serve")
+
+#: Where `spare_port` starts looking: above `ray start`'s worker ports (10002-19999).
+_PRIVATE_PORTS_FROM = 20000
 
 EXAMPLE_ORDER = {
     "customer_id": "c-42", "tier": "vip", "items": [{"sku": "sku-00007", "qty": 2}],
@@ -51,11 +56,37 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     }
 
 
-def spare_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (for Serve's unused proxy, tests and benches)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports (Linux's default if unknown)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def spare_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
+    """A port nothing listens on now, outside the kernel's ephemeral range.
+
+    Why not bind to port 0: that hands out an ephemeral port, which any outgoing connection
+    may take as its source port before Serve binds it, and a listener cannot bind a port a
+    connection holds. Serve then starts the replica again (each start opens a journal
+    segment) and gives up after a few tries; starting a cluster opens hundreds of
+    connections, and one CI run's restart got an extra segment this way.
+    Ray's own `ray start` worker ports (10002-19999) are below the range used here.
+    """
+    rng = rng or random.Random()
+    low = _PRIVATE_PORTS_FROM
+    high = min(_ephemeral_range()[0], 65536)
+    for _ in range(200):
+        port = rng.randrange(low, high) if high > low else 0
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port on {host} in {low}-{high - 1}")
 
 
 def port_free(host: str, port: int) -> bool:

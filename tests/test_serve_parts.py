@@ -1,6 +1,9 @@
 """Serve building blocks without a server: validation, idempotency, metrics."""
 from __future__ import annotations
 
+import random
+import socket
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,6 +12,7 @@ from pydantic import ValidationError
 from serve.idempotency import IdempotencyConflict, IdempotencyStore, body_hash
 from serve.metrics import Metrics
 from serve.models import OrderIn
+from serve.runner import _ephemeral_range, spare_port
 
 GOOD = {
     "customer_id": "c-1",
@@ -76,3 +80,19 @@ def test_metrics_render_prometheus_text() -> None:
     assert 'bidhive_unfulfilled_total{reason="no_quote"} 1' in text
     assert 'bidhive_clear_ms_bucket{le="0.5"} 1' in text and 'bidhive_clear_ms_bucket{le="+Inf"} 3' in text
     assert "bidhive_clear_ms_count 3" in text
+
+
+def test_spare_ports_are_outside_the_ephemeral_range_and_skip_busy_ones() -> None:
+    """A port from the ephemeral range can become an outgoing connection's source port
+    before Serve binds it; spare_port stays below that range and passes over a port a
+    connection holds."""
+    ephemeral_low = _ephemeral_range()[0]
+    assert all(spare_port() < ephemeral_low for _ in range(20))
+    first = spare_port(rng=random.Random(7))
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client.bind(("127.0.0.1", first))  # `first` is now a connection's source port
+        client.connect(server.getsockname())
+        again = spare_port(rng=random.Random(7))
+    assert again != first and again < ephemeral_low
