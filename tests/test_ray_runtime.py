@@ -11,7 +11,7 @@ import os
 import pickle
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,13 +227,27 @@ def cluster() -> Iterator[dict[str, Any]]:
             gc_pauses.release()
 
 
+def get_when_back(calls: Callable[[], Any], timeout_s: float = 120.0) -> Any:
+    """`ray.get` of actor calls, asked again while an actor is still restarting: Ray fails a
+    call to a restarting actor at once (`ActorUnavailableError`) instead of queueing it, and
+    on a busy machine a crashed bidder can take longer to come back than a test's rounds."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(calls(), timeout=max(1.0, end - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def bidders(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Fresh agents in the module's actors (seed SEED); afterwards, no capacity invariant may be broken."""
     handles = cluster["handles"]
-    ray.get([h.reset.remote(s) for s, h in zip(fleet_specs(FLEET, SEED, "heuristic"), handles.values())])
+    get_when_back(lambda: [h.reset.remote(s) for s, h in zip(fleet_specs(FLEET, SEED, "heuristic"), handles.values())])
     yield handles
-    states = ray.get([h.state.remote() for h in handles.values()], timeout=60)
+    states = get_when_back(lambda: [h.state.remote() for h in handles.values()])
     broken = {s["agent_id"]: s["violations"] for s in states if s["violations"]}
     assert not broken, f"capacity invariants broken: {broken}"
 
@@ -367,7 +381,7 @@ def test_crash_mid_quote_restarts_with_its_state(bidders: dict[str, Any]) -> Non
     core.submit(orders_at(16, 14, t0=36_100.0))
     assert core.run_until_idle(90)
     assert rb.totals["failed"] + rb.totals["timed_out"] >= 1  # death may be noticed only after the deadline
-    after = ray.get(bidders["wh-central"].state.remote(), timeout=60)
+    after = get_when_back(bidders["wh-central"].state.remote)
     assert after["restored"] and after["pid"] != before["pid"]
     assert after["committed_units"] >= before["committed_units"]  # nothing confirmed was lost
     assert_every_order_ended_once(core, 32)
@@ -494,7 +508,7 @@ def test_ray_kill_between_quote_and_commit(cluster: dict[str, Any], bidders: dic
     assert rb.totals["refused"] >= 1
     assert_rounds_closed_in_time(rb)
     assert_every_order_ended_once(core, 48)
-    after = ray.get(bidders["wh-central"].state.remote(), timeout=60)
+    after = get_when_back(bidders["wh-central"].state.remote)
     assert after["restored"] and after["pid"] != before["pid"]
     assert after["committed_units"] >= before["committed_units"]
     assert_books_agree(core, bidders)  # the killed round's commits were not counted, later ones were
