@@ -37,6 +37,9 @@ SERVE_ENV = {
     # Ray runs workers at nice 15, so any other busy process (a load generator, a build)
     # takes the cores first; here the workers are the service, so they run at normal priority.
     "RAY_worker_niceness": "0",
+    # Serve kills a proxy that is not ready in 5 s, and `serve.start` then fails: on two busy
+    # cores (two CPU hogs) its start-up took longer. Reproduced in `test_serve_stays_on_loopback`.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
 }
 
 

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,14 +31,9 @@ from runtime.local_ray import (  # noqa: E402
     session_pids,
     start_local_ray,
 )
+from serve.runner import SERVE_ENV, spare_port  # noqa: E402
 
 HOME_TOKEN = Path.home() / ".ray" / "auth_token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> tuple[str, str] | None:
@@ -85,7 +79,7 @@ def cluster() -> Iterator[LocalRay]:
     mp = pytest.MonkeyPatch()
     mp.delenv("RAY_ADDRESS", raising=False)  # this module tests the embedded path
     home_token_before = HOME_TOKEN.exists()
-    handle = start_local_ray(num_cpus=2)
+    handle = start_local_ray(num_cpus=2, extra_env=SERVE_ENV)  # Serve's settings as `bidhive serve` has them
     try:
         yield handle
     finally:
@@ -193,7 +187,7 @@ def _cmdline_words(pid: int) -> list[str]:
 def test_serve_stays_on_loopback(cluster: LocalRay) -> None:
     from ray import serve
 
-    port = _free_port()
+    port = spare_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -241,7 +235,7 @@ def test_ray_address_joins_and_deletes_nothing(
         request.getfixturevalue("cluster").shutdown()
     head_dir = tempfile.mkdtemp(prefix="bh-head-")
     token = os.urandom(32).hex()
-    port = _free_port()
+    port = spare_port()
     head_env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
