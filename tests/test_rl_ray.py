@@ -49,8 +49,10 @@ from runtime.local_ray import local_ray  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    """One loopback Ray cluster for the module."""
-    with local_ray(num_cpus=2):
+    """One loopback Ray cluster for the module, its workers at normal priority as
+    `bidhive serve` runs them: at Ray's nice 15, two busy processes beside the tests
+    left the actor 4% of a core, and importing torch and SB3 took over 120 s."""
+    with local_ray(num_cpus=2, extra_env={"RAY_worker_niceness": "0"}):
         yield
 
 

@@ -281,6 +281,7 @@ def test_overload_sheds_with_503_and_loses_no_accepted_order(svc: Service) -> No
         # A client each, as 160 customers would have: one pool shared by 160 threads once
         # failed client-side (httpcore: `ReadError: [Errno 9] Bad file descriptor`).
         with httpx.Client(base_url=svc.url, timeout=30) as own:
+            own.get("/healthz")  # connected before the burst, so the POSTs leave together
             start.wait(30)
             return svc.post(_order(1000 + i, order_id=f"load-{i}"), client=own)
 
