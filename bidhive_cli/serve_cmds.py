@@ -39,7 +39,7 @@ def serve(
 ) -> None:
     """Serve the order API on an embedded local Ray (or RAY_ADDRESS) until Ctrl-C."""
     from serve.config import load_serve_cfg
-    from serve.runner import port_free, run_service
+    from serve.runner import ServiceStartError, port_free, run_service
 
     cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
     if cfg.policy.startswith("rl:") and not Path(cfg.policy[3:]).is_file():
@@ -50,4 +50,8 @@ def serve(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=os.environ.get("BIDHIVE_LOG", "WARNING").upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_service(cfg, listen, say=typer.echo)
+    try:
+        run_service(cfg, listen, say=typer.echo)
+    except ServiceStartError as err:  # not the user's mistake (exit 1), but one readable line all the same
+        typer.echo(f"bidhive: {err}", err=True)
+        raise typer.Exit(1) from None

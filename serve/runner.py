@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import threading
@@ -122,11 +123,42 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
 
         proxy_port = spare_port(listen.host) if embedded else listen.port
         serve.start(http_options={"host": listen.host, "port": proxy_port})
-        serve.run(build(cfg), name="bidhive", route_prefix="/", blocking=False)
+        try:
+            serve.run(build(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as err:  # Serve gave up on the replica; the reason is in its status
+            raise ServiceStartError(f"the service did not start: {_deploy_failure(APP_NAME) or err}") from None
     except BaseException:
         stop_service(cluster)
         raise
     return cluster
+
+
+class ServiceStartError(RuntimeError):
+    """Serve could not start the app's replica (the message says why, in one line)."""
+
+
+#: The Serve application's name (`bidhive serve`, and the `name` in configs/serve.yaml).
+APP_NAME = "bidhive"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _deploy_failure(app: str) -> str | None:
+    """The last line of the failed deployment's message: the replica's own exception.
+
+    Read before Ray stops, because the replica's logs go with the embedded cluster's temp dir.
+    """
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app].deployments.values()
+    except Exception:  # noqa: BLE001 - a status we cannot read must not hide the failure itself
+        return None
+    for dep in deployments:
+        lines = [line.strip() for line in _ANSI.sub("", dep.message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return None
 
 
 def stop_service(cluster: LocalRay) -> None:

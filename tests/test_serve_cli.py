@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,3 +71,47 @@ def test_a_journal_in_use_is_refused_before_ray_starts(tmp_path: Path) -> None:
         run = subprocess.run([str(BIN), "serve", "--journal", str(journal)], capture_output=True, text=True,
                              timeout=60)
     assert run.returncode == 2 and "in use by another bidhive process" in run.stderr, run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic, inside ray.serve
+def test_a_replica_that_cannot_start_is_one_line_naming_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica's port held by an outgoing connection (a listener cannot bind it): Serve
+    gives up on the replica, and the error says why in one line (the replica's logs go with
+    the embedded cluster), with Ray stopped behind it."""
+    import ray
+
+    from serve.config import Listen, ServeCfg
+    from serve.runner import ServiceStartError, launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = spare_port()
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client.bind(("127.0.0.1", port))
+        client.connect(server.getsockname())
+        with pytest.raises(ServiceStartError) as err:
+            launch(ServeCfg(bidders="local", journal=str(tmp_path / "j.bhj")), Listen(host="127.0.0.1", port=port))
+    message = str(err.value)
+    assert message.startswith("the service did not start: ") and "\n" not in message
+    assert "NoAvailablePortError" in message, message
+    assert not ray.is_initialized()
+
+
+def test_a_service_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import serve.runner
+    from bidhive_cli.main import main
+    from serve.runner import ServiceStartError
+
+    def fail(*_: object, **__: object) -> None:
+        raise ServiceStartError("the service did not start: why")
+
+    monkeypatch.setattr(serve.runner, "run_service", fail)
+    monkeypatch.setattr(sys, "argv", ["bidhive", "serve", "--bidders", "local", "--port", str(spare_port()),
+                                     "--journal", str(tmp_path / "j.bhj")])
+    with pytest.raises(SystemExit) as out:
+        main()
+    assert out.value.code == 1
+    assert capsys.readouterr().err == "bidhive: the service did not start: why\n"
