@@ -23,6 +23,9 @@ from serve.config import Listen, ServeCfg
 
 logger = logging.getLogger("bidhive.serve")
 
+#: The Serve application's name (`bidhive serve`, and the `name` in configs/serve.yaml).
+APP_NAME = "bidhive"
+
 #: Where `spare_port` starts looking: above `ray start`'s worker ports (10002-19999).
 _PRIVATE_PORTS_FROM = 20000
 
@@ -104,6 +107,31 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+class ServiceStartError(RuntimeError):
+    """Serve could not start the app's replica (the message says why, in one line)."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _deploy_failure(app: str) -> str | None:
+    """The last line of the failed deployment's message: the replica's own exception.
+
+    Read before Ray stops, because the replica's logs go with the embedded cluster's temp dir.
+    """
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app].deployments.values()
+    except Exception:  # noqa: BLE001 - a status we cannot read must not hide the failure itself
+        return None
+    for dep in deployments:
+        lines = [line.strip() for line in _ANSI.sub("", dep.message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return None
+
+
 def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
     """Starts Ray (embedded, or joins RAY_ADDRESS), Serve and the app; returns the cluster handle.
 
@@ -131,34 +159,6 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
         stop_service(cluster)
         raise
     return cluster
-
-
-class ServiceStartError(RuntimeError):
-    """Serve could not start the app's replica (the message says why, in one line)."""
-
-
-#: The Serve application's name (`bidhive serve`, and the `name` in configs/serve.yaml).
-APP_NAME = "bidhive"
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _deploy_failure(app: str) -> str | None:
-    """The last line of the failed deployment's message: the replica's own exception.
-
-    Read before Ray stops, because the replica's logs go with the embedded cluster's temp dir.
-    """
-    from ray import serve
-
-    try:
-        deployments = serve.status().applications[app].deployments.values()
-    except Exception:  # noqa: BLE001 - a status we cannot read must not hide the failure itself
-        return None
-    for dep in deployments:
-        lines = [line.strip() for line in _ANSI.sub("", dep.message or "").splitlines() if line.strip()]
-        if lines:
-            return lines[-1]
-    return None
 
 
 def stop_service(cluster: LocalRay) -> None:
