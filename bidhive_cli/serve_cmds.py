@@ -47,9 +47,15 @@ def serve(
     _preflight(cfg.journal)
     if not port_free(listen.host, listen.port):
         raise UserError(f"{listen.host}:{listen.port} is in use; pick another with --port")
+    level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=os.environ.get("BIDHIVE_LOG", "WARNING").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Serve's own start-up lines name its proxy's port ("ready at http://127.0.0.1:29806/"),
+    # not the one bidhive serves on; they show at BIDHIVE_LOG=INFO. Importing Serve sets
+    # its logger up, so the level is set after that.
+    import ray.serve  # noqa: F401
+
+    logging.getLogger("ray.serve").setLevel(level)
     try:
         run_service(cfg, listen, say=typer.echo)
     except ServiceStartError as err:  # not the user's mistake (exit 1), but one readable line all the same
