@@ -34,13 +34,11 @@ EXAMPLE_ORDER = {
     "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 90, "value": 59.0,
 }
 
-#: Settings for a lean request path on a small machine (read when Ray and Serve start).
+#: Settings for a lean request path on a small machine (read when Ray and Serve start);
+#: `launch` adds `RAY_BIDDER_ENV` (bidder workers at normal priority, not Ray's nice 15).
 SERVE_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",             # request logs go to files, not the terminal
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-    # Ray runs workers at nice 15, so any other busy process (a load generator, a build)
-    # takes the cores first; here the workers are the service, so they run at normal priority.
-    "RAY_worker_niceness": "0",
     # Serve kills a proxy that is not ready in 5 s, and `serve.start` then fails: on two busy
     # cores (two CPU hogs) its start-up took longer. Reproduced in `test_serve_stays_on_loopback`.
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",

@@ -601,3 +601,10 @@ def test_cli_simulate_ray_prints_the_same_kpis(tmp_path: Path) -> None:
     assert remote.returncode == 0, remote.stderr
     assert remote.stdout == local.stdout  # stdout is the JSON alone: Ray's own chatter stays off it
     assert json.loads(remote.stdout)["orders"] == 60
+
+
+def test_bidders_run_at_normal_priority(bidders: dict[str, Any]) -> None:
+    """Ray starts workers at nice 15; the bidders are the work (`RAY_BIDDER_ENV`), so any
+    other busy process on the machine must not take the cores ahead of them."""
+    pids = [s["pid"] for s in ray.get([h.state.remote() for h in bidders.values()])]
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids} == {0}

@@ -45,14 +45,15 @@ ray = pytest.importorskip("ray")
 
 from agents.actor import bidder_actor_class  # noqa: E402
 from runtime.local_ray import local_ray  # noqa: E402
+from runtime.ray_bidders import RAY_BIDDER_ENV  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    """One loopback Ray cluster for the module, its workers at normal priority as
-    `bidhive serve` runs them: at Ray's nice 15, two busy processes beside the tests
-    left the actor 4% of a core, and importing torch and SB3 took over 120 s."""
-    with local_ray(num_cpus=2, extra_env={"RAY_worker_niceness": "0"}):
+    """One loopback Ray cluster for the module, set up as bidhive's bidders run
+    (`RAY_BIDDER_ENV`): at Ray's own nice 15, two busy processes beside the tests left
+    the actor 4% of a core, and importing torch and SB3 took over 120 s."""
+    with local_ray(num_cpus=2, extra_env=RAY_BIDDER_ENV):
         yield
 
 
