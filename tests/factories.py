@@ -1,7 +1,11 @@
-"""Random but valid market inputs for tests: orders, rounds and quote books; and replay reports without their timings."""
+"""Random but valid market inputs for tests: orders, rounds and quote books; replay reports without their
+timings; and a port held by an open connection."""
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -74,3 +78,23 @@ def untimed(report: Any) -> dict[str, Any]:
     for kpis in out["kpis"].values():
         del kpis["p50_clear_ms"], kpis["p99_clear_ms"]
     return out
+
+
+@contextlib.contextmanager
+def held_by_a_connection(port: int, host: str = "127.0.0.1") -> Iterator[None]:
+    """`port` as the source port of an open loopback connection: no listener can bind it
+    (what an outgoing connection does to a port taken from the ephemeral range)."""
+    with socket.socket() as server, socket.socket() as client:
+        server.bind((host, 0))
+        server.listen()
+        client.bind((host, port))
+        client.connect(server.getsockname())
+        yield
+
+
+def refuse_commits(bidders: Any, round_id: int, awards: dict[str, Any], quoted: list[str], now: float) -> set[int]:
+    """What `LocalBidders.settle` reports when every winner refuses its commit (a crashed
+    bidder, a lost hold): all holds released, every awarded order refused."""
+    for agent_id in quoted:
+        bidders.by_id[agent_id].release(round_id, now)
+    return {line.order_idx for lines in awards.values() for line in lines}

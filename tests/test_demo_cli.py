@@ -1,7 +1,6 @@
 """`bidhive demo`: one readable line when no service listens; bodies the service accepts; KPI arithmetic."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -11,17 +10,11 @@ from bidhive_cli.demo_cmd import Tally, kpis, synthetic_bodies
 from market.catalogue import Catalogue
 from market.config import load_fleet
 from serve.models import OrderIn
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from serve.runner import spare_port
 
 
 def test_demo_without_a_service_is_one_line_and_exit_2() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{spare_port()}"
     out = subprocess.run([sys.executable, "-m", "bidhive_cli.main", "demo", "--url", url, "--orders", "5"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr

@@ -20,7 +20,7 @@ from market.journal_recorder import JournalRecorder
 from market.replay import JournalReplay, clear, explain, make_mechanism, replay, verify
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
-from tests.factories import untimed
+from tests.factories import refuse_commits, untimed
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "bidhive_cli.main"]
@@ -105,9 +105,7 @@ class RefusingBidders(LocalBidders):
         self.award_rounds += bool(awards)
         if not awards or self.award_rounds % self.every:
             return super().settle(round_id, awards, quoted, now)
-        for agent_id in quoted:
-            self.by_id[agent_id].release(round_id, now)
-        return {line.order_idx for lines in awards.values() for line in lines}
+        return refuse_commits(self, round_id, awards, quoted, now)
 
 
 @pytest.mark.parametrize("max_attempts", [1, 2])

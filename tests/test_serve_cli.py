@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from market.journal import JournalWriter
 from serve.runner import EXAMPLE_ORDER, spare_port
+from tests.factories import held_by_a_connection
 
 BIN = Path(sys.executable).with_name("bidhive")
 
@@ -86,11 +86,7 @@ def test_a_replica_that_cannot_start_is_one_line_naming_why(tmp_path: Path, monk
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port = spare_port()
-    with socket.socket() as server, socket.socket() as client:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        client.bind(("127.0.0.1", port))
-        client.connect(server.getsockname())
+    with held_by_a_connection(port):
         with pytest.raises(ServiceStartError) as err:
             launch(ServeCfg(bidders="local", journal=str(tmp_path / "j.bhj")), Listen(host="127.0.0.1", port=port))
     message = str(err.value)

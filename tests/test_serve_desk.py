@@ -19,6 +19,7 @@ from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
 from serve.models import OrderIn
 from serve.order_index import OrderIndex
+from tests.factories import refuse_commits
 
 BODY: dict[str, Any] = {
     "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
@@ -81,9 +82,7 @@ def test_an_award_whose_commits_are_refused_is_answered_as_unserved(tmp_path: Pa
         if not awards or refusals["left"] == 0:
             return commit(self, round_id, awards, quoted, now)
         refusals["left"] -= 1
-        for agent_id in quoted:
-            self.by_id[agent_id].release(round_id, now)
-        return {line.order_idx for lines in awards.values() for line in lines}
+        return refuse_commits(self, round_id, awards, quoted, now)
 
     monkeypatch.setattr(LocalBidders, "settle", settle)
     desk = OrderDesk(_cfg(tmp_path / "j.bhj"))  # two attempts per order

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 from hypothesis import given
@@ -13,6 +12,7 @@ from serve.idempotency import IdempotencyConflict, IdempotencyStore, body_hash
 from serve.metrics import Metrics
 from serve.models import OrderIn
 from serve.runner import _ephemeral_range, spare_port
+from tests.factories import held_by_a_connection
 
 GOOD = {
     "customer_id": "c-1",
@@ -89,10 +89,6 @@ def test_spare_ports_are_outside_the_ephemeral_range_and_skip_busy_ones() -> Non
     ephemeral_low = _ephemeral_range()[0]
     assert all(spare_port() < ephemeral_low for _ in range(20))
     first = spare_port(rng=random.Random(7))
-    with socket.socket() as server, socket.socket() as client:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        client.bind(("127.0.0.1", first))  # `first` is now a connection's source port
-        client.connect(server.getsockname())
+    with held_by_a_connection(first):
         again = spare_port(rng=random.Random(7))
     assert again != first and again < ephemeral_low
