@@ -7,7 +7,7 @@ from its config, the fleet's city and catalogue, the run's seed and the bidding
 strategy's name, exactly as `agents.fleet.build_fleet` builds it in-process, which is
 what keeps Ray runs identical to in-process runs.
 
-State recovery: after every commit the host saves its agent into the run's state dir
+State recovery: after every commit (and every cancel) the host saves its agent into the run's state dir
 (`agents.durable`: two checksummed snapshot slots written in turn, and a log of the
 changes to the agent's pending jobs, so a save costs the same however much work is in
 flight); a restarted actor loads the newest intact snapshot, so it resumes with the
@@ -58,7 +58,8 @@ AGENT_CLASSES: dict[Kind, type[Agent]] = {
     Kind.CROWD: CrowdCarrier,
     Kind.LOCKER: PickupLocker,
 }
-SNAPSHOT_VERSION = 2  # 2: the pending completions in a log beside the snapshot (agents.durable)
+SNAPSHOT_VERSION = 3  # 2: the pending completions in a log beside the snapshot (agents.durable);
+#                        3: a warehouse job carries its stock, so it can be cancelled
 #: Recent commits whose outcome a bidder remembers (and snapshots) for `commit_status`,
 #: asked right after the call carrying them failed: about 10 s of commits at 100 a second.
 COMMIT_MEMORY = 1024
@@ -141,7 +142,8 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """One settle message: commit `lines` of round `round_id`, or release it (lines None).
+    """One settle message: commit `lines` of round `round_id`, or release it (lines None),
+    or cancel the committed lines of the orders in `cancel` (their other side refused).
 
     `expires_at` (epoch seconds, set when the message is sent) is when the auctioneer
     stops waiting for the ack: a commit arriving later is refused and its hold released,
@@ -153,6 +155,7 @@ class Settle:
     lines: list[AwardLine] | None
     now: float
     expires_at: float | None = None
+    cancel: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -162,6 +165,7 @@ class Ack:
     round_id: int
     ok: bool
     reason: str = ""
+    cancelled: int = 0  # lines a cancel undid
 
 
 @dataclass(slots=True)
@@ -304,10 +308,15 @@ class BidderHost:
         """Snapshots when a commit changed what this bidder owes. Releases alone do not: a
         hold they freed that a restart brings back expires by itself within its TTL, and a
         snapshot per call was most of a bidder's CPU (a file per bidder per round)."""
-        if any(s.lines for s in settles):
+        if any(s.lines or s.cancel for s in settles):
             self._snapshot()
 
     def _settle_one(self, s: Settle) -> Ack:
+        if s.cancel:
+            done = self.agent.cancel(s.round_id, s.cancel, s.now)
+            logger.info("%s: cancelled %d line(s) of round %d: the other side refused", self.spec.agent_id, done,
+                        s.round_id)
+            return Ack(s.round_id, True, cancelled=done)
         if not s.lines:
             self.agent.release(s.round_id, s.now)
             return Ack(s.round_id, True)

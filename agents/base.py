@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -90,6 +90,9 @@ class Agent(ABC):
         self.rng = np.random.default_rng(agent_seed(env.seed, cfg.id))
         self._completions: list[tuple[float, int, Any]] = []
         self._completion_seq = 0
+        #: (round, order index) -> seq of the completion its committed line scheduled,
+        #: so a line can be cancelled (`cancel`); pruned to the pending jobs as it grows.
+        self._booked: dict[tuple[int, int], int] = {}
         self.committed_units = 0
         self.holds_expired = 0
         self._peeked: tuple[Round, float, tuple[BidContext, np.ndarray] | None] | None = None
@@ -235,7 +238,10 @@ class Agent(ABC):
         self._on_release(hold.payload)
         for line in lines:
             self._commit_line(line, now, hold.payload)
+            self._booked[(round_id, line.order_idx)] = self._completion_seq
         self.committed_units += len(lines)
+        if len(self._booked) > 2 * len(self._completions) + 64:
+            self._prune_booked()
         for line in lines:
             self.recent_price += PRICE_ALPHA * (line.payment - self.recent_price)
         self._update_win_rate(len(lines) / max(1, hold.units))
@@ -245,7 +251,40 @@ class Agent(ABC):
 
     @abstractmethod
     def _commit_line(self, line: AwardLine, now: float, payload: Any) -> None:
-        """Applies one award to live state."""
+        """Applies one award to live state and schedules exactly one completion for it."""
+
+    def cancel(self, round_id: int, order_idxs: Iterable[int], now: float) -> int:
+        """Undoes committed lines of a round whose order the market gave up; returns how many.
+
+        An order needs both its source and its leg: when one side refuses its commit, the
+        order goes back to the queue and the side that did commit is told to cancel, so its
+        capacity (and a warehouse's stock) is free again at once instead of at the job's
+        end. A line already cancelled, already finished or never committed is skipped, so
+        a cancel sent twice changes nothing the second time.
+        """
+        self._peeked = None
+        self.advance(now)
+        seqs = {self._booked.pop((round_id, o), -1) for o in order_idxs}
+        gone = [job for job in self._completions if job[1] in seqs]
+        if not gone:
+            return 0
+        self._completions = [job for job in self._completions if job[1] not in seqs]
+        heapq.heapify(self._completions)
+        for _, seq, payload in gone:
+            if self.completion_log is not None:
+                self.completion_log.append(seq)
+            self._uncommit(payload, now)
+        self.committed_units -= len(gone)
+        return len(gone)
+
+    @abstractmethod
+    def _uncommit(self, payload: Any, now: float) -> None:
+        """Frees what one committed line took (its completion's payload says what)."""
+
+    def _prune_booked(self) -> None:
+        """Forgets lines whose job has ended: only pending ones can be cancelled."""
+        pending = {job[1] for job in self._completions}
+        self._booked = {key: seq for key, seq in self._booked.items() if seq in pending}
 
     def release(self, round_id: int, now: float) -> None:
         """Drops the round's hold without an award."""

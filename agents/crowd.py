@@ -87,6 +87,9 @@ class CrowdCarrier(Agent):
         self.active.add(now, 1)
         self.schedule_completion(line.done_s, line.on_time)
 
+    def _uncommit(self, payload: Any, now: float) -> None:
+        self.active.add(now, -1)
+
     def _on_complete(self, done_s: float, payload: Any) -> None:
         self.active.add(done_s, -1)
         self.record_outcome(payload)

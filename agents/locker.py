@@ -77,6 +77,9 @@ class PickupLocker(Agent):
         self.occupied.add(now, 1)
         self.schedule_completion(line.done_s, line.on_time)
 
+    def _uncommit(self, payload: Any, now: float) -> None:
+        self.occupied.add(now, -1)
+
     def _on_complete(self, done_s: float, payload: Any) -> None:
         self.occupied.add(done_s, -1)
         self.record_outcome(payload)

@@ -94,6 +94,10 @@ class RiderPool(Agent):
         self.in_use.add(now, 1)
         self.schedule_completion(line.done_s, (rider, line.dest_x, line.dest_y, line.on_time))
 
+    def _uncommit(self, payload: Any, now: float) -> None:
+        self.busy[payload[0]] = False  # the rider never set off: it stays where it was
+        self.in_use.add(now, -1)
+
     def _on_complete(self, done_s: float, payload: Any) -> None:
         rider, x, y, on_time = payload
         self.busy[rider] = False

@@ -46,9 +46,12 @@ def _spec(kind: str) -> AgentSpec:
 
 
 def _payload(agent: Agent, k: int) -> Any:
-    """A pending job's payload as the agent's kind schedules it (a rider pool: rider, x, y, on time)."""
+    """A pending job's payload as the agent's kind schedules it (a rider pool: rider, x, y, on
+    time; a warehouse: on time, the SKUs and quantities it picks)."""
     if agent.kind.value == "rider_pool":
         return k % 40, 1.5 + k % 7, -2.25 + k % 5, True
+    if agent.kind.value == "warehouse":
+        return k % 9 != 0, (k % 50,), (1 + k % 3,)
     return k % 9 != 0
 
 

@@ -20,10 +20,12 @@ is reported back to the engine, which leaves those orders unserved (`commit_refu
 and retries them. When the call carrying a commit is lost (late, or the actor died),
 the commit is "in doubt": the bidder is asked (`commit_status`, queued behind the lost
 call, or answered from the snapshot after a restart) what it really did. So an order
-counts as awarded exactly when its winner committed it. What is not undone: when one
-side of an order refuses, the other side keeps its committed line (a capacity leak
-until the job's realised end, never a double booking); it is counted per bidder in
-`orphaned`.
+counts as awarded exactly when its winner committed it. When one side of an order
+refuses, the side that committed is sent a cancel (`Settle.cancel`, riding on its next
+call like any settle, sent again if that call is lost), which frees the capacity and
+stock its line took. `orphaned` counts, per bidder, the lines still committed for
+orders whose other side refused: a cancel not yet acknowledged, or a job that ended
+before its cancel arrived.
 
 Two ways to drive it:
 - the `Bidders` protocol (`quote_all`, `settle`): the simulator's synchronous rounds;
@@ -83,6 +85,9 @@ RAY_BIDDER_ENV = {"RAY_worker_maximum_startup_concurrency": "64", "RAY_worker_ni
 
 #: Part of the deadline kept for taking the quotes that arrived (fetch, validate, sort).
 CLOSE_MARGIN_S = 0.02
+
+#: How many times a cancel is sent before its lines are left to end by themselves.
+MAX_CANCEL_SENDS = 3
 
 #: How soon a bidder that was restarting is asked again what it committed.
 DOUBT_RETRY_S = 0.2
@@ -336,9 +341,11 @@ class RayBidders:
         self._doubts: list[_Doubt] = []
         self._committed: dict[int, dict[str, set[int]]] = {}
         self._refusers: dict[int, list[str]] = {}
-        #: committed lines per bidder for orders whose other side refused (a capacity leak
-        #: until the job's realised end, never a double booking); see `_commit_done`
+        #: committed lines per bidder for orders whose other side refused and that its
+        #: cancel has not undone (yet); see `_commit_done`
         self.orphaned: Counter[str] = Counter()
+        self._settle_now: dict[int, float] = {}  # market time of each round awaiting commit acks
+        self._cancel_sends: Counter[tuple[str, int]] = Counter()
         self.channels: dict[str, Channel] = {}
         self.channel_events: Counter[str] = Counter()  # opened, broken (for metrics)
         self._reopening: dict[str, Any] = {}  # agent id -> its `open_channel` Ray call
@@ -586,6 +593,9 @@ class RayBidders:
 
     def _settled(self, aid: str, settles: list[Settle], reply: Reply | BaseException | None) -> None:
         """Books the acks of settle messages that rode on a call; a lost call's commits are in doubt."""
+        cancels = [s for s in settles if s.cancel]
+        if cancels:
+            self._cancels_done(aid, cancels, reply)
         commits = [s for s in settles if s.lines]
         if not commits:
             return
@@ -601,6 +611,27 @@ class RayBidders:
                             aid, s.round_id, ack.reason if ack else "no ack", len(s.lines or ()))
                 self._refusers.setdefault(s.round_id, []).append(aid)
             self._commit_done(s.round_id, aid, ok)
+
+    def _cancels_done(self, aid: str, cancels: list[Settle], reply: Reply | BaseException | None) -> None:
+        """Books what the cancels undid; a lost call's cancels go again (a cancel is idempotent)."""
+        if isinstance(reply, Reply):
+            undone = {a.round_id: a.cancelled for a in reply.acks}
+            for s in cancels:
+                self._cancel_sends.pop((aid, s.round_id), None)
+                n = undone.get(s.round_id, 0)
+                self.orphaned[aid] -= n
+                self.totals["cancelled_lines"] += n
+            self.orphaned += Counter()  # drops the bidders with nothing left orphaned
+            return
+        for s in cancels:
+            key = (aid, s.round_id)
+            self._cancel_sends[key] += 1
+            if self._cancel_sends[key] <= MAX_CANCEL_SENDS:
+                self._pending.setdefault(aid, []).append(s)
+            else:
+                del self._cancel_sends[key]
+                logger.warning("bidder %s: cancel of %d line(s) of round %d lost %d times; they stay committed "
+                               "until their jobs end", aid, len(s.cancel), s.round_id, MAX_CANCEL_SENDS)
 
     def _doubt(self, aid: str, round_ids: list[int], why: str) -> None:
         """A call carrying commits was lost (late, or the actor died): ask the bidder what it did.
@@ -676,18 +707,20 @@ class RayBidders:
             refused = self._refused.pop(round_id, set())
             self._confirmed[round_id] = refused
             self._count_refused(round_id, refused)
+            now = self._settle_now.pop(round_id, 0.0)
             orphans = []
             for partner, orders in self._committed.pop(round_id, {}).items():
-                orphaned = len(orders & refused)
-                if orphaned:  # its partner refused: this bidder keeps a job nobody will hand it
-                    self.orphaned[partner] += orphaned
-                    self.totals["orphaned_lines"] += orphaned
-                    orphans.append(f"{partner} x{orphaned}")
+                orphaned = tuple(sorted(orders & refused))
+                if orphaned:  # its partner refused: this bidder holds a job nobody will hand it
+                    self.orphaned[partner] += len(orphaned)
+                    self.totals["orphaned_lines"] += len(orphaned)
+                    self._pending.setdefault(partner, []).append(Settle(round_id, None, now, cancel=orphaned))
+                    orphans.append(f"{partner} x{len(orphaned)}")
             refusers = self._refusers.pop(round_id, [])
             if refused:  # one line per round, whatever the number of bidders involved
                 logger.warning("round %d: %d awarded order(s) go back to the queue: commit refused or lost by %s%s",
                                round_id, len(refused), ", ".join(refusers),
-                               f"; kept by their partner: {', '.join(orphans)}" if orphans else "")
+                               f"; cancelling their partner's line: {', '.join(orphans)}" if orphans else "")
 
     def _count_refused(self, round_id: int, refused: set[int]) -> None:
         if refused:
@@ -736,6 +769,7 @@ class RayBidders:
                 self._stray.append(ref)
         if commits:
             self._awaiting[round_id] = {aid: {line.order_idx for line in m.lines or ()} for aid, m in commits.values()}
+            self._settle_now[round_id] = now
             ready, late = channel.wait(list(commits), timeout=self.settle_timeout_s)
             for ref in commits:
                 aid, m = commits[ref]
@@ -778,17 +812,19 @@ class RayBidders:
                 waiting[aid] = {line.order_idx for line in s.lines}
         if waiting:
             self._awaiting[round_id] = waiting
+            self._settle_now[round_id] = now
         else:
             self._confirmed[round_id] = set()
 
     def flush(self, now: float, commits_only: bool = False) -> dict[int, set[int]]:
         """Delivers pending settles now (no new round); returns the rounds this confirmed.
 
-        `commits_only` calls just the bidders with a commit waiting (a round's winners);
-        the others' releases keep riding on their next call.
+        `commits_only` calls just the bidders with a commit (a round's winners) or a cancel
+        waiting; the others' releases keep riding on their next call.
         """
         if self._pending:
-            only = {a for a, msgs in self._pending.items() if any(m.lines for m in msgs)} if commits_only else None
+            only = {a for a, msgs in self._pending.items() if any(m.lines or m.cancel for m in msgs)} \
+                if commits_only else None
             if only is None or only:
                 self._broadcast([], now, 0.0, settle_only=only)
         if self._doubts:

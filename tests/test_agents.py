@@ -114,6 +114,63 @@ def test_rider_capacity_follows_commits_and_completions() -> None:
     assert riders.capacity_free() == free
 
 
+def _lines_for(quote, rnd, done_s: float = 1000.0):  # type: ignore[no-untyped-def]
+    """Award lines for every order a quote offers (one line per order, as clearing awards)."""
+    from market.types import AwardLine, LegQuote
+    leg = isinstance(quote, LegQuote)
+    lines = []
+    for o in sorted(set(quote.order_idx.tolist())):
+        lines.append(AwardLine(rnd.round_id, rnd.orders[o].order_id, o, "wh-front-c" if leg else quote.agent_id,
+                               quote.agent_id if leg else "riders-c", 3.0, 3.0, 240.0, 100.0, 900.0, 1.0, -1.0,
+                               float(rnd.x[o]), float(rnd.y[o]), 1, done_s=done_s, on_time=bool(o % 2)))
+    return lines
+
+
+@pytest.mark.parametrize("agent_id", ["wh-front-c", "riders-c", "crowd-alpha", "locker-7"])
+def test_a_cancelled_commit_leaves_the_agent_as_a_release_would(agent_id: str) -> None:
+    """When an order's other side refuses, the side that committed cancels: its capacity,
+    stock and riders are as if it had only released, its job never completes, and a
+    second cancel changes nothing."""
+    import copy
+
+    f = fleet()
+    agent = next(a for a in f.agents if a.agent_id == agent_id)
+    near = (2.5, -3.0) if agent_id == "locker-7" else (1.5, -1.0)
+    rnd = round_of(f, [order_at(i, *near) for i in range(3)])
+    agent.advance(0.0)
+    twin = copy.deepcopy(agent)
+    quote, twin_quote = agent.quote(rnd, 0.0, CostPricing(), 5.0), twin.quote(rnd, 0.0, CostPricing(), 5.0)
+    assert quote is not None and twin_quote is not None
+    lines = _lines_for(quote, rnd)
+    assert len(lines) >= 2
+    agent.commit(rnd.round_id, lines, 1.0)
+    twin.release(rnd.round_id, 1.0)
+    assert agent.capacity_free() == twin.capacity_free() - len(lines)
+    assert agent.cancel(rnd.round_id, [lines[0].order_idx], 1.0) == 1  # one order's partner refused
+    assert agent.capacity_free() == twin.capacity_free() - (len(lines) - 1) and agent.committed_units == len(lines) - 1
+    assert agent.cancel(rnd.round_id, [ln.order_idx for ln in lines], 1.0) == len(lines) - 1
+    assert agent.cancel(rnd.round_id, [ln.order_idx for ln in lines], 1.0) == 0  # sent twice: nothing more
+    for at in (1.0, 2000.0):  # and after the jobs would have ended: no phantom completion
+        agent.advance(at)
+        twin.advance(at)
+        assert (agent.capacity_free(), agent.available(), agent.committed_units) == (twin.capacity_free(), twin.available(), 0)
+        assert agent.reliability == twin.reliability and not agent._completions
+    for name in ("stock", "held_stock", "busy"):
+        if hasattr(agent, name):
+            assert np.array_equal(getattr(agent, name), getattr(twin, name)), name
+
+
+def test_a_cancel_after_the_job_ended_undoes_nothing() -> None:
+    f = fleet()
+    riders = next(a for a in f.agents if a.agent_id == "riders-c")
+    rnd = round_of(f, [order_at(0, 1.5, -1.0)])
+    quote = riders.quote(rnd, 0.0, CostPricing(), 5.0)
+    riders.commit(1, _lines_for(quote, rnd, done_s=50.0), 0.0)
+    free = riders.capacity_free()
+    assert riders.cancel(1, [0], 60.0) == 0  # the job ended first: capacity came back by itself
+    assert riders.capacity_free() == free + 1 and riders.committed_units == 1
+
+
 def test_holdback_keeps_the_last_capacity_for_vips() -> None:
     class KeepForVip:
         name = "vip"

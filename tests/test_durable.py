@@ -15,7 +15,9 @@ from agents.base import Agent
 from agents.durable import CommitMemory, SnapshotStore, freeze, thaw
 from market.config import load_fleet
 
-SPEC = fleet_specs(load_fleet("default"), 7, "heuristic")[0]  # a warehouse: its jobs' payload is on_time
+SPEC = fleet_specs(load_fleet("default"), 7, "heuristic")[0]  # a warehouse: a job is (on_time, skus, quantities)
+
+JOB, LATE_JOB = (True, (), ()), (False, (), ())
 
 OPS = st.lists(
     st.one_of(
@@ -76,7 +78,7 @@ def _check_restarts(ops: list[tuple[Any, ...]], directory: Path) -> None:
     saved = None
     for op in ops:
         if op[0] == "push":
-            agent.schedule_completion(op[1], op[2])
+            agent.schedule_completion(op[1], (op[2], (), ()))
         elif op[0] == "advance":
             agent.advance(op[1])
         elif op[0] == "save":
@@ -97,7 +99,7 @@ def test_the_log_is_compacted_into_a_new_generation(tmp_path: Path, monkeypatch:
     store.save({}, agent)
     assert _logs(tmp_path) == [f"{SPEC.agent_id}.1.log"]
     for k in range(12):  # 12 jobs added, one per save: the 12th save finds 11 > 10 changes logged
-        agent.schedule_completion(1000.0 + k, True)
+        agent.schedule_completion(1000.0 + k, JOB)
         store.save({}, agent)
     assert _logs(tmp_path) == [f"{SPEC.agent_id}.2.log"]
     log = tmp_path / f"{SPEC.agent_id}.2.log"
@@ -110,7 +112,7 @@ def _two_saves(directory: Path) -> SnapshotStore:
     """A closed store of two saves: ``{"n": 1}`` with no job pending, then ``{"n": 2}`` with one."""
     agent, store = SPEC.build(), SnapshotStore(directory, SPEC.agent_id)
     store.save({"n": 1}, agent)
-    agent.schedule_completion(10.0, True)
+    agent.schedule_completion(10.0, JOB)
     store.save({"n": 2}, agent)
     store.close()
     return store
@@ -121,11 +123,11 @@ def test_a_restarted_store_starts_a_new_generation(tmp_path: Path) -> None:
     _two_saves(tmp_path)
     again = SnapshotStore(tmp_path, SPEC.agent_id)
     restored = thaw(again.load()["agent"], SPEC.env(), SPEC.agent)
-    assert restored._completions == [(10.0, 1, True)] and restored.completion_log is None
-    restored.schedule_completion(20.0, False)
+    assert restored._completions == [(10.0, 1, JOB)] and restored.completion_log is None
+    restored.schedule_completion(20.0, LATE_JOB)
     again.save({}, restored)
     assert _logs(tmp_path) == [f"{SPEC.agent_id}.2.log"]
-    assert sorted(_restored(tmp_path)._completions) == [(10.0, 1, True), (20.0, 2, False)]
+    assert sorted(_restored(tmp_path)._completions) == [(10.0, 1, JOB), (20.0, 2, LATE_JOB)]
     again.close()
 
 

@@ -185,6 +185,31 @@ def test_snapshot_after_a_commit_restores_what_the_bidder_owes(tmp_path: Path) -
     assert not capacity_violations(again.agent, rnd2.opened_s)
 
 
+def test_a_cancel_is_snapshotted_and_survives_a_restart(tmp_path: Path) -> None:
+    """The other side of an order refused: the bidder cancels its line, snapshots, and a
+    restarted bidder owes nothing for it (no pending job, the rider free again)."""
+    spec = fleet_specs(FLEET, SEED, "heuristic")[3]  # riders-w
+    host = BidderHost(spec, str(tmp_path))
+    fleet = build_fleet(FLEET, SEED)
+    orders = orders_at(12, 3)
+    rnd = build_round(1, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
+    free = host.agent.capacity_free()
+    q = host.quote(rnd, rnd.opened_s, 5.0)
+    assert q is not None
+    k = int(q.order_idx[0])
+    line = AwardLine(1, orders[k].order_id, k, "wh-central", spec.agent_id, 3.0, 3.0, rnd.opened_s,
+                     rnd.opened_s + 60.0, rnd.opened_s + 900.0, 1.0, -1.0, float(rnd.x[k]), float(rnd.y[k]), 1,
+                     done_s=rnd.opened_s + 1000.0, on_time=True)
+    assert host.settle([Settle(1, [line], rnd.opened_s)])[0].ok
+    assert BidderHost(spec, str(tmp_path)).agent.committed_units == 1
+    ack = host.settle([Settle(1, None, rnd.opened_s + 0.1, cancel=(k,))])[0]
+    assert ack.ok and ack.cancelled == 1
+    assert host.settle([Settle(1, None, rnd.opened_s + 0.2, cancel=(k,))])[0].cancelled == 0  # resent: no-op
+    again = BidderHost(spec, str(tmp_path))
+    assert again.restored and again.agent.committed_units == 0 and not again.agent._completions
+    assert again.agent.capacity_free() == free and not again.agent.busy.any()
+
+
 def test_pipelined_core_matches_sequential_rounds_in_process() -> None:
     """The auctioneer core over in-process bidders: same awards as the engine's own rounds."""
     policy = make_policy("heuristic")
@@ -281,7 +306,8 @@ def assert_every_order_ended_once(core: AuctioneerCore, n: int) -> None:
 
 def assert_books_agree(core: AuctioneerCore, handles: dict[str, Any]) -> None:
     """Each bidder committed exactly what the auctioneer knows of: its awarded orders, plus
-    the lines it committed for an order whose other side refused (counted as orphaned)."""
+    the lines it committed for an order whose other side refused and that its cancel has
+    not undone (counted as orphaned)."""
     expect: dict[str, int] = dict(core.bidders.orphaned)  # type: ignore[attr-defined]
     for st in core.ledger.orders.values():
         if st.award:
@@ -435,9 +461,10 @@ def test_garbage_quotes_are_dropped(bidders: dict[str, Any], kind: str) -> None:
 
 
 def test_lying_about_capacity_makes_commits_refused_never_double_booked(bidders: dict[str, Any], tmp_path: Path) -> None:
-    """A bidder claims capacity it does not hold: its commit fails, the orders are retried.
-    The journal says so: the views the HTTP service answers from end each order as the
-    auctioneer's ledger does, and replay counts no award twice."""
+    """A bidder claims capacity it does not hold: its commit fails, the orders are retried,
+    and the sources that did commit those orders cancel their lines, so every bidder's
+    books hold exactly its awards. The journal says so: the views the HTTP service answers
+    from end each order as the auctioneer's ledger does, and replay counts no award twice."""
     bidders["crowd"].set_fault.remote(Fault("garbage", garbage="capacity", times=1))
     core = make_core(bidders, max_batch=16, journal=tmp_path / "liar.bhj")
     rb: RayBidders = core.bidders  # type: ignore[assignment]
@@ -448,6 +475,8 @@ def test_lying_about_capacity_makes_commits_refused_never_double_booked(bidders:
     retried = [st for st in core.ledger.orders.values() if len(st.rounds) > 1]
     assert retried
     assert_every_order_ended_once(core, 16)
+    assert rb.totals["orphaned_lines"] >= 1  # the liar's partners had committed
+    assert rb.totals["cancelled_lines"] == rb.totals["orphaned_lines"] and not rb.orphaned
     assert_books_agree(core, bidders)
     index, refused = OrderIndex(), set()
     for rec in read_journal(tmp_path / "liar.bhj"):
@@ -472,6 +501,7 @@ def test_refused_commit_in_a_simulation_is_unserved_and_retried(bidders: dict[st
     sim.engine.recorder.close()
     k = sim.engine.kpis
     assert sim.engine.bidders.totals["refused"] >= 1
+    assert sim.engine.bidders.totals["cancelled_lines"] >= 1  # cancels ride on the next rounds' calls
     assert any(COMMIT_REFUSED in p.outcome.alloc.reason for p in outcomes if p.outcome)
     assert k.orders == 60 and k.fulfilled + sum(k.unfulfilled.values()) == 60
     logged = replay(tmp_path / "refused.bhj").logged.report()
