@@ -1,8 +1,12 @@
 """Agents: holds, capacity dynamics and the quoting rules of each resource kind."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.fleet import build_fleet
 from agents.holds import HoldBook, HoldError
@@ -158,6 +162,51 @@ def test_a_cancelled_commit_leaves_the_agent_as_a_release_would(agent_id: str) -
     for name in ("stock", "held_stock", "busy"):
         if hasattr(agent, name):
             assert np.array_equal(getattr(agent, name), getattr(twin, name)), name
+
+
+CANCEL_OPS = st.lists(st.one_of(
+    st.tuples(st.just("commit"), st.integers(1, 4), st.floats(5.0, 300.0)),  # orders in the round, job length
+    st.tuples(st.just("cancel"), st.integers(0, 30)),  # which earlier round (modulo), all of its lines
+    st.tuples(st.just("advance"), st.floats(0.0, 120.0)),
+), max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=CANCEL_OPS)
+def test_commits_and_cancels_never_lose_or_invent_capacity(ops: list[tuple[Any, ...]]) -> None:
+    """Whatever the order of commits, cancels and time: every rider is busy for exactly one
+    pending job, and every warehouse unit is in stock, in a pending pick, or picked."""
+    f = fleet()
+    wh = next(a for a in f.agents if a.agent_id == "wh-front-c")
+    riders = next(a for a in f.agents if a.agent_id == "riders-c")
+    sku_i = int(np.nonzero(wh.stock)[0][0])
+    sku, start_stock = f.env.catalogue.sku_ids[sku_i], int(wh.stock[sku_i])
+    now, rid, committed = 0.0, 0, []  # at most 40 x 120 s: before the 3-hourly restock
+    for op in ops:
+        if op[0] == "commit":
+            rid += 1
+            rnd = round_of(f, [order_at(i, 1.5, -1.0, sku=sku) for i in range(op[1])], rid=rid, now=now)
+            quotes = [a.quote(rnd, now, CostPricing(), 5.0) for a in (wh, riders)]
+            for agent, q in zip((wh, riders), quotes):
+                if q is not None and all(quotes):
+                    agent.commit(rid, _lines_for(q, rnd, done_s=now + op[2]), now)
+                elif q is not None:
+                    agent.release(rid, now)
+            if all(quotes):
+                committed.append(rid)
+        elif op[0] == "cancel" and committed:
+            gone = committed.pop(op[1] % len(committed))
+            for agent in (wh, riders):
+                agent.cancel(gone, range(4), now)
+        elif op[0] == "advance":
+            now += op[1]
+            wh.advance(now)
+            riders.advance(now)
+        pending_picks = sum(sum(q for s, q in zip(job[2][1], job[2][2]) if s == sku_i) for job in wh._completions)
+        picked = wh.committed_units - len(wh._completions)  # one unit of the SKU per order
+        assert int(wh.stock[sku_i]) + pending_picks + picked == start_stock
+        assert int(riders.busy.sum()) == len(riders._completions) == int(riders.in_use.level)
+        assert riders.capacity_free() == riders.cfg.riders - len(riders._completions)
 
 
 def test_a_cancel_after_the_job_ended_undoes_nothing() -> None:
