@@ -33,10 +33,10 @@ from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
 from market.replay import replay, verify
 from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
-from market.round import build_round
+from market.round import Round, build_round
 from market.recorder import NullRecorder
 from market.simulator import SimSetup, Simulator
-from market.types import AwardLine, Category, Order
+from market.types import AwardLine, Category, Order, Quote
 from policies.registry import make_policy
 from serve.order_index import OrderIndex
 
@@ -157,27 +157,39 @@ def test_orders_clock_follows_orders_and_never_goes_back() -> None:
     assert clk.now(5.0) == orders[2].created_s
 
 
-def test_snapshot_after_a_commit_restores_what_the_bidder_owes(tmp_path: Path) -> None:
-    """A commit snapshots; a release alone does not (a hold a restart brings back expires by itself)."""
-    spec = fleet_specs(FLEET, SEED, "heuristic")[3]  # riders-w
-    host = BidderHost(spec, str(tmp_path))
+RIDERS_W = fleet_specs(FLEET, SEED, "heuristic")[3]
+
+
+def quote_round(host: BidderHost, round_id: int) -> tuple[Round, Quote]:
+    """riders-w quotes a round of 12 orders near it (it holds what it offers)."""
     fleet = build_fleet(FLEET, SEED)
     orders = orders_at(12, 3)
-    rnd = build_round(1, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
+    rnd = build_round(round_id, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
     q = host.quote(rnd, rnd.opened_s, 5.0)
     assert q is not None and host.agent.holds.units == q.capacity
+    return rnd, q
+
+
+def commit_first(host: BidderHost, rnd: Round, q: Quote) -> int:
+    """Commits the first order riders-w quoted in the round (with wh-central as its source); returns its index."""
+    k = int(q.order_idx[0])
+    line = AwardLine(rnd.round_id, rnd.orders[k].order_id, k, "wh-central", host.spec.agent_id, 3.0, 3.0,
+                     rnd.opened_s, rnd.opened_s + 60.0, rnd.opened_s + 900.0, 1.0, -1.0, float(rnd.x[k]),
+                     float(rnd.y[k]), 1, done_s=rnd.opened_s + 1000.0, on_time=True)
+    assert host.settle([Settle(rnd.round_id, [line], rnd.opened_s)])[0].ok
+    return k
+
+
+def test_snapshot_after_a_commit_restores_what_the_bidder_owes(tmp_path: Path) -> None:
+    """A commit snapshots; a release alone does not (a hold a restart brings back expires by itself)."""
+    host = BidderHost(RIDERS_W, str(tmp_path))
+    rnd, _ = quote_round(host, 1)
     assert host.settle([Settle(1, None, rnd.opened_s)])[0].ok
-    assert not BidderHost(spec, str(tmp_path)).restored  # nothing owed yet: no snapshot
-    rnd2 = build_round(2, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
-    q2 = host.quote(rnd2, rnd2.opened_s, 5.0)
-    assert q2 is not None
-    k = int(q2.order_idx[0])
-    line = AwardLine(2, orders[k].order_id, k, "wh-central", spec.agent_id, 3.0, 3.0, rnd2.opened_s,
-                     rnd2.opened_s + 60.0, rnd2.opened_s + 900.0, 1.0, -1.0, float(rnd2.x[k]), float(rnd2.y[k]), 1,
-                     done_s=rnd2.opened_s + 1000.0, on_time=True)
-    assert host.settle([Settle(2, [line], rnd2.opened_s)])[0].ok
+    assert not BidderHost(RIDERS_W, str(tmp_path)).restored  # nothing owed yet: no snapshot
+    rnd2, q2 = quote_round(host, 2)
+    commit_first(host, rnd2, q2)
     before = pickle.dumps(host.agent.__dict__.get("busy"))
-    again = BidderHost(spec, str(tmp_path))
+    again = BidderHost(RIDERS_W, str(tmp_path))
     assert again.restored and again.agent.holds.units == 0
     assert again.agent.committed_units == host.agent.committed_units == 1
     assert pickle.dumps(again.agent.__dict__.get("busy")) == before
@@ -188,24 +200,15 @@ def test_snapshot_after_a_commit_restores_what_the_bidder_owes(tmp_path: Path) -
 def test_a_cancel_is_snapshotted_and_survives_a_restart(tmp_path: Path) -> None:
     """The other side of an order refused: the bidder cancels its line, snapshots, and a
     restarted bidder owes nothing for it (no pending job, the rider free again)."""
-    spec = fleet_specs(FLEET, SEED, "heuristic")[3]  # riders-w
-    host = BidderHost(spec, str(tmp_path))
-    fleet = build_fleet(FLEET, SEED)
-    orders = orders_at(12, 3)
-    rnd = build_round(1, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
+    host = BidderHost(RIDERS_W, str(tmp_path))
     free = host.agent.capacity_free()
-    q = host.quote(rnd, rnd.opened_s, 5.0)
-    assert q is not None
-    k = int(q.order_idx[0])
-    line = AwardLine(1, orders[k].order_id, k, "wh-central", spec.agent_id, 3.0, 3.0, rnd.opened_s,
-                     rnd.opened_s + 60.0, rnd.opened_s + 900.0, 1.0, -1.0, float(rnd.x[k]), float(rnd.y[k]), 1,
-                     done_s=rnd.opened_s + 1000.0, on_time=True)
-    assert host.settle([Settle(1, [line], rnd.opened_s)])[0].ok
-    assert BidderHost(spec, str(tmp_path)).agent.committed_units == 1
+    rnd, q = quote_round(host, 1)
+    k = commit_first(host, rnd, q)
+    assert BidderHost(RIDERS_W, str(tmp_path)).agent.committed_units == 1
     ack = host.settle([Settle(1, None, rnd.opened_s + 0.1, cancel=(k,))])[0]
     assert ack.ok and ack.cancelled == 1
     assert host.settle([Settle(1, None, rnd.opened_s + 0.2, cancel=(k,))])[0].cancelled == 0  # resent: no-op
-    again = BidderHost(spec, str(tmp_path))
+    again = BidderHost(RIDERS_W, str(tmp_path))
     assert again.restored and again.agent.committed_units == 0 and not again.agent._completions
     assert again.agent.capacity_free() == free and not again.agent.busy.any()
 
