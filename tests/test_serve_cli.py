@@ -1,10 +1,12 @@
-"""`bidhive serve` as a user runs it: starts, answers the README's curl order, stops cleanly on SIGTERM."""
+"""`bidhive serve` as a user runs it: starts, answers the README's curl order, stops cleanly on SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,11 +26,16 @@ def _session_processes(sid: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_serve_answers_the_readme_order_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bidders, stop", [("local", "sigterm"), ("ray", "ctrl-c")])
+def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: str) -> None:
+    """SIGTERM to the command, or a terminal's Ctrl-C (SIGINT to the whole foreground process
+    group, Ray's own processes included): exit 0, no process of the service left, and the
+    embedded Ray's temp dir gone."""
     port = spare_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([str(BIN), "serve", "--bidders", "local", "--port", str(port),
-                             "--journal", str(tmp_path / "j.bhj")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    tmp = Path(tempfile.mkdtemp(prefix="bh-", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([str(BIN), "serve", "--bidders", bidders, "--port", str(port),
+                             "--journal", str(tmp / "j.bhj")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True)
     try:
         assert proc.stdout is not None
@@ -42,8 +49,11 @@ def test_serve_answers_the_readme_order_and_stops_cleanly_on_sigterm(tmp_path: P
         r = httpx.post(f"http://127.0.0.1:{port}/orders", json=EXAMPLE_ORDER, headers={"Idempotency-Key": "readme"},
                        timeout=30)
         assert r.status_code == 200 and r.json()["status"] in ("awarded", "unfulfilled"), r.text
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        if stop == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
         assert "bidhive stopped" in proc.stdout.read()
     finally:
         if proc.poll() is None:
@@ -52,6 +62,8 @@ def test_serve_answers_the_readme_order_and_stops_cleanly_on_sigterm(tmp_path: P
     while _session_processes(proc.pid) and time.monotonic() < end:
         time.sleep(0.5)
     assert _session_processes(proc.pid) == [], "processes of the service outlived it"
+    assert sorted(p.name for p in tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
+    shutil.rmtree(tmp)
 
 
 @pytest.mark.parametrize("args, says", [
