@@ -7,11 +7,11 @@ from its config, the fleet's city and catalogue, the run's seed and the bidding
 strategy's name, exactly as `agents.fleet.build_fleet` builds it in-process, which is
 what keeps Ray runs identical to in-process runs.
 
-State recovery: after every commit (and every cancel) the host saves its agent into the run's state dir
-(`agents.durable`: two checksummed snapshot slots written in turn, and a log of the
-changes to the agent's pending jobs, so a save costs the same however much work is in
-flight); a restarted actor loads the newest intact snapshot, so it resumes with the
-capacity, stock, riders and holds it had confirmed.
+State recovery: after every commit (and every cancel) the host saves its agent into
+the run's state dir (`agents.durable`: two checksummed snapshot slots written in turn,
+and a log of the changes to the agent's pending jobs, so a save costs the same however
+much work is in flight); a restarted actor loads the newest intact snapshot, so it
+resumes with the capacity, stock, riders and holds it had confirmed.
 Holds placed after the last snapshot (an in-flight round at crash time) are lost; the
 commit for such a round is refused (HoldError) and the auctioneer treats those orders
 as unserved, never as booked twice. A reply is only sent after the snapshot is
