@@ -143,7 +143,7 @@ class Warehouse(Agent):
     def _uncommit(self, payload: Any, now: float) -> None:
         _, sku, qty = payload
         np.add.at(self.stock, np.asarray(sku, dtype=np.intp), qty)
-        self.queue_free_s = max(now, self.queue_free_s - self.per_order_s)
+        self.queue_free_s = max(self.now_s, self.queue_free_s - self.per_order_s)  # now_s: the latest time seen
         self.busy_s -= self.per_order_s
 
     def _on_complete(self, done_s: float, payload: Any) -> None:
