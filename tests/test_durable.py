@@ -23,6 +23,7 @@ OPS = st.lists(
     st.one_of(
         st.tuples(st.just("push"), st.floats(0.0, 500.0, allow_nan=False), st.booleans()),
         st.tuples(st.just("advance"), st.floats(0.0, 500.0, allow_nan=False)),  # time may go back: exactness still holds
+        st.tuples(st.just("cancel"), st.integers(0, 50)),  # a pending job's line cancelled (its partner refused)
         st.tuples(st.just("save")),
         st.tuples(st.just("torn_save")),
     ),
@@ -65,8 +66,8 @@ def _torn_save(store: SnapshotStore, agent: Agent) -> None:
 @given(ops=OPS)
 def test_a_restart_gets_the_state_of_the_last_save(ops: list[tuple[Any, ...]],
                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Jobs added and finished in any order, saves between (some torn by a crash), logs compacted
-    along the way: loading gives the agent exactly as it was at the last completed save."""
+    """Jobs added, finished and cancelled in any order, saves between (some torn by a crash), logs
+    compacted along the way: loading gives the agent exactly as it was at the last completed save."""
     with pytest.MonkeyPatch.context() as m:
         m.setattr(durable, "MIN_COMPACT_CHANGES", 6)
         m.setattr(durable, "COMPACT_RATIO", 1)
@@ -81,6 +82,11 @@ def _check_restarts(ops: list[tuple[Any, ...]], directory: Path) -> None:
             agent.schedule_completion(op[1], (op[2], (), ()))
         elif op[0] == "advance":
             agent.advance(op[1])
+        elif op[0] == "cancel":
+            if agent._completions:
+                done_s, seq, _ = sorted(agent._completions)[op[1] % len(agent._completions)]
+                agent._booked[(0, seq)] = seq  # as if round 0's order `seq` had scheduled it
+                assert agent.cancel(0, [seq], agent.now_s) == int(done_s > agent.now_s)  # an ended job stays ended
         elif op[0] == "save":
             store.save({"version": 0}, agent)
             saved = _state(agent)
