@@ -1,6 +1,7 @@
 """Agents: holds, capacity dynamics and the quoting rules of each resource kind."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,8 @@ from hypothesis import strategies as st
 from agents.fleet import build_fleet
 from agents.holds import HoldBook, HoldError
 from market.config import load_fleet
-from market.round import build_round
-from market.types import Category, Item, Kind, Order, Tier
+from market.round import Round, build_round
+from market.types import AwardLine, Category, Item, Kind, LegQuote, Order, Quote, Tier
 from policies.base import BidDecision, CostPricing
 
 FLEET_CFG = load_fleet("default")
@@ -106,7 +107,6 @@ def test_rider_capacity_follows_commits_and_completions() -> None:
     riders = next(a for a in f.agents if a.agent_id == "riders-c")
     rnd = round_of(f, [order_at(0, 1.5, -1.0)])
     riders.quote(rnd, 0.0, CostPricing(), 5.0)
-    from market.types import AwardLine
     line = AwardLine(1, "o0", 0, "wh-front-c", "riders-c", 3.0, 3.0, 240.0, 100.0, 900.0, 1.0, -1.0,
                      float(rnd.x[0]), float(rnd.y[0]), 1, done_s=1000.0, on_time=True)
     free = riders.capacity_free()
@@ -118,9 +118,8 @@ def test_rider_capacity_follows_commits_and_completions() -> None:
     assert riders.capacity_free() == free
 
 
-def _lines_for(quote, rnd, done_s: float = 1000.0):  # type: ignore[no-untyped-def]
+def _lines_for(quote: Quote, rnd: Round, done_s: float = 1000.0) -> list[AwardLine]:
     """Award lines for every order a quote offers (one line per order, as clearing awards)."""
-    from market.types import AwardLine, LegQuote
     leg = isinstance(quote, LegQuote)
     lines = []
     for o in sorted(set(quote.order_idx.tolist())):
@@ -135,8 +134,6 @@ def test_a_cancelled_commit_leaves_the_agent_as_a_release_would(agent_id: str) -
     """When an order's other side refuses, the side that committed cancels: its capacity,
     stock and riders are as if it had only released, its job never completes, and a
     second cancel changes nothing."""
-    import copy
-
     f = fleet()
     agent = next(a for a in f.agents if a.agent_id == agent_id)
     near = (2.5, -3.0) if agent_id == "locker-7" else (1.5, -1.0)
