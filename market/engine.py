@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,6 +44,20 @@ class Bidders(Protocol):
     def settle(
         self, round_id: int, awards: dict[str, list[AwardLine]], quoted: list[str], now: float
     ) -> Collection[int] | None: ...
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a round's awards did not all take, where the bidders can tell (Ray runtime).
+
+    Attributes:
+        refused_by: the winners that refused their commit or never confirmed it.
+        cancelled: per winner that had committed its side of a refused order, the
+            order indices whose line it was told to cancel.
+    """
+
+    refused_by: list[str]
+    cancelled: dict[str, list[int]]
 
 
 class LocalBidders:
@@ -189,7 +203,17 @@ class MarketEngine:
             if took:
                 committed[agent_id] = took
         if committed or released or refused:
-            self.recorder.holds_settled(round_id, committed, released, now, refused)
+            self.recorder.holds_settled(round_id, committed, released, now, refused, **self._refusal(round_id, awards))
+
+    def _refusal(self, round_id: int, awards: dict[str, list[AwardLine]]) -> dict[str, Any]:
+        """Who refused and whose lines were cancelled, where the bidders keep such facts (Ray)."""
+        ask = getattr(self.bidders, "refusal", None)
+        why: Refusal | None = ask(round_id) if ask is not None else None
+        if why is None:
+            return {}
+        order_ids = {ln.order_idx: ln.order_id for lines in awards.values() for ln in lines}
+        return {"refused_by": {aid: sorted(ln.order_id for ln in awards.get(aid, ())) for aid in why.refused_by},
+                "cancelled": {aid: sorted(order_ids[o] for o in idx) for aid, idx in why.cancelled.items()}}
 
     def _award_lines(self, out: RoundOutcome) -> dict[str, list[AwardLine]]:
         """Realises each award in the world and builds the lines each winner commits."""

@@ -35,9 +35,10 @@ from market.types import CATEGORY_CODES, Order, Quote, SourceQuote
 
 __all__ = ["JOURNAL_SCHEMA", "JournalRecorder", "award_arrays", "bidder_table", "versions"]
 
-JOURNAL_SCHEMA = 2
+JOURNAL_SCHEMA = 3
 """Version of the record fields written here (``run_started.schema``); 2 added
-``hold_released.refused`` and left refused awards out of ``hold_committed``."""
+``hold_released.refused`` and left refused awards out of ``hold_committed``; 3 added
+``hold_released.refused_by`` and ``hold_released.cancelled``."""
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str], ...]:
@@ -319,11 +320,14 @@ class JournalRecorder:
 
     # -- holds and profiles -------------------------------------------------------------
     def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float,
-                      refused: list[str]) -> None:
+                      refused: list[str], refused_by: dict[str, list[str]] | None = None,
+                      cancelled: dict[str, list[str]] | None = None) -> None:
         """Journals a round's commits and releases: one record of each kind, not one per bidder.
 
-        Awards whose commit was refused go into ``hold_released`` as ``refused`` (the field
-        is left out when there are none, so a run without faults writes what it always did).
+        Awards whose commit was refused go into ``hold_released`` as ``refused``, with who
+        refused (``refused_by``) and whose committed lines were cancelled (``cancelled``)
+        where known; the fields are left out when nothing was refused, so a run without
+        faults writes what it always did.
         """
         if committed:
             self.writer.append_record({"seq": None, "type": "hold_committed", "round_id": round_id, "now_s": now,
@@ -332,6 +336,10 @@ class JournalRecorder:
             record = {"seq": None, "type": "hold_released", "round_id": round_id, "now_s": now, "agents": released}
             if refused:
                 record["refused"] = list(refused)
+                if refused_by:
+                    record["refused_by"] = {aid: list(ids) for aid, ids in refused_by.items()}
+                if cancelled:
+                    record["cancelled"] = {aid: list(ids) for aid, ids in cancelled.items()}
             self.writer.append_record(record)
 
     def profile_changed(self, name: str, now: float) -> None:

@@ -18,7 +18,9 @@ class Recorder(Protocol):
 
     `holds_settled` names, per round, the winners' committed orders, the quoting bidders
     that released, and the awarded orders whose commit was refused or never confirmed
-    (`refused`: unserved after all, so never among the committed).
+    (`refused`: unserved after all, so never among the committed); where the bidders can
+    tell (Ray), also, per bidder, the awarded orders it refused (`refused_by`) and the
+    orders whose committed line it was told to cancel (`cancelled`).
     """
 
     def run_started(self, info: dict[str, Any]) -> None: ...
@@ -26,7 +28,8 @@ class Recorder(Protocol):
     def round_opened(self, rnd: Round, attempts: list[int]) -> None: ...
     def round_cleared(self, rnd: Round, quotes: list[Quote], book: QuoteBook, alloc: Allocation, facts: dict[str, Any]) -> None: ...
     def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float,
-                      refused: list[str]) -> None: ...
+                      refused: list[str], refused_by: dict[str, list[str]] | None = None,
+                      cancelled: dict[str, list[str]] | None = None) -> None: ...
     def profile_changed(self, name: str, now: float) -> None: ...
     def close(self) -> None: ...
 
@@ -47,7 +50,8 @@ class NullRecorder:
         """No-op."""
 
     def holds_settled(self, round_id: int, committed: dict[str, list[str]], released: list[str], now: float,
-                      refused: list[str]) -> None:
+                      refused: list[str], refused_by: dict[str, list[str]] | None = None,
+                      cancelled: dict[str, list[str]] | None = None) -> None:
         """No-op."""
 
     def profile_changed(self, name: str, now: float) -> None:

@@ -257,8 +257,8 @@ class ReadStep:
         error: what reading raised after ``kinds`` (raised when its turn comes).
         torn: at the end, the reader's torn-tail warnings, to give when the end's turn comes.
         refused: per ``hold_released`` record read since the previous step that has
-            ``refused``, its ``(round_id, order ids)``: awards of an earlier round whose
-            commit did not take, to take back from the KPIs before this step's round.
+            ``refused``, a `Refused`: awards of an earlier round whose commit did not
+            take, to take back from the KPIs before this step's round.
     """
 
     kinds: list[str]
@@ -270,7 +270,7 @@ class ReadStep:
     rebuild: bool = False
     error: Exception | None = None
     torn: list[str] = field(default_factory=list)
-    refused: list[tuple[int, list[str]]] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
 
 
 class JournalReplay:
@@ -303,8 +303,9 @@ class JournalReplay:
         self._built: dict[tuple[int, ...], tuple[RunHeader, Round]] = {}
         self._records = 0
         self.segments = 1
-        #: ``(round_id, order_id)`` of every award whose commit was refused, as settled so far
-        self.refused_awards: set[tuple[int, str]] = set()
+        #: ``(round_id, order_id)`` of every award whose commit was refused, as settled so far,
+        #: with the bidders that refused it (empty where the journal does not say)
+        self.refused_awards: dict[tuple[int, str], list[str]] = {}
 
     def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
         """Every cleared round in journal order (with ``only_order``: those holding that order)."""
@@ -383,8 +384,8 @@ class JournalReplay:
             self._refused(step)
 
     def _refused(self, step: ReadStep) -> None:
-        for round_id, order_ids in step.refused:
-            self.refused_awards.update((round_id, oid) for oid in order_ids)
+        for r in step.refused:
+            self.refused_awards.update(((r.round_id, oid), r.refused_by.get(oid, [])) for oid in r.order_ids)
 
     def _heard(self, event: tuple[Order, float] | RunHeader) -> None:
         """An order received (counted, and told to ``on_order``), or a run started."""
@@ -404,7 +405,7 @@ class JournalReplay:
         header: RunHeader | None = None
         kinds: list[str] = []
         events: list[Any] = []
-        refused: list[tuple[int, list[str]]] = []
+        refused: list[Refused] = []
         cleared = 0
         try:
             for rec in self.reader:
@@ -529,13 +530,33 @@ class JournalReplay:
         return rnd
 
 
-def _refusal(rec: dict[str, Any]) -> tuple[int, list[str]]:
-    """A ``hold_released`` record's refused awards: ``(round_id, order ids)``."""
-    refused = rec["refused"]
-    if not isinstance(refused, list) or not all(isinstance(o, str) for o in refused) or type(rec.get("round_id")) is not int:
-        raise ReplayError(f"malformed {rec['type']} record at seq {rec['seq']}: 'refused' must be a list of order ids "
-                          "and 'round_id' an int")
-    return rec["round_id"], refused
+@dataclass(frozen=True)
+class Refused:
+    """A ``hold_released`` record's refused awards (journal schema 2; ``refused_by`` from 3).
+
+    Attributes:
+        round_id: the round whose awards did not take.
+        order_ids: those awards' orders.
+        refused_by: order id -> the bidders that refused its commit (empty: not journaled).
+    """
+
+    round_id: int
+    order_ids: list[str]
+    refused_by: dict[str, list[str]]
+
+
+def _refusal(rec: dict[str, Any]) -> Refused:
+    """A ``hold_released`` record's refused awards, checked."""
+    refused, by = rec["refused"], rec.get("refused_by", {})
+    if not isinstance(refused, list) or not all(isinstance(o, str) for o in refused) or type(rec.get("round_id")) is not int \
+            or not isinstance(by, dict) or not all(isinstance(v, list) for v in by.values()):
+        raise ReplayError(f"malformed {rec['type']} record at seq {rec['seq']}: 'refused' must be a list of order ids, "
+                          "'refused_by' a map of bidder to order ids and 'round_id' an int")
+    per_order: dict[str, list[str]] = {}
+    for aid, ids in by.items():
+        for oid in ids:
+            per_order.setdefault(oid, []).append(aid)
+    return Refused(rec["round_id"], refused, per_order)
 
 
 def quote_columns(rec: dict[str, Any], bidder_ids: tuple[str, ...]) -> QuoteColumns:
@@ -1037,10 +1058,10 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
             continue
         step, columns_ms = turn.steps[0], turn.columns_ms
         journal.settle(step)  # raises what reading raised here
-        for round_id, order_ids in step.refused:  # before this step's round: they came after their own
+        for r in step.refused:  # before this step's round: they came after their own
             for k in (logged, replayed, alt):
                 if k is not None:
-                    k.refuse(round_id, order_ids)
+                    k.refuse(r.round_id, r.order_ids)
         rr: LoggedRound | None = step.round
         if rr is None:  # the end
             continue
@@ -1362,8 +1383,10 @@ def explain(path: str | os.PathLike[str], order_id: str, *, profile: ProfileCfg 
     if profile is None and payment is None:  # refusals are facts of the logged awards only
         for r in rounds:
             if r["winner"] and (r["round_id"], order_id) in journal.refused_awards:
+                by = journal.refused_awards[(r["round_id"], order_id)]
                 r["commit_refused"] = True
-                r["verdict"] += "; its winners' commit was then refused, so the award did not take"
+                r["verdict"] += (f"; {' and '.join(by)} then refused its commit" if by else
+                                 "; its winners' commit was then refused") + ", so the award did not take"
     last = rounds[-1]
     if last["winner"]:
         outcome = f"unserved ({COMMIT_REFUSED})" if last.get("commit_refused") else "awarded"

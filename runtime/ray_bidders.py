@@ -60,6 +60,7 @@ from agents.actor import (
     AgentSpec, BidderHost, Fault, Reply, Settle, bidder_actor_class, default_state_root, fleet_specs,
 )
 from agents.fleet import Fleet
+from market.engine import Refusal
 from market.round import Round
 from market.types import AwardLine, Kind, Quote
 from market.validation import RoundShape, validate_quote
@@ -345,6 +346,7 @@ class RayBidders:
         #: cancel has not undone (yet); see `_commit_done`
         self.orphaned: Counter[str] = Counter()
         self._settle_now: dict[int, float] = {}  # market time of each round awaiting commit acks
+        self._refusals: dict[int, Refusal] = {}  # per round with a refused award, until journaled
         self._cancel_sends: Counter[tuple[str, int]] = Counter()
         self.channels: dict[str, Channel] = {}
         self.channel_events: Counter[str] = Counter()  # opened, broken (for metrics)
@@ -708,19 +710,21 @@ class RayBidders:
             self._confirmed[round_id] = refused
             self._count_refused(round_id, refused)
             now = self._settle_now.pop(round_id, 0.0)
-            orphans = []
+            cancelled: dict[str, list[int]] = {}
             for partner, orders in self._committed.pop(round_id, {}).items():
                 orphaned = tuple(sorted(orders & refused))
                 if orphaned:  # its partner refused: this bidder holds a job nobody will hand it
                     self.orphaned[partner] += len(orphaned)
                     self.totals["orphaned_lines"] += len(orphaned)
                     self._pending.setdefault(partner, []).append(Settle(round_id, None, now, cancel=orphaned))
-                    orphans.append(f"{partner} x{len(orphaned)}")
+                    cancelled[partner] = list(orphaned)
             refusers = self._refusers.pop(round_id, [])
             if refused:  # one line per round, whatever the number of bidders involved
+                self._refusals[round_id] = Refusal(sorted(set(refusers)), cancelled)
+                orphans = ", ".join(f"{partner} x{len(lines)}" for partner, lines in cancelled.items())
                 logger.warning("round %d: %d awarded order(s) go back to the queue: commit refused or lost by %s%s",
                                round_id, len(refused), ", ".join(refusers),
-                               f"; cancelling their partner's line: {', '.join(orphans)}" if orphans else "")
+                               f"; cancelling their partner's line: {orphans}" if orphans else "")
 
     def _count_refused(self, round_id: int, refused: set[int]) -> None:
         if refused:
@@ -880,6 +884,10 @@ class RayBidders:
                 return {"asked": f.asked, "quoted": f.received, "timed_out": f.timed_out, "failed": f.failed,
                         "invalid": f.invalid, "skipped": f.skipped + f.quarantined}
         return {}
+
+    def refusal(self, round_id: int) -> Refusal | None:
+        """Who refused a round's commits and whose lines were cancelled, once (for its journal record)."""
+        return self._refusals.pop(round_id, None)
 
     def last_facts(self, n: int = 1) -> list[dict[str, Any]]:
         """The last n rounds' facts as dicts."""

@@ -201,17 +201,24 @@ class OrderIndex:
                 view = self.orders.get(oid)
                 if view is not None and view._round == rid:
                     view.events.append({"event": "released", "agents": agents, "at_s": rec["now_s"]})
-        return self._commits_refused(rid, rec.get("refused") or (), rec["now_s"])
+        return self._commits_refused(rid, rec.get("refused") or (), rec["now_s"], rec)
 
-    def _commits_refused(self, rid: int, order_ids: Iterable[str], at_s: float) -> list[str]:
-        """Awards of round `rid` that did not take: unserved after all (retried, or ended if out of attempts)."""
+    def _commits_refused(self, rid: int, order_ids: Iterable[str], at_s: float, rec: dict[str, Any]) -> list[str]:
+        """Awards of round `rid` that did not take: unserved after all (retried, or ended if out of attempts).
+
+        The event names who refused and whose committed line was cancelled, where the
+        journal says (``refused_by``, ``cancelled``: Ray runtime, schema 3).
+        """
         ended: list[str] = []
+        who = {key: _bidders_by_order(rec.get(key)) for key in ("refused_by", "cancelled")}
         for oid in order_ids:
             view = self.orders.get(oid)
             if view is None or view._round != rid or view.status != PENDING:
                 continue
             view._chosen = None
-            view.events.append({"event": "commit_refused", "round_id": rid, "at_s": at_s})
+            event: dict[str, Any] = {"event": "commit_refused", "round_id": rid, "at_s": at_s}
+            event.update({key: by_order[oid] for key, by_order in who.items() if oid in by_order})
+            view.events.append(event)
             if self._unserved(view, COMMIT_REFUSED):
                 ended.append(oid)
         return ended
@@ -223,3 +230,14 @@ class OrderIndex:
     def unfinished(self) -> list[OrderView]:
         """Orders accepted and not ended (a restart takes them up again), in arrival order."""
         return [v for v in self.orders.values() if not v.ended]
+
+
+def _bidders_by_order(field: Any) -> dict[str, list[str]]:
+    """``{bidder: [order ids]}`` from a journal record, turned around: order id -> bidders
+    (empty when the field is absent or not of that shape)."""
+    out: dict[str, list[str]] = {}
+    if isinstance(field, dict):
+        for aid, ids in field.items():
+            for oid in ids if isinstance(ids, list) else ():
+                out.setdefault(oid, []).append(aid)
+    return out

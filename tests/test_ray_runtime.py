@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from market.config import (
 from market.demand import generate_orders
 from market.journal import read_journal
 from market.journal_recorder import JournalRecorder
-from market.replay import replay, verify
+from market.replay import explain, replay, verify
 from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
 from market.round import Round, build_round
 from market.recorder import NullRecorder
@@ -481,11 +482,20 @@ def test_lying_about_capacity_makes_commits_refused_never_double_booked(bidders:
     assert rb.totals["orphaned_lines"] >= 1  # the liar's partners had committed
     assert rb.totals["cancelled_lines"] == rb.totals["orphaned_lines"] and not rb.orphaned
     assert_books_agree(core, bidders)
-    index, refused = OrderIndex(), set()
+    index, refused, cancelled = OrderIndex(), set(), Counter()
     for rec in read_journal(tmp_path / "liar.bhj"):
         index.apply(rec)
-        refused.update(rec.get("refused", ()) if rec["type"] == "hold_released" else ())
-    assert refused and all(any(e["event"] == "commit_refused" for e in index.orders[oid].events) for oid in refused)
+        if rec["type"] == "hold_released" and "refused" in rec:  # who refused, and whose line was undone
+            refused.update(rec["refused"])
+            assert rec["refused_by"] == {"crowd": rec["refused"]}
+            assert sorted(o for ids in rec["cancelled"].values() for o in ids) == sorted(rec["refused"])
+            cancelled.update({aid: len(ids) for aid, ids in rec["cancelled"].items()})
+    assert cancelled and sum(cancelled.values()) == rb.totals["cancelled_lines"]
+    for oid in refused:
+        event = next(e for e in index.orders[oid].events if e["event"] == "commit_refused")
+        assert event["refused_by"] == ["crowd"] and set(event["cancelled"]) <= set(cancelled)
+        rounds = explain(tmp_path / "liar.bhj", oid)["rounds"]
+        assert any("crowd then refused its commit" in r["verdict"] for r in rounds), rounds
     assert {oid: index.orders[oid].status for oid in core.ledger.orders} == \
         {oid: st.status for oid, st in core.ledger.orders.items()}
     assert replay(tmp_path / "liar.bhj").logged.report()["duplicate_awards"] == 0
@@ -510,6 +520,8 @@ def test_refused_commit_in_a_simulation_is_unserved_and_retried(bidders: dict[st
     logged = replay(tmp_path / "refused.bhj").logged.report()
     assert (logged["fulfilled"], logged["duplicate_awards"]) == (k.fulfilled, 0)
     assert logged["unfulfilled"] == dict(sorted(k.unfulfilled.items()))
+    refusals = [rec for rec in read_journal(tmp_path / "refused.bhj") if "refused" in rec]
+    assert refusals and all(rec["refused_by"] == {"crowd": rec["refused"]} for rec in refusals)
 
 
 def wait_gone(pid: int, timeout_s: float = 30.0) -> None:
