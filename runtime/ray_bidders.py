@@ -628,7 +628,7 @@ class RayBidders:
         for s in cancels:
             key = (aid, s.round_id)
             self._cancel_sends[key] += 1
-            if self._cancel_sends[key] <= MAX_CANCEL_SENDS:
+            if self._cancel_sends[key] < MAX_CANCEL_SENDS:
                 self._pending.setdefault(aid, []).append(s)
             else:
                 del self._cancel_sends[key]

@@ -237,6 +237,26 @@ from runtime.local_ray import local_ray  # noqa: E402
 from runtime.ray_bidders import RAY_BIDDER_ENV, RayBidders, spawn_bidders  # noqa: E402
 
 
+def test_a_lost_cancel_is_sent_again_then_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    """A cancel whose call is lost goes out again with the bidder's next call (cancelling is
+    idempotent), up to MAX_CANCEL_SENDS times; an acknowledged one settles `orphaned`."""
+    from agents.actor import Ack, Reply
+    from runtime.ray_bidders import MAX_CANCEL_SENDS
+
+    fleet = build_fleet(FLEET, SEED)
+    rb = RayBidders(fleet, {a.agent_id: object() for a in fleet.agents}, channels=False)  # no call is made
+    aid = fleet.agents[0].agent_id
+    cancel = Settle(4, None, 10.0, cancel=(0, 2))
+    rb.orphaned[aid] += 2
+    for sent in range(1, MAX_CANCEL_SENDS + 1):
+        rb._settled(aid, [cancel], ray.exceptions.ActorDiedError() if sent % 2 else None)  # died, then late
+        pending = rb._pending.pop(aid, [])
+        assert pending == ([cancel] if sent < MAX_CANCEL_SENDS else []), sent
+    assert "lost 3 times" in caplog.text and rb.orphaned[aid] == 2  # given up: the lines end with their jobs
+    rb._settled(aid, [cancel], Reply(aid, acks=[Ack(4, True, cancelled=2)]))
+    assert not rb.orphaned and rb.totals["cancelled_lines"] == 2
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, Any]]:
     """One loopback Ray cluster and eight bidder actors for the whole module.
