@@ -160,11 +160,28 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
 
 
 def stop_service(cluster: LocalRay) -> None:
-    """Shuts Serve down (the replica closes the journal, kills its bidders), then Ray."""
+    """Shuts Serve down (the replica closes the journal, kills its bidders), then Ray.
+
+    On the embedded cluster, deleting the app is enough: the replica shuts down gracefully
+    and the rest goes with the cluster. `serve.shutdown()` would have the controller end
+    its own shutdown call by killing itself, which Ray reports on the terminal as a failed
+    task ("(raylet) Task ServeController.graceful_shutdown failed...") on every stop. A
+    cluster joined through `RAY_ADDRESS` outlives us, so there Serve is shut down whole.
+    """
     try:
         from ray import serve
 
-        serve.shutdown()
+        if not cluster.embedded:
+            serve.shutdown()
+            return
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            serve.delete(APP_NAME)
+        except RayServeException:  # Serve never started: nothing of it to stop
+            pass
+        except Exception as err:  # noqa: BLE001 - a replica that hangs: Ray's shutdown ends it
+            logger.warning("the app did not stop by itself (%s); stopping Ray", err)
     finally:
         cluster.shutdown()
 
