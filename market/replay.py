@@ -552,11 +552,18 @@ def _refusal(rec: dict[str, Any]) -> Refused:
             or not isinstance(by, dict) or not all(isinstance(v, list) for v in by.values()):
         raise ReplayError(f"malformed {rec['type']} record at seq {rec['seq']}: 'refused' must be a list of order ids, "
                           "'refused_by' a map of bidder to order ids and 'round_id' an int")
-    per_order: dict[str, list[str]] = {}
-    for aid, ids in by.items():
-        for oid in ids:
-            per_order.setdefault(oid, []).append(aid)
-    return Refused(rec["round_id"], refused, per_order)
+    return Refused(rec["round_id"], refused, bidders_by_order(by))
+
+
+def bidders_by_order(field: Any) -> dict[str, list[str]]:
+    """A journal map of bidder to order ids (``hold_released.refused_by`` / ``.cancelled``)
+    turned around: order id -> bidders; empty when the field is absent or not that shape."""
+    out: dict[str, list[str]] = {}
+    if isinstance(field, dict):
+        for aid, ids in field.items():
+            for oid in ids if isinstance(ids, list) else ():
+                out.setdefault(oid, []).append(aid)
+    return out
 
 
 def quote_columns(rec: dict[str, Any], bidder_ids: tuple[str, ...]) -> QuoteColumns:

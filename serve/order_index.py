@@ -21,7 +21,7 @@ import numpy as np
 
 from market.book import QuoteColumns
 from market.engine import COMMIT_REFUSED
-from market.replay import quote_columns
+from market.replay import bidders_by_order, quote_columns
 
 PENDING, AWARDED, UNFULFILLED = "pending", "awarded", "unfulfilled"
 _OPEN_ROUNDS_KEPT = 4096  # rounds whose hold records may still come (they follow within a few rounds)
@@ -210,7 +210,7 @@ class OrderIndex:
         journal says (``refused_by``, ``cancelled``: Ray runtime, schema 3).
         """
         ended: list[str] = []
-        who = {key: _bidders_by_order(rec.get(key)) for key in ("refused_by", "cancelled")}
+        who = {key: bidders_by_order(rec.get(key)) for key in ("refused_by", "cancelled")}
         for oid in order_ids:
             view = self.orders.get(oid)
             if view is None or view._round != rid or view.status != PENDING:
@@ -230,14 +230,3 @@ class OrderIndex:
     def unfinished(self) -> list[OrderView]:
         """Orders accepted and not ended (a restart takes them up again), in arrival order."""
         return [v for v in self.orders.values() if not v.ended]
-
-
-def _bidders_by_order(field: Any) -> dict[str, list[str]]:
-    """``{bidder: [order ids]}`` from a journal record, turned around: order id -> bidders
-    (empty when the field is absent or not of that shape)."""
-    out: dict[str, list[str]] = {}
-    if isinstance(field, dict):
-        for aid, ids in field.items():
-            for oid in ids if isinstance(ids, list) else ():
-                out.setdefault(oid, []).append(aid)
-    return out
