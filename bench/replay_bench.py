@@ -220,11 +220,11 @@ class _Tape:
     """A recorder that keeps every hook call, to time a real recorder on them later."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
 
     def __getattr__(self, name: str) -> Any:
-        def hook(*args: Any) -> None:
-            self.calls.append((name, args))
+        def hook(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, args, kwargs))
         return hook
 
 
@@ -242,8 +242,8 @@ def _recorder_cost(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[
         for rep in range(reps):
             recorder = JournalRecorder(tmp / f"tape-{name}-{rep}.bhj", fsync=name)  # type: ignore[arg-type]
             t0 = time.perf_counter()
-            for hook, args in tape.calls:
-                getattr(recorder, hook)(*args)
+            for hook, args, kwargs in tape.calls:
+                getattr(recorder, hook)(*args, **kwargs)
             best = min(best, time.perf_counter() - t0)
         out[name] = {"us_per_round": round(best / rounds * 1e6, 1), "overhead": round(best / null_wall, 4)}
     return out
