@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,14 +26,22 @@ def _session_processes(sid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh dir with a short path (Ray's socket paths live under it), removed even if the test fails."""
+    tmp = Path(tempfile.mkdtemp(prefix="bh-", dir="/tmp"))
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bidders, stop", [("local", "sigterm"), ("ray", "ctrl-c")])
-def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: str) -> None:
+def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: str, short_tmp: Path) -> None:
     """SIGTERM to the command, or a terminal's Ctrl-C (SIGINT to the whole foreground process
     group, Ray's own processes included): exit 0, no process of the service left, and the
     embedded Ray's temp dir gone."""
     port = spare_port()
-    tmp = Path(tempfile.mkdtemp(prefix="bh-", dir="/tmp"))  # short: Ray's socket paths live under it
+    tmp = short_tmp
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(tmp)}
     proc = subprocess.Popen([str(BIN), "serve", "--bidders", bidders, "--port", str(port),
                              "--journal", str(tmp / "j.bhj")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -64,7 +73,6 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         time.sleep(0.5)
     assert _session_processes(proc.pid) == [], "processes of the service outlived it"
     assert sorted(p.name for p in tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
-    shutil.rmtree(tmp)
 
 
 @pytest.mark.parametrize("args, says", [
