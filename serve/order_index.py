@@ -13,7 +13,6 @@ last allowed attempt (an award whose commit was refused counts as unserved), and
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,17 +200,19 @@ class OrderIndex:
                 view = self.orders.get(oid)
                 if view is not None and view._round == rid:
                     view.events.append({"event": "released", "agents": agents, "at_s": rec["now_s"]})
-        return self._commits_refused(rid, rec.get("refused") or (), rec["now_s"], rec)
+        return self._commits_refused(rid, rec)
 
-    def _commits_refused(self, rid: int, order_ids: Iterable[str], at_s: float, rec: dict[str, Any]) -> list[str]:
-        """Awards of round `rid` that did not take: unserved after all (retried, or ended if out of attempts).
+    def _commits_refused(self, rid: int, rec: dict[str, Any]) -> list[str]:
+        """The awards of round `rid` a ``hold_released`` record says did not take (``refused``):
+        unserved after all (retried, or ended if out of attempts).
 
         The event names who refused and whose committed line was cancelled, where the
         journal says (``refused_by``, ``cancelled``: Ray runtime, schema 3).
         """
         ended: list[str] = []
+        at_s = rec["now_s"]
         who = {key: bidders_by_order(rec.get(key)) for key in ("refused_by", "cancelled")}
-        for oid in order_ids:
+        for oid in rec.get("refused") or ():
             view = self.orders.get(oid)
             if view is None or view._round != rid or view.status != PENDING:
                 continue
