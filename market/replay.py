@@ -548,20 +548,26 @@ class Refused:
 def _refusal(rec: dict[str, Any]) -> Refused:
     """A ``hold_released`` record's refused awards, checked."""
     refused, by = rec["refused"], rec.get("refused_by", {})
-    if not isinstance(refused, list) or not all(isinstance(o, str) for o in refused) or type(rec.get("round_id")) is not int \
-            or not isinstance(by, dict) or not all(isinstance(v, list) for v in by.values()):
+    if not _order_ids(refused) or type(rec.get("round_id")) is not int \
+            or not isinstance(by, dict) or not all(_order_ids(v) for v in by.values()):
         raise ReplayError(f"malformed {rec['type']} record at seq {rec['seq']}: 'refused' must be a list of order ids, "
                           "'refused_by' a map of bidder to order ids and 'round_id' an int")
     return Refused(rec["round_id"], refused, bidders_by_order(by))
 
 
+def _order_ids(value: Any) -> bool:
+    """Whether a journal field is a list of order ids."""
+    return isinstance(value, list) and all(isinstance(o, str) for o in value)
+
+
 def bidders_by_order(field: Any) -> dict[str, list[str]]:
     """A journal map of bidder to order ids (``hold_released.refused_by`` / ``.cancelled``)
-    turned around: order id -> bidders; empty when the field is absent or not that shape."""
+    turned around: order id -> bidders; a bidder whose entry is not a list of order ids,
+    or a field that is not a map, adds nothing."""
     out: dict[str, list[str]] = {}
     if isinstance(field, dict):
         for aid, ids in field.items():
-            for oid in ids if isinstance(ids, list) else ():
+            for oid in ids if _order_ids(ids) else ():
                 out.setdefault(oid, []).append(aid)
     return out
 

@@ -17,7 +17,7 @@ from market.config import load_fleet, load_profile, load_scenario
 from market.engine import LocalBidders, MarketEngine
 from market.journal import JournalWriter, TornTailWarning, journal_files, read_journal
 from market.journal_recorder import JournalRecorder
-from market.replay import JournalReplay, clear, explain, make_mechanism, replay, verify
+from market.replay import JournalReplay, bidders_by_order, clear, explain, make_mechanism, replay, verify
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
 from tests.factories import refuse_commits, untimed
@@ -424,6 +424,7 @@ def test_explain_names_the_winner(heuristic: tuple[Path, dict[str, Any]]) -> Non
         ("unknown_order", "is not in the journal"),
         ("bad_payment", "unknown payment rule"),
         ("bad_refused", "'refused' must be a list of order ids"),
+        ("bad_refused_by", "'refused_by' a map of bidder to order ids"),
     ],
 )
 def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heuristic: tuple[Path, dict[str, Any]],
@@ -452,11 +453,24 @@ def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heurist
                 rec["refused"] = [17]
         rewrite(path, tmp_path / "bad.bhj", edit)
         args = [str(tmp_path / "bad.bhj")]
+    elif case == "bad_refused_by":  # who refused, but not as order ids
+        def edit_by(rec: dict[str, Any]) -> None:
+            if rec["type"] == "hold_released" and rec["round_id"] == 5:
+                rec["refused"], rec["refused_by"] = ["o-x"], {"crowd": [["o-x"]]}
+        rewrite(path, tmp_path / "bad.bhj", edit_by)
+        args = [str(tmp_path / "bad.bhj")]
     out = bidhive("replay", *args)
     assert out.returncode not in (0, 1) or case == "corrupt" and out.returncode != 0
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_who_refused_is_turned_around_per_order_and_malformed_entries_add_nothing() -> None:
+    """The service's order index reads `refused_by` / `cancelled` this way, and must not stop on a bad entry."""
+    assert bidders_by_order({"crowd": ["o-1", "o-2"], "riders-a": ["o-2"]}) == {"o-1": ["crowd"], "o-2": ["crowd", "riders-a"]}
+    assert bidders_by_order({"crowd": [["o-1"]], "riders-a": "o-2", "wh": ["o-3"]}) == {"o-3": ["wh"]}
+    assert bidders_by_order(None) == bidders_by_order(["o-1"]) == {}
 
 
 def test_simulate_journal_then_replay_verify_json_and_plot(tmp_path: Path) -> None:
