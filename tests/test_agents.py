@@ -106,11 +106,9 @@ def test_rider_capacity_follows_commits_and_completions() -> None:
     f = fleet()
     riders = next(a for a in f.agents if a.agent_id == "riders-c")
     rnd = round_of(f, [order_at(0, 1.5, -1.0)])
-    riders.quote(rnd, 0.0, CostPricing(), 5.0)
-    line = AwardLine(1, "o0", 0, "wh-front-c", "riders-c", 3.0, 3.0, 240.0, 100.0, 900.0, 1.0, -1.0,
-                     float(rnd.x[0]), float(rnd.y[0]), 1, done_s=1000.0, on_time=True)
+    lines = _lines_for(riders.quote(rnd, 0.0, CostPricing(), 5.0), rnd, done_s=1000.0)
     free = riders.capacity_free()
-    riders.commit(1, [line], 0.0)
+    riders.commit(1, lines, 0.0)
     assert riders.capacity_free() == free - 1
     riders.advance(999.0)
     assert riders.capacity_free() == free - 1
