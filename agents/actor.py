@@ -58,8 +58,9 @@ AGENT_CLASSES: dict[Kind, type[Agent]] = {
     Kind.CROWD: CrowdCarrier,
     Kind.LOCKER: PickupLocker,
 }
-SNAPSHOT_VERSION = 3  # 2: the pending completions in a log beside the snapshot (agents.durable);
-#                        3: a warehouse job carries its stock, so it can be cancelled
+SNAPSHOT_VERSION = 4  # 2: the pending completions in a log beside the snapshot (agents.durable);
+#                        3: a warehouse job carries its stock, so it can be cancelled;
+#                        4: bookings in the log, arrays and generators packed, the spec pickled once
 #: Recent commits whose outcome a bidder remembers (and snapshots) for `commit_status`,
 #: asked right after the call carrying them failed: about 10 s of commits at 100 a second.
 COMMIT_MEMORY = 1024
@@ -219,6 +220,17 @@ class BidderHost:
         self.calls = 0
 
     # -- snapshots --------------------------------------------------------------------
+    @property
+    def spec(self) -> AgentSpec:
+        """What the agent is built from."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: AgentSpec) -> None:
+        self._spec = spec
+        # pickled once here, not at every save: its pydantic configs take about 10 µs
+        self._spec_blob = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
+
     def _load(self) -> Agent | None:
         """The last snapshot of this agent in the run's state dir (adopting its spec), if any."""
         store = self.store
@@ -229,12 +241,13 @@ class BidderHost:
         except Exception as err:  # noqa: BLE001 - a torn or foreign file: start fresh, loudly
             logger.warning("%s: unreadable snapshot in %s (%s); starting fresh", self.spec.agent_id, store.directory, err)
             return None
-        if snap.get("version") != SNAPSHOT_VERSION or snap["spec"].agent_id != self.spec.agent_id:
+        spec = pickle.loads(snap["spec"]) if snap.get("version") == SNAPSHOT_VERSION else None
+        if spec is None or spec.agent_id != self.spec.agent_id:
             logger.warning("%s: the snapshot in %s is not this agent's; starting fresh", self.spec.agent_id, store.directory)
             return None
         self.restored = True
         self.committed = snap["committed"]
-        self.spec = snap["spec"]
+        self.spec = spec
         self.strategy = resolve_strategy(self.spec.strategy)
         agent = thaw(snap["agent"], self.spec.env(), self.spec.agent)
         logger.warning("%s: restored from snapshot (%d units held, %d committed)",
@@ -243,7 +256,11 @@ class BidderHost:
 
     def _snapshot(self) -> None:
         if self.store is not None:
-            self.store.save({"version": SNAPSHOT_VERSION, "spec": self.spec, "committed": self.committed}, self.agent)
+            self.store.save(self.snapshot_header(), self.agent)
+
+    def snapshot_header(self) -> dict[str, Any]:
+        """What a save writes beside the agent: the format's version, the spec, the commit outcomes."""
+        return {"version": SNAPSHOT_VERSION, "spec": self._spec_blob, "committed": self.committed}
 
     @staticmethod
     def _reconstructed() -> bool:

@@ -72,9 +72,13 @@ class Agent(ABC):
 
     kind: ClassVar[Kind]
     #: Where a bidder host's snapshot store (`agents.durable`) has the agent record each
-    #: change to its pending completions: a job added (its heap entry) or finished (its
-    #: seq). None, and so free, everywhere else.
+    #: change to its pending completions: a job added (its heap entry), a committed line
+    #: booked to it (``((round, order index), seq)``) or a job finished (its seq). None,
+    #: and so free, everywhere else.
     completion_log: list[Any] | None = None
+    #: Attributes that only cache what the rest of the state gives: a snapshot leaves them
+    #: out (`agents.durable`), and a restored agent starts them empty (None).
+    CACHES: ClassVar[tuple[str, ...]] = ("_peeked",)
 
     def __init__(self, cfg: AgentCfg, env: AgentEnv) -> None:
         self.cfg = cfg
@@ -238,13 +242,21 @@ class Agent(ABC):
         self._on_release(hold.payload)
         for line in lines:
             self._commit_line(line, now, hold.payload)
-            self._booked[(round_id, line.order_idx)] = self._completion_seq
+            self.book((round_id, line.order_idx), self._completion_seq)
         self.committed_units += len(lines)
         if len(self._booked) > 2 * len(self._completions) + 64:
             self._prune_booked()
         for line in lines:
             self.recent_price += PRICE_ALPHA * (line.payment - self.recent_price)
         self._update_win_rate(len(lines) / max(1, hold.units))
+
+    def book(self, line: tuple[int, int], seq: int) -> None:
+        """Notes that the committed line (round, order index) scheduled job `seq`, so `cancel`
+        can find it. A bidder's store logs the booking beside the job instead of pickling
+        the whole map at every save (`agents.durable`)."""
+        self._booked[line] = seq
+        if self.completion_log is not None:
+            self.completion_log.append((line, seq))
 
     def _update_win_rate(self, won_share: float) -> None:
         self.win_rate += WIN_RATE_ALPHA * (won_share - self.win_rate)

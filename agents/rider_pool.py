@@ -22,6 +22,7 @@ class RiderPool(Agent):
 
     kind = Kind.RIDER_POOL
     cfg: RiderPoolCfg
+    CACHES = (*Agent.CACHES, "_sites")  # the sources within reach, recomputed when they change
 
     def __init__(self, cfg: RiderPoolCfg, env: AgentEnv) -> None:
         super().__init__(cfg, env)

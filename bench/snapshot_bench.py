@@ -10,7 +10,9 @@ in a service that has run for a while: a few thousand), this times:
   heap and a dict of the last 4,096 commit outcomes pickled, written to a temp file,
   renamed.
 - ``logged``: `SnapshotStore.save` after a commit that adds one job and finishes one
-  (the steady state: the log appends those two changes).
+  (the steady state: the log appends those changes and the new job's booking). Every
+  pending job is booked to its line, as `Agent.commit` books it, and the header is the
+  one the bidder writes (`BidderHost.snapshot_header`).
 - ``new_generation``: the same save when a new log generation is due (the heap whole,
   once per ``COMPACT_RATIO`` x N changes).
 
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agents.actor import COMMIT_MEMORY, SNAPSHOT_VERSION, AgentSpec, default_state_root, fleet_specs
+from agents.actor import COMMIT_MEMORY, AgentSpec, BidderHost, default_state_root, fleet_specs
 from agents.base import Agent
 from agents.durable import CommitMemory, SnapshotStore, freeze
 from bench.stats import machine
@@ -56,10 +58,16 @@ def _payload(agent: Agent, k: int) -> Any:
 
 
 def _agent(spec: AgentSpec, pending: int) -> Agent:
+    """The agent with `pending` committed jobs, each booked to its line as `Agent.commit` books it."""
     agent = spec.build()
     for k in range(pending):
-        agent.schedule_completion(60_000.0 + 3.7 * k, _payload(agent, k))
+        _add_job(agent, 60_000.0 + 3.7 * k, k)
     return agent
+
+
+def _add_job(agent: Agent, done_s: float, k: int) -> None:
+    agent.schedule_completion(done_s, _payload(agent, k))
+    agent.book((k, 0), agent._completion_seq)
 
 
 def _whole(directory: Path, spec: AgentSpec, agent: Agent, committed: dict[int, bool]) -> None:
@@ -89,12 +97,14 @@ def _one(directory: Path, kind: str, pending: int, reps: int) -> dict[str, Any]:
     committed = {r: True for r in range(BEFORE_COMMIT_MEMORY)}
     for r in range(COMMIT_MEMORY):
         memory[r] = True
-    header = {"version": SNAPSHOT_VERSION, "spec": spec, "committed": memory}
+    host = BidderHost(spec)
+    host.committed = memory
+    header = host.snapshot_header()  # what the bidder writes beside its agent
     store = SnapshotStore(directory, spec.agent_id)
     store.save(header, agent)
 
     def commit(k: int) -> None:  # one job added, the earliest one finished: the heap keeps its size
-        agent.schedule_completion(70_000.0 + k, _payload(agent, k))
+        _add_job(agent, 70_000.0 + k, PENDING[-1] + k)
         agent.advance(agent._completions[0][0])
 
     def logged(k: int) -> None:

@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,11 +32,14 @@ OPS = st.lists(
 )
 
 
-def _state(agent: Agent) -> tuple[bytes, list[Any]]:
-    """The agent's state as bytes, and its pending jobs in pop order (heap layouts may differ)."""
+def _state(agent: Agent) -> tuple[bytes, list[Any], dict[tuple[int, int], int]]:
+    """The agent's state as bytes, its pending jobs in pop order (heap layouts may differ),
+    and the bookings of those jobs (a booking of a job that ended can undo nothing)."""
     _, state = freeze(agent)
-    rest = {k: v for k, v in state.items() if k != "_completions"}
-    return pickle.dumps(rest), sorted(state["_completions"])
+    rest = {k: state[k] for k in sorted(state) if k not in ("_completions", "_booked")}
+    pending = {job[1] for job in state["_completions"]}
+    return pickle.dumps(rest), sorted(state["_completions"]), {
+        line: seq for line, seq in state["_booked"].items() if seq in pending}
 
 
 def _logs(directory: Path) -> list[str]:
@@ -78,14 +82,14 @@ def _check_restarts(ops: list[tuple[Any, ...]], directory: Path) -> None:
     agent, store = SPEC.build(), SnapshotStore(directory, SPEC.agent_id)
     saved = None
     for op in ops:
-        if op[0] == "push":
+        if op[0] == "push":  # a committed line: its job, booked as round 0's order `seq`
             agent.schedule_completion(op[1], (op[2], (), ()))
+            agent.book((0, agent._completion_seq), agent._completion_seq)
         elif op[0] == "advance":
             agent.advance(op[1])
         elif op[0] == "cancel":
             if agent._completions:
                 done_s, seq, _ = sorted(agent._completions)[op[1] % len(agent._completions)]
-                agent._booked[(0, seq)] = seq  # as if round 0's order `seq` had scheduled it
                 assert agent.cancel(0, [seq], agent.now_s) == int(done_s > agent.now_s)  # an ended job stays ended
         elif op[0] == "save":
             store.save({"version": 0}, agent)
@@ -169,3 +173,35 @@ def test_commit_memory_answers_the_latest_outcome_of_its_last_rounds() -> None:
     memory[5] = False  # the fifth outcome takes the oldest slot, round 1's
     assert memory.get(1) is None and memory.get(5) is False and len(memory) == 4
     assert pickle.loads(pickle.dumps(memory)).get(2) is True
+    again = pickle.loads(pickle.dumps(memory))
+    again[6], again[7] = True, False  # restored arrays are writable, and the ring goes on where it was
+    assert [again.get(r) for r in (2, 3, 5, 6, 7)] == [True, None, False, True, False]
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(7, dtype=np.int64), np.array([True, False, True]), np.linspace(0.0, 1.0, 6).reshape(2, 3),
+    np.zeros(0, dtype=np.float32), np.array(3.5), np.array(["a", "bc"]),
+])
+def test_an_agent_array_comes_back_equal_and_writable(array: np.ndarray) -> None:
+    """`freeze` stores arrays as raw bytes: same dtype, shape and values, and the agent may write to them."""
+    agent = SPEC.build()
+    agent.stock = array
+    restored = thaw(pickle.loads(pickle.dumps(freeze(agent))), SPEC.env(), SPEC.agent)
+    got = restored.stock
+    assert type(got) is np.ndarray and got.dtype == array.dtype and got.shape == array.shape
+    assert np.array_equal(got, array) and got.flags.writeable
+
+
+def test_an_object_array_is_pickled_as_it_is() -> None:
+    agent = SPEC.build()
+    agent.stock = np.array([{"a": 1}, None], dtype=object)
+    _, state = freeze(agent)
+    assert state["stock"] is agent.stock
+
+
+def test_a_restored_random_generator_draws_what_the_original_would() -> None:
+    agent = SPEC.build()
+    agent.rng.random(5)  # somewhere mid-stream
+    restored = thaw(pickle.loads(pickle.dumps(freeze(agent))), SPEC.env(), SPEC.agent)
+    assert np.array_equal(restored.rng.random(100), agent.rng.random(100))
+    assert restored.rng.integers(0, 10**9) == agent.rng.integers(0, 10**9)

@@ -214,6 +214,20 @@ def test_a_cancel_is_snapshotted_and_survives_a_restart(tmp_path: Path) -> None:
     assert again.agent.capacity_free() == free and not again.agent.busy.any()
 
 
+def test_a_line_committed_before_a_restart_can_still_be_cancelled(tmp_path: Path) -> None:
+    """Which job a committed line booked survives a restart (in the log, not the snapshot),
+    so a cancel that reaches the restarted bidder still frees its rider."""
+    host = BidderHost(RIDERS_W, str(tmp_path))
+    free = host.agent.capacity_free()
+    rnd, q = quote_round(host, 1)
+    k = commit_first(host, rnd, q)
+    again = BidderHost(RIDERS_W, str(tmp_path))
+    assert again.restored and again.agent.capacity_free() == free - 1
+    assert again.settle([Settle(1, None, rnd.opened_s + 0.1, cancel=(k,))])[0].cancelled == 1
+    assert again.agent.capacity_free() == free and not again.agent._completions
+    assert not BidderHost(RIDERS_W, str(tmp_path)).agent._completions  # and the cancel was saved
+
+
 def test_pipelined_core_matches_sequential_rounds_in_process() -> None:
     """The auctioneer core over in-process bidders: same awards as the engine's own rounds."""
     policy = make_policy("heuristic")
