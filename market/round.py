@@ -6,11 +6,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from market.geo import CityGrid
+from market.packing import packed_pickle
 from market.types import CATEGORY_CODES, Order, Tier
 
 UNKNOWN_SKU = -1
 
 
+@packed_pickle
 @dataclass(frozen=True, slots=True)
 class SourceSites:
     """The candidate sources every leg bidder may quote from (the fleet's warehouses)."""
@@ -25,6 +27,7 @@ class SourceSites:
         return self.category_ok[:, category]
 
 
+@packed_pickle
 @dataclass(frozen=True, slots=True)
 class Round:
     """One auction round. Arrays are indexed by the order's position in `orders`."""

@@ -10,6 +10,8 @@ from enum import StrEnum
 
 import numpy as np
 
+from market.packing import packed_pickle
+
 
 class Tier(StrEnum):
     """Customer tier; VIP orders clear first and may carry a hard promise."""
@@ -79,6 +81,7 @@ class Order:
         return sum(item.qty for item in self.items)
 
 
+@packed_pickle
 @dataclass(slots=True)
 class SourceQuote:
     """A warehouse's answer to one round: one row per order it can source."""
@@ -91,6 +94,7 @@ class SourceQuote:
     capacity: int  # orders it can still take this round (held until close)
 
 
+@packed_pickle
 @dataclass(slots=True)
 class LegQuote:
     """A last-mile bidder's answer: one row per (source, order) it can serve."""
