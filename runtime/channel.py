@@ -127,9 +127,9 @@ class ChannelServer:
                 msg = conn.recv_bytes()
             except (OSError, EOFError, TypeError):  # hung up (TypeError: closed under us by `close`)
                 break
-            method, args = pickle.loads(msg)  # from an authenticated auctioneer, as trusted as Ray's calls
             self.served += 1
             try:
+                method, args = pickle.loads(msg)  # from an authenticated auctioneer, as trusted as Ray's calls
                 out: tuple[bool, Any] = (True, self.dispatch(method, args))
             except Exception as err:  # noqa: BLE001 - the caller gets it, as Ray would hand it over
                 out = (False, f"{type(err).__name__}: {err}")
@@ -213,8 +213,12 @@ class Channel:
         """Takes every reply that has arrived off the socket; each answers the oldest pending call."""
         try:
             while self.pending:
-                ok, value = pickle.loads(self.conn.recv_bytes())
+                data = self.conn.recv_bytes()
                 ref = self.pending.popleft()
+                try:
+                    ok, value = pickle.loads(data)
+                except Exception as err:  # noqa: BLE001 - a reply this side cannot decode fails its call only
+                    ok, value = False, f"undecodable reply ({type(err).__name__}: {err})"
                 ref.resolve(value) if ok else ref.resolve(error=RemoteCallError(f"{self.name}: {value}"))
                 if not self.conn.poll(0):
                     return

@@ -19,6 +19,17 @@ from runtime.channel import Channel, ChannelBroken, ChannelServer, RemoteCallErr
 NODE = "node-a"
 
 
+def _explode() -> None:
+    raise ValueError("cannot be rebuilt here")
+
+
+class Undecodable:
+    """Pickles fine; unpickling it raises, on whichever side receives it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _explode, ()
+
+
 class Target:
     """Stands in for a bidder host: records the calls it ran, in order."""
 
@@ -36,6 +47,8 @@ class Target:
             return "slow done"
         if method == "boom":
             raise ValueError("bad round")
+        if method == "garbage":
+            return Undecodable()
         raise AttributeError(method)
 
 
@@ -68,6 +81,20 @@ def test_a_raising_method_fails_its_call_only(served: Any) -> None:
     with pytest.raises(RemoteCallError, match="ValueError: bad round"):
         channel.get(bad)
     assert channel.get(good) == "next"
+
+
+def test_a_message_that_cannot_be_decoded_fails_its_call_only(served: Any) -> None:
+    """A garbage bidder's reply that raises when unpickled is that call's error, not the round
+    loop's; so is a call the bidder cannot unpickle. The channel goes on serving."""
+    _, _, endpoint = served
+    ch = Channel.connect(endpoint, "b1")
+    bad_reply, bad_call, good = ch.garbage.remote(), ch.echo.remote(Undecodable()), ch.echo.remote("next")
+    assert channel.wait([bad_reply, bad_call, good], timeout=10)[1] == []
+    with pytest.raises(RemoteCallError, match="undecodable reply .ValueError: cannot be rebuilt here"):
+        channel.get(bad_reply)
+    with pytest.raises(RemoteCallError, match="ValueError: cannot be rebuilt here"):
+        channel.get(bad_call)
+    assert channel.get(good) == "next" and not ch.broken
 
 
 def test_a_slow_call_is_late_at_the_deadline_and_answers_after(served: Any) -> None:
