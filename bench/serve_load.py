@@ -19,6 +19,10 @@ checks the /metrics counters against what the clients saw (received = accepted, 
 = received, shed = `503`s, each up to the requests the generator abandoned at its hard
 stop). At 2x it also looks up every accepted order (`200`/`202`) with
 `GET /orders/{id}`: a lost order is one not found, or found in no known state.
+Each open-loop phase also gives the service's own latency view from its /metrics
+histograms (`service_latency`: accepted to answered, and each round's quote and settle
+times), beside the clients': the gap between the two is time spent before the service
+took the request or after it answered, a starved generator's included.
 
 Every phase also reports where the CPU went: CPU seconds per service role (Serve proxy,
 the `ServeReplica` with the desk and the round loop, bidder actors, Ray's daemons),
@@ -62,6 +66,7 @@ import httpx
 import numpy as np
 
 from bench.stats import machine
+from serve.metrics import LATENCY_BUCKETS_MS
 from serve.runner import spare_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,7 +306,11 @@ def _children_cpu_s() -> float:
 # -- the service's own view ----------------------------------------------------------------------
 def scrape(url: str) -> dict[str, float]:
     """/metrics as {name{labels}: value} (counters summed over labels under their bare name too)."""
-    text = httpx.get(f"{url}/metrics", timeout=30.0).text
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=30.0).text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as `scrape` returns it."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -357,6 +366,35 @@ def round_facts(before: dict[str, float], after: dict[str, float]) -> dict[str, 
                       - before.get('bidhive_bidder_calls_total{outcome="asked"}', 0.0)))
     return {"rounds": rounds, "orders_per_round": round(orders / rounds, 1) if rounds else None,
             "bidder_asks_per_order": round(asked / orders, 2) if orders else None}
+
+
+def histogram_view(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, Any]:
+    """A phase's share of a /metrics latency histogram: count, mean, and the bucket bound each
+    of p50, p95 and p99 falls under (None: above the last bound).
+
+    The service's own clock: `order_latency_ms` runs from an order's acceptance to its
+    answer being ready. What a client sees on top (the request's wait to be read, the HTTP
+    way, a starved load generator's delay in reading the answer) is the gap to the client's
+    figures.
+    """
+    key = f"bidhive_{name}"
+    cumulative = [after.get(f'{key}_bucket{{le="{b:g}"}}', 0.0) - before.get(f'{key}_bucket{{le="{b:g}"}}', 0.0)
+                  for b in LATENCY_BUCKETS_MS]
+    count = after.get(f"{key}_count", 0.0) - before.get(f"{key}_count", 0.0)
+    out: dict[str, Any] = {"count": int(round(count))}
+    if count <= 0:
+        return out | {"mean_ms": None, "p50_le_ms": None, "p95_le_ms": None, "p99_le_ms": None}
+    out["mean_ms"] = round((after.get(f"{key}_sum", 0.0) - before.get(f"{key}_sum", 0.0)) / count, 1)
+    for q in (50, 95, 99):
+        out[f"p{q}_le_ms"] = next((b for b, c in zip(LATENCY_BUCKETS_MS, cumulative) if c >= q / 100 * count), None)
+    return out
+
+
+def service_latency(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The service's view of the phase: orders (accepted to answered) and rounds (quote, settle)."""
+    return {"order": histogram_view(before, after, "order_latency_ms"),
+            "round_quote": histogram_view(before, after, "round_quote_ms"),
+            "round_settle": histogram_view(before, after, "round_settle_ms")}
 
 
 async def _lookup(url: str, ids: list[str], concurrency: int = 32) -> Counter[str]:
@@ -492,6 +530,7 @@ def open_phase(workdir: Path, service: Service, plan: Plan, name: str, rate: flo
     out["metrics_check"] = counter_check(before_metrics, after_metrics, _statuses(raw["records"]),
                                          raw["in_flight_at_stop"])
     out["rounds"] = round_facts(before_metrics, after_metrics)
+    out["service_latency"] = service_latency(before_metrics, after_metrics)
     if verify:
         out["lost_check"] = verify_accepted(service.url, raw["records"]) | {"abandoned": raw["in_flight_at_stop"]}
     return out
