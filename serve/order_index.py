@@ -200,7 +200,7 @@ class OrderIndex:
                 view = self.orders.get(oid)
                 if view is not None and view._round == rid:
                     view.events.append({"event": "released", "agents": agents, "at_s": rec["now_s"]})
-        return self._commits_refused(rid, rec)
+        return self._commits_refused(rid, rec) if rec.get("refused") else []  # a fault-free round: nothing to read
 
     def _commits_refused(self, rid: int, rec: dict[str, Any]) -> list[str]:
         """The awards of round `rid` a ``hold_released`` record says did not take (``refused``):
@@ -212,7 +212,7 @@ class OrderIndex:
         ended: list[str] = []
         at_s = rec["now_s"]
         who = {key: bidders_by_order(rec.get(key)) for key in ("refused_by", "cancelled")}
-        for oid in rec.get("refused") or ():
+        for oid in rec["refused"]:
             view = self.orders.get(oid)
             if view is None or view._round != rid or view.status != PENDING:
                 continue
