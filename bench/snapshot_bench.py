@@ -8,7 +8,8 @@ in a service that has run for a while: a few thousand), this times:
 
 - ``whole``: the scheme before, kept here as the reference: the agent's state with its
   heap and a dict of the last 4,096 commit outcomes pickled, written to a temp file,
-  renamed.
+  renamed. It goes through today's `freeze`, so the agent's arrays and generator are
+  packed (`market.packing`), which the scheme before did not do: a lower bound on it.
 - ``logged``: `SnapshotStore.save` after a commit that adds one job and finishes one
   (the steady state: the log appends those changes and the new job's booking). Every
   pending job is booked to its line, as `Agent.commit` books it, and the header is the
