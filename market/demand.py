@@ -71,7 +71,7 @@ def generate_orders(
     value = rng.lognormal(np.log(scenario.value_mean) - 0.18, 0.6, n_orders)
     locker_ok = rng.uniform(size=n_orders) < scenario.locker_ok_share
     customer = rng.integers(0, CUSTOMERS, n_orders)
-    draws = {c: _category_draws(catalogue, Category(c)) for c in cats}  # per order, it was 7% of an env reset
+    draws = {Category(c): _category_draws(catalogue, Category(c)) for c in cats}  # once a day: per order, 12% of this
     orders = []
     for i in range(n_orders):
         cat = Category(cats[category[i]])
@@ -83,7 +83,7 @@ def generate_orders(
                 customer_id=f"c-{customer[i]:05d}",
                 tier=tier,
                 channel=chans[channel[i]],
-                items=_items(catalogue, draws[cats[category[i]]], scenario, rng),
+                items=_items(catalogue, draws[cat], scenario, rng),
                 lat=float(lat[i]),
                 lon=float(lon[i]),
                 promise_s=float(t[i] + 60.0 * scenario.promise_min[tier.value]),
