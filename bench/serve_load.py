@@ -333,9 +333,13 @@ def drain(url: str, timeout_s: float) -> float:
     return round(time.monotonic() - started, 2)
 
 
+def _diff(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    """How much a /metrics series (its whole key, labels included) grew over the phase."""
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
 def _delta(before: dict[str, float], after: dict[str, float], name: str) -> int:
-    key = f"bidhive_{name}"
-    return int(round(after.get(key, 0.0) - before.get(key, 0.0)))
+    return int(round(_diff(before, after, f"bidhive_{name}")))
 
 
 def counter_check(before: dict[str, float], after: dict[str, float], statuses: Counter[int],
@@ -362,8 +366,7 @@ def round_facts(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     """How the phase's orders were traded: orders per round and bidder calls per order."""
     orders = _delta(before, after, "orders_received_total")
     rounds = _delta(before, after, "rounds_total")
-    asked = int(round(after.get('bidhive_bidder_calls_total{outcome="asked"}', 0.0)
-                      - before.get('bidhive_bidder_calls_total{outcome="asked"}', 0.0)))
+    asked = _delta(before, after, 'bidder_calls_total{outcome="asked"}')
     return {"rounds": rounds, "orders_per_round": round(orders / rounds, 1) if rounds else None,
             "bidder_asks_per_order": round(asked / orders, 2) if orders else None}
 
@@ -378,13 +381,12 @@ def histogram_view(before: dict[str, float], after: dict[str, float], name: str)
     figures.
     """
     key = f"bidhive_{name}"
-    cumulative = [after.get(f'{key}_bucket{{le="{b:g}"}}', 0.0) - before.get(f'{key}_bucket{{le="{b:g}"}}', 0.0)
-                  for b in LATENCY_BUCKETS_MS]
-    count = after.get(f"{key}_count", 0.0) - before.get(f"{key}_count", 0.0)
+    cumulative = [_diff(before, after, f'{key}_bucket{{le="{b:g}"}}') for b in LATENCY_BUCKETS_MS]
+    count = _diff(before, after, f"{key}_count")
     out: dict[str, Any] = {"count": int(round(count))}
     if count <= 0:
         return out | {"mean_ms": None, "p50_le_ms": None, "p95_le_ms": None, "p99_le_ms": None}
-    out["mean_ms"] = round((after.get(f"{key}_sum", 0.0) - before.get(f"{key}_sum", 0.0)) / count, 1)
+    out["mean_ms"] = round(_diff(before, after, f"{key}_sum") / count, 1)
     for q in (50, 95, 99):
         out[f"p{q}_le_ms"] = next((b for b, c in zip(LATENCY_BUCKETS_MS, cumulative) if c >= q / 100 * count), None)
     return out
