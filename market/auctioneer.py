@@ -234,11 +234,19 @@ class OrderState:
 
 
 class OrderLedger:
-    """Every order the auctioneer accepted and its state; enforces exactly one terminal state."""
+    """Every open order the auctioneer accepted and its state; enforces exactly one terminal state.
 
-    def __init__(self) -> None:
+    Args:
+        keep_ended: the most ended orders kept (a service runs for days); None keeps all.
+            A forgotten order is unknown: moving it again is still an error.
+    """
+
+    def __init__(self, keep_ended: int | None = None) -> None:
         self.orders: dict[str, OrderState] = {}
         self.open = 0
+        self.keep_ended = keep_ended
+        self._ended: collections.deque[str] = collections.deque()
+        self._forgotten: dict[str, int] = {}  # terminal status -> orders forgotten with it
 
     def submit(self, order_id: str) -> None:
         """Registers a new order (a known id is an error: idempotency lives above)."""
@@ -266,7 +274,7 @@ class OrderLedger:
         """Terminal: a source and a leg committed to it."""
         st = self._get(order_id)
         st.status, st.award, st.reason = AWARDED, (source_id, leg_id), ""
-        self.open -= 1
+        self._end(order_id)
 
     def unserved(self, order_id: str, reason: str, final: bool) -> None:
         """Not served in its round: queued again, or terminal when `final`."""
@@ -274,11 +282,20 @@ class OrderLedger:
         st.reason = reason
         st.status = UNFULFILLED if final else QUEUED
         if final:
-            self.open -= 1
+            self._end(order_id)
+
+    def _end(self, order_id: str) -> None:
+        self.open -= 1
+        if self.keep_ended is None:
+            return
+        self._ended.append(order_id)
+        while len(self._ended) > self.keep_ended:
+            status = self.orders.pop(self._ended.popleft()).status
+            self._forgotten[status] = self._forgotten.get(status, 0) + 1
 
     def counts(self) -> dict[str, int]:
-        """Orders per status."""
-        out: dict[str, int] = {}
+        """Orders per status, forgotten ones included."""
+        out = dict(self._forgotten)
         for st in self.orders.values():
             out[st.status] = out.get(st.status, 0) + 1
         return out
@@ -339,19 +356,21 @@ class AuctioneerCore:
         on_round: called with each settled round's `RoundRecord`, so a shell can export
             where a round's time went (quoting against settling).
         keep_records: the most recent rounds whose timing is kept (a service runs for days).
+        keep_ended: the most ended orders the ledger keeps (None: all; see `OrderLedger`).
     """
 
     def __init__(self, engine: MarketEngine, batch: BatchPolicy | None = None,
                  clock: Callable[[], float] = time.perf_counter, market: OrdersClock | None = None,
                  on_end: Callable[[list[str]], None] | None = None,
-                 on_round: Callable[[RoundRecord], None] | None = None, keep_records: int = 100_000) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None, keep_records: int = 100_000,
+                 keep_ended: int | None = None) -> None:
         self.engine = engine
         self.bidders = engine.bidders
         self.batch = batch or BatchPolicy()
         self.clock = clock
         self.pipelined = hasattr(self.bidders, "exchange")
         self.batcher = Batcher(self.batch.window_s, self.batch.max_batch)
-        self.ledger = OrderLedger()
+        self.ledger = OrderLedger(keep_ended)
         self.market = market or OrdersClock()
         self.records: collections.deque[RoundRecord] = collections.deque(maxlen=keep_records)
         self.on_end = on_end

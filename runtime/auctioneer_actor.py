@@ -53,6 +53,7 @@ class AuctioneerSpec:
         bidders: the region's bidder ids (None: the whole fleet).
         deadline_s: how long a round waits for quotes (wall clock).
         prefilter: skip bidders that cannot reach any order of the round.
+        keep_ended: the most ended orders the core's ledger keeps (None: all).
     """
 
     region_index: int
@@ -68,6 +69,7 @@ class AuctioneerSpec:
     quarantine_after: int = 3
     quarantine_rounds: int = 10
     prefilter: bool = True
+    keep_ended: int | None = None
 
 
 def region_fleet(fleet: Fleet, bidders: tuple[str, ...] | None) -> Fleet:
@@ -96,7 +98,8 @@ def build_core(spec: AuctioneerSpec, handles: dict[str, Any] | None, *, recorder
         seed=spec.seed + spec.region_index, hold_ttl_s=spec.hold_ttl_s, exact_every=0,
         recorder=recorder or NullRecorder(), _round_id=round_id_base(spec.region_index),
     )
-    return AuctioneerCore(engine, spec.batch, market=market, on_end=on_end, on_round=on_round)
+    return AuctioneerCore(engine, spec.batch, market=market, on_end=on_end, on_round=on_round,
+                          keep_ended=spec.keep_ended)
 
 
 class AuctioneerHost:

@@ -192,7 +192,8 @@ class BidhiveIngress:
         """The order, its award and its event timeline."""
         detail = self.desk.order(order_id)
         if detail is None:
-            return _problem(404, f"no order {order_id!r}")
+            return _problem(404, f"no order {order_id!r}: unknown, or older than the last "
+                                 f"{self.desk.cfg.retain_orders} ended orders this service keeps (retain_orders)")
         return JSONResponse(detail)
 
     @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS, dependencies=_AUTH)

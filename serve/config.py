@@ -50,6 +50,10 @@ class ServeCfg(Strict):
             for their round); about throughput x round time is enough.
         max_queued_requests: requests the proxy holds beyond those; the next get 503 +
             Retry-After at once, so an overload sheds instead of queueing into seconds.
+        retain_orders: the most ended orders `GET /orders/{id}` and their idempotency
+            keys still answer; older ones are forgotten in memory (the journal keeps
+            them: `bidhive replay J --order ID`), and a request repeating a forgotten
+            key is a new order. About 0.5 KB of memory each once archived.
         token: bearer token required on every route but `/healthz` (also `BIDHIVE_TOKEN`).
     """
 
@@ -70,6 +74,7 @@ class ServeCfg(Strict):
     max_queued_requests: int = Field(32, ge=1, le=100_000)
     reserve_base: float = Field(10.0, ge=0)
     reserve_share: float = Field(0.4, ge=0)
+    retain_orders: int = Field(1_000_000, ge=10_000, le=100_000_000)
     token: str | None = Field(None, min_length=8, max_length=512)
 
 

@@ -31,11 +31,11 @@ from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
-from serve.config import ServeCfg
+from serve.config import BatchCfg, ServeCfg
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.metrics import Metrics
 from serve.models import OrderIn
-from serve.order_index import OrderIndex
+from serve.order_index import HOT_ENDED, OrderIndex
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -74,11 +74,11 @@ class OrderDesk:
         self.cfg = cfg
         self.wall = wall
         self.fleet_cfg = load_fleet(cfg.fleet)
-        self.index = OrderIndex()
-        self.idem = IdempotencyStore()
+        self.index = OrderIndex(retain=cfg.retain_orders, hot=ended_kept_live(cfg.batch))
+        self.idem = IdempotencyStore(self.index.by_key)
         self.metrics = Metrics()
         self._lock = threading.Lock()
-        self._waiters: dict[str, tuple[Future[dict[str, Any]], float]] = {}  # the client's future, accepted at
+        self._waiters: dict[str, tuple[Future[dict[str, Any]], float, str | None]] = {}  # future, accepted at, key
         self._open = 0
         self._next = 0
         journal = Path(cfg.journal)
@@ -87,13 +87,13 @@ class OrderDesk:
             for rec in read_journal(journal):
                 self.index.apply(rec)
         self.epoch = float(self.index.config.get("epoch_unix") or math.floor(wall() / 86400.0) * 86400.0)
-        self._restore_keys()
         self.recorder = JournalRecorder(journal, fsync=cfg.fsync)
         self.recorder.writer.on_append = self._on_record
         self.profile = self._profile_to_resume()
         spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=self.profile,
                               seed=cfg.seed, name="serve", batch=cfg.batch.policy(),
-                              deadline_s=cfg.deadline_ms / 1000.0, hold_ttl_s=cfg.hold_ttl_s)
+                              deadline_s=cfg.deadline_ms / 1000.0, hold_ttl_s=cfg.hold_ttl_s,
+                              keep_ended=HOT_ENDED)  # the index answers for ended orders
         self.host = AuctioneerHost(spec, handles, start=False, recorder=self.recorder, on_end=self._ended,
                                    on_round=self._round_settled)
         self.recorder.run_started(self._run_info())
@@ -116,11 +116,6 @@ class OrderDesk:
         restart), else the configured one."""
         journaled = self.index.profile
         return journaled if self.index.segments and journaled in load_profiles() else self.cfg.profile
-
-    def _restore_keys(self) -> None:
-        for view in self.index.orders.values():
-            if view.key and view.body_hash:
-                self.idem.restore(view.key, view.body_hash, view.answer() if view.ended else None)
 
     def _resume(self) -> None:
         """Trades again the orders an earlier run accepted and did not end."""
@@ -169,18 +164,19 @@ class OrderDesk:
         self.recorder.flush()  # writes the round's hold commits and syncs: an award is on disk before anyone hears
         now = time.perf_counter()
         with self._lock:
-            answers = [(oid, self.index.orders[oid]) for oid in order_ids if oid in self.index.orders]
-            for oid, view in answers:
-                answer = view.answer()
-                if view.key and view.body_hash:
-                    self.idem.finish(view.key, answer)
+            for oid in order_ids:
+                answer = self.index.answer(oid)
+                if answer is None:
+                    continue
                 self._open -= 1
                 self.metrics.inc("orders_ended_total", help="Orders ended, by status and reason.",
-                                 status=view.status, reason=view.reason or "")
+                                 status=answer["status"], reason=answer["reason"] or "")
                 waiter = self._waiters.pop(oid, None)
                 if waiter is None:  # resumed from the journal after a restart: nobody waits here
                     continue
-                fut, accepted = waiter
+                fut, accepted, key = waiter
+                if key is not None:
+                    self.idem.release(key)
                 self.metrics.observe_ms("order_latency_ms", (now - accepted) * 1000.0,
                                         help="Order accepted to its answer ready, rounds and retries included (ms).")
                 if not fut.done():
@@ -209,7 +205,7 @@ class OrderDesk:
                 return self._accept(order, digest, key)
             except BaseException:
                 if key is not None:
-                    self.idem.abandon(key)
+                    self.idem.release(key)
                 raise
 
     def _accept(self, body: OrderIn, digest: str, key: str | None) -> Placed:
@@ -220,11 +216,11 @@ class OrderDesk:
             raise DeskError(503, f"overloaded: {self._open} orders in the market; retry shortly", retry_after_s=1)
         self._check(body)
         oid = body.order_id or self._new_id()
-        if oid in self.index.orders or oid in self._waiters:
+        if self.index.knows(oid) or oid in self._waiters:
             raise DeskError(409, f"order_id {oid} already exists")
         order = body.to_order(oid, self.market_now(), self.cfg.reserve_base, self.cfg.reserve_share)
         fut: Future[dict[str, Any]] = Future()
-        self._waiters[oid] = (fut, time.perf_counter())
+        self._waiters[oid] = (fut, time.perf_counter(), key)
         self._open += 1
         self.recorder.tag_order(oid, idempotency_key=key, body_hash=digest)
         self.host.submit([order])
@@ -234,7 +230,7 @@ class OrderDesk:
         while True:
             self._next += 1
             oid = f"o-{self.segment}-{self._next:07d}"
-            if oid not in self.index.orders:
+            if not self.index.knows(oid):
                 return oid
 
     def _check(self, body: OrderIn) -> None:
@@ -254,14 +250,9 @@ class OrderDesk:
         self.recorder.writer.flush()
 
     def order(self, order_id: str) -> dict[str, Any] | None:
-        """The order, its answer and its timeline, or None."""
+        """The order, its answer and its timeline, or None (unknown, or past `retain_orders`)."""
         with self._lock:
-            view = self.index.orders.get(order_id)
-            if view is None:
-                return None
-            detail = view.detail()
-            detail["events"] = [dict(e) for e in view.events]
-            return detail
+            return self.index.detail(order_id)
 
     def set_profile(self, name: str, timeout_s: float = 10.0) -> dict[str, str]:
         """Switches the scoring profile between two rounds, journaled."""
@@ -291,7 +282,8 @@ class OrderDesk:
         quarantined = bidders.quarantined() if hasattr(bidders, "quarantined") else []
         ok = self.host.alive and up > 0
         with self._lock:
-            facts = {"open_orders": self._open, "orders": len(self.index.orders), "rounds": self.index.rounds,
+            facts = {"open_orders": self._open, "orders": len(self.index),
+                     "orders_forgotten": self.index.forgotten, "rounds": self.index.rounds,
                      "profile": self.index.profile, "segment": self.segment}
         return ok, {"status": "ok" if ok else "degraded", "auctioneer": "running" if self.host.alive else "stopped",
                     "bidders": {"total": len(alive), "answering": up, "quarantined": quarantined,
@@ -315,6 +307,10 @@ class OrderDesk:
         channel_events = dict(getattr(bidders, "channel_events", {}))
         with self._lock:
             m.set("open_orders", float(self._open), help="Orders accepted and not yet ended.")
+            m.set("orders_kept", float(len(self.index)),
+                  help="Orders GET /orders/{id} and their idempotency keys still answer (retain_orders).")
+            m.set_total("orders_forgotten_total", float(self.index.forgotten),
+                        help="Ended orders past retain_orders: no longer answered; the journal still has them.")
             for ms in gc_pauses.take_pauses():
                 m.observe_ms("gc_full_pause_ms", ms, help="Pauses of this process's full garbage collections.")
             m.set("gc_frozen_objects", float(gc_pauses.frozen()),
@@ -335,6 +331,12 @@ class OrderDesk:
         """Stops the round loop and closes the journal (waiting clients get no answer)."""
         self.host.stop()
         self.recorder.close()
+
+
+def ended_kept_live(batch: BatchCfg) -> int:
+    """How many ended orders the index keeps as live views: a round's hold records come
+    after its orders have ended, with the other rounds in flight between (twice that)."""
+    return max(HOT_ENDED, 2 * batch.max_batch * batch.max_rounds_per_call * batch.in_flight)
 
 
 def spawn_fleet(cfg: ServeCfg) -> tuple[dict[str, Any], str]:

@@ -1,20 +1,15 @@
 """Idempotency keys: one auction per key, the same answer for the same request.
 
-Pure state machine; the service persists its transitions in the journal, so the
-store rebuilds after a restart from the same records it wrote.
+Pure state machine. The journal holds every key with its order, so the order index
+answers for a key once its request is journaled; this store covers the moment before
+that, and a restart needs nothing from it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Callable
 from typing import Any
-
-
-class KeyState(Enum):
-    IN_FLIGHT = "in_flight"
-    DONE = "done"
 
 
 class IdempotencyConflict(Exception):
@@ -26,11 +21,8 @@ class IdempotencyConflict(Exception):
         self.detail = detail
 
 
-@dataclass
-class Entry:
-    body_hash: str
-    state: KeyState
-    response: dict[str, Any] | None = None
+#: A placed key's body hash and answer (None while its order is pending), or None for a new key.
+Lookup = Callable[[str], "tuple[str, dict[str, Any] | None] | None"]
 
 
 def body_hash(body: dict[str, Any]) -> str:
@@ -40,13 +32,22 @@ def body_hash(body: dict[str, Any]) -> str:
 
 
 class IdempotencyStore:
-    """Key -> (body hash, state, response)."""
+    """Keys claimed by a request whose order is not yet journaled and ended.
 
-    def __init__(self) -> None:
-        self._entries: dict[str, Entry] = {}
+    Once an order has ended, the order index answers for its key (`placed`), so the
+    store itself only holds the keys in flight and stays small however long the
+    service runs.
+
+    Args:
+        placed: the journal's view of a key (`OrderIndex.by_key`).
+    """
+
+    def __init__(self, placed: Lookup = lambda key: None) -> None:
+        self._claims: dict[str, str] = {}  # key -> body hash
+        self._placed = placed
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._claims)
 
     def begin(self, key: str, digest: str) -> dict[str, Any] | None:
         """Claims `key` for a new request, or returns the stored answer to replay.
@@ -55,28 +56,19 @@ class IdempotencyStore:
             IdempotencyConflict: 422 when the key was used with another body,
                 409 while the first request with the key is still in flight.
         """
-        entry = self._entries.get(key)
-        if entry is None:
-            self._entries[key] = Entry(digest, KeyState.IN_FLIGHT)
+        claimed = self._claims.get(key)
+        placed = (claimed, None) if claimed is not None else self._placed(key)
+        if placed is None:
+            self._claims[key] = digest
             return None
-        if entry.body_hash != digest:
+        stored_digest, answer = placed
+        if stored_digest != digest:
             raise IdempotencyConflict(422, "Idempotency-Key was already used with a different request body")
-        if entry.state is KeyState.IN_FLIGHT:
+        if answer is None:
             raise IdempotencyConflict(409, "a request with this Idempotency-Key is still in flight")
-        return entry.response
+        return answer
 
-    def finish(self, key: str, response: dict[str, Any]) -> None:
-        """Stores the answer for `key`."""
-        entry = self._entries[key]
-        entry.state, entry.response = KeyState.DONE, response
-
-    def abandon(self, key: str) -> None:
-        """Frees a key whose request failed before anything was decided."""
-        entry = self._entries.get(key)
-        if entry is not None and entry.state is KeyState.IN_FLIGHT:
-            del self._entries[key]
-
-    def restore(self, key: str, digest: str, response: dict[str, Any] | None) -> None:
-        """Replays a journaled transition when rebuilding after a restart."""
-        state = KeyState.IN_FLIGHT if response is None else KeyState.DONE
-        self._entries[key] = Entry(digest, state, response)
+    def release(self, key: str) -> None:
+        """Drops the claim on `key`: its order has ended (and `placed` answers for it now), or
+        its request failed before anything was decided (and the key is free again)."""
+        self._claims.pop(key, None)

@@ -9,10 +9,16 @@ An order is ``awarded`` once the round that chose it has journaled its hold comm
 (the service answers only then), ``unfulfilled`` once a round left it unserved on its
 last allowed attempt (an award whose commit was refused counts as unserved), and
 ``pending`` otherwise.
+
+A service runs for days, so the index keeps what it holds bounded: an ended order stays a
+live view for the next `HOT_ENDED` ended orders (the records of its round come within a
+few rounds), then moves to an `OrderArchive` (compressed), and past `retain` ended orders
+it is forgotten, its idempotency key with it. The same records give the same index, so a
+restart forgets exactly what the live service had forgotten.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +27,12 @@ import numpy as np
 from market.book import QuoteColumns
 from market.engine import COMMIT_REFUSED
 from market.replay import bidders_by_order, quote_columns
+from serve.order_archive import OrderArchive
 
 PENDING, AWARDED, UNFULFILLED = "pending", "awarded", "unfulfilled"
 _OPEN_ROUNDS_KEPT = 4096  # rounds whose hold records may still come (they follow within a few rounds)
+HOT_ENDED = 4096  # ended orders kept as live views before they are archived
+ANSWER_FIELDS = ("order_id", "status", "reason", "award", "auction")  # `OrderView.answer`'s keys
 
 
 @dataclass
@@ -50,8 +59,7 @@ class OrderView:
 
     def answer(self) -> dict[str, Any]:
         """The `POST /orders` body (an `OrderOut`)."""
-        return {"order_id": self.order_id, "status": self.status, "reason": self.reason,
-                "award": self.award, "auction": self.auction}
+        return {k: getattr(self, k) for k in ANSWER_FIELDS}
 
     def detail(self) -> dict[str, Any]:
         """The `GET /orders/{id}` body: the answer, the order and its timeline."""
@@ -60,6 +68,11 @@ class OrderView:
 
 _ORDER_FIELDS = ("customer_id", "tier", "channel", "items", "lat", "lon", "created_s", "promise_s", "value",
                  "category", "locker_ok", "reserve")
+
+
+def _answer_of(detail: dict[str, Any]) -> dict[str, Any]:
+    """The `POST /orders` body inside a `GET /orders/{id}` body."""
+    return {k: detail[k] for k in ANSWER_FIELDS}
 
 
 def _quoted_by_order(quotes: QuoteColumns, n_orders: int) -> list[list[str]]:
@@ -74,11 +87,20 @@ def _quoted_by_order(quotes: QuoteColumns, n_orders: int) -> list[list[str]]:
 
 
 class OrderIndex:
-    """Order views, idempotency keys and the run's facts, from journal records in order."""
+    """Order views, idempotency keys and the run's facts, from journal records in order.
 
-    def __init__(self) -> None:
-        self.orders: dict[str, OrderView] = {}
-        self.keys: dict[str, str] = {}  # idempotency key -> order id
+    Args:
+        retain: the most ended orders kept answerable (live or archived); None keeps all.
+        hot: the ended orders kept as live views before they are archived.
+    """
+
+    def __init__(self, retain: int | None = None, hot: int = HOT_ENDED) -> None:
+        self.orders: dict[str, OrderView] = {}  # pending orders and the last `hot` ended ones
+        self.keys: dict[str, str] = {}  # idempotency key -> order id (kept orders only)
+        self.archive = OrderArchive()
+        self.retain, self.hot = retain, hot
+        self.forgotten = 0
+        self._ended: deque[str] = deque()  # ended orders still in `orders`, oldest first
         self.segments = 0
         self.rounds = 0
         self.profile = ""
@@ -92,7 +114,25 @@ class OrderIndex:
     def apply(self, rec: dict[str, Any]) -> list[str]:
         """Takes one journal record; returns the ids of orders it ended."""
         handler = getattr(self, "_" + str(rec.get("type")), None)
-        return handler(rec) or [] if handler is not None else []
+        ended: list[str] = (handler(rec) or []) if handler is not None else []
+        if ended:
+            self._ended.extend(ended)
+            self._cool()
+        return ended
+
+    def _cool(self) -> None:
+        """Archives the ended views past `hot`, then forgets the archive's oldest past `retain`."""
+        while len(self._ended) > self.hot:
+            oid = self._ended.popleft()
+            view = self.orders.get(oid)
+            if view is not None and view.ended:  # a schema-1 journal may have traded it again
+                del self.orders[oid]
+                self.archive.put(oid, view.key, view.body_hash, view.detail())
+        while self.retain is not None and len(self.archive) and len(self.archive) + len(self._ended) > self.retain:
+            oid, key = self.archive.pop_oldest()
+            if key is not None and self.keys.get(key) == oid:
+                del self.keys[key]
+            self.forgotten += 1
 
     def _run_started(self, rec: dict[str, Any]) -> None:
         self.segments += 1
@@ -228,6 +268,44 @@ class OrderIndex:
         self.profile = str(rec.get("name") or "custom")
 
     # -- queries ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Orders kept: pending, live and archived."""
+        return len(self.orders) + len(self.archive)
+
+    def knows(self, order_id: str) -> bool:
+        """Whether the order is kept (pending, live or archived)."""
+        return order_id in self.orders or order_id in self.archive
+
+    def detail(self, order_id: str) -> dict[str, Any] | None:
+        """The `GET /orders/{id}` body of a kept order, or None (unknown or forgotten)."""
+        view = self.orders.get(order_id)
+        if view is not None:
+            return {**view.detail(), "events": [dict(e) for e in view.events]}
+        archived = self.archive.get(order_id)
+        return archived[2] if archived is not None else None
+
+    def answer(self, order_id: str) -> dict[str, Any] | None:
+        """The `POST /orders` body of a kept order, or None."""
+        view = self.orders.get(order_id)
+        if view is not None:
+            return view.answer()
+        archived = self.archive.get(order_id)
+        return _answer_of(archived[2]) if archived is not None else None
+
+    def by_key(self, key: str) -> tuple[str, dict[str, Any] | None] | None:
+        """The body hash and the answer (None while pending) of the kept order placed with
+        `key`; None when there is none (or its journal did not record the body hash)."""
+        oid = self.keys.get(key)
+        view = self.orders.get(oid) if oid is not None else None
+        if view is not None:
+            digest, answer = view.body_hash, view.answer() if view.ended else None
+        else:
+            archived = self.archive.get(oid) if oid is not None else None
+            if archived is None:
+                return None
+            digest, answer = archived[1], _answer_of(archived[2])
+        return (digest, answer) if digest is not None else None
+
     def unfinished(self) -> list[OrderView]:
         """Orders accepted and not ended (a restart takes them up again), in arrival order."""
         return [v for v in self.orders.values() if not v.ended]

@@ -113,7 +113,7 @@ def test_an_order_is_awarded_and_its_timeline_tells_the_story(svc: Service) -> N
 
 def test_an_unknown_order_is_404(svc: Service) -> None:
     r = svc.client.get("/orders/nope", headers=AUTH)
-    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    assert r.status_code == 404 and "nope" in r.json()["detail"] and "retain_orders" in r.json()["detail"]
 
 
 # -- malformed input -----------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_bad_orders_name_the_field(patch: dict, field: str) -> None:
 
 
 def test_idempotency_state_machine() -> None:
-    store = IdempotencyStore()
+    placed: dict[str, tuple[str, dict | None]] = {}  # what the order index knows of each key
+    store = IdempotencyStore(placed.get)
     h = body_hash(GOOD)
     assert store.begin("k", h) is None
     with pytest.raises(IdempotencyConflict) as busy:
@@ -60,8 +61,17 @@ def test_idempotency_state_machine() -> None:
     with pytest.raises(IdempotencyConflict) as other:
         store.begin("k", body_hash({**GOOD, "value": 1.0}))
     assert other.value.status == 422
-    store.finish("k", {"order_id": "o-1", "status": "awarded"})
+    placed["k"] = (h, None)  # journaled, still pending after the claim is gone (a restart): in flight
+    store.release("k")
+    with pytest.raises(IdempotencyConflict) as pending:
+        store.begin("k", h)
+    assert pending.value.status == 409
+    placed["k"] = (h, {"order_id": "o-1", "status": "awarded"})
     assert store.begin("k", h) == {"order_id": "o-1", "status": "awarded"}
+    with pytest.raises(IdempotencyConflict) as ended_other:
+        store.begin("k", "another body")
+    assert ended_other.value.status == 422
+    assert len(store) == 0
 
 
 @given(st.dictionaries(st.text(max_size=5), st.integers(), max_size=5))
