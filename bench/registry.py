@@ -10,6 +10,7 @@ BENCHMARKS = {
     "clearing": "bench.clearing",
     "peakday": "bench.peakday",
     "replay": "bench.replay_bench",
+    "retention": "bench.retention_bench",
     "journal": "bench.journal_bench",
     "journal-ablation": "bench.journal_ablation",
     "journal-instructions": "bench.journal_instructions",

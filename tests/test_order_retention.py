@@ -124,3 +124,13 @@ def test_the_ledger_forgets_ended_orders_but_counts_them() -> None:
         ledger.awarded(f"o-{i}", "wh", "riders")
     assert set(ledger.orders) == {"o-2", "o-3", "o-4"} and ledger.open == 1
     assert ledger.counts() == {AWARDED: 4, "in_round": 1}
+
+
+def test_the_retention_bench_measures_what_it_says() -> None:
+    from bench.retention_bench import run
+
+    result = run(quick=True)
+    last = {arm: runs[-1] for arm, runs in result["arms"].items()}
+    assert all(r["orders"] == result["orders"] for r in last.values())
+    assert last["archived"]["archived"] == result["orders"] and last["live"]["archived"] == 0
+    assert last["archived"]["index_bytes_per_order"] < last["live"]["index_bytes_per_order"] / 3
