@@ -266,6 +266,9 @@ def test_metrics_speak_prometheus(svc: Service) -> None:
     assert value["bidhive_bidder_channels"] == 9  # the district fleet's 9 bidders, all on this node
     assert value['bidhive_bidder_channel_events_total{event="opened"}'] == 9
     assert value['bidhive_bidder_channel_events_total{event="broken"}'] == 0
+    health = svc.client.get("/healthz").json()
+    assert value["bidhive_orders_kept"] == health["orders"] > 0 and health["orders_forgotten"] == 0
+    assert value["bidhive_orders_forgotten_total"] == 0
     # where the time went: every settled round in both phase histograms, every ended order timed once
     settled = value["bidhive_round_quote_ms_count"]
     assert 0 < settled == value["bidhive_round_settle_ms_count"] <= value["bidhive_rounds_total"]
