@@ -1,66 +1,104 @@
 """Ended orders, compressed: what lets the service answer old orders and keys in bounded memory.
 
 An ended order as live Python objects (its view, the dicts of its award and timeline)
-takes about 3.8 KB; the same order as one zlib-compressed msgpack blob takes about
-0.25 KB, and a bytes object is nothing the garbage collector walks. The order index
-moves orders here once no journal record can still touch them.
+takes about 3 KB; packed with msgpack and compressed with its neighbours, about 0.2 KB,
+and a bytes object is nothing the garbage collector walks. The order index moves
+orders here once no journal record can still touch them.
 
-The blobs share a preset dictionary: the first order archived. Orders of one service
-repeat the same field names, event names and bidder ids, so that first order is what
-makes a 1.2 KB record compress to a fifth instead of a half.
+Orders are compressed `CHUNK` at a time, not one by one. zlib releases the GIL while it
+compresses, and in the service's replica every release can leave the round loop waiting
+for another thread's switch interval (up to 5 ms) to get it back: one release per order
+cost the loop about 50 µs an order in a profile, against 13 µs of work. A chunk also
+compresses better than one order with a preset dictionary (207 against 221 bytes), at
+4.7 µs an order. Reading one order back inflates its chunk (about 0.14 ms).
 """
 from __future__ import annotations
 
+import itertools
 import zlib
+from array import array
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-# fast; raw deflate (no header: the dictionary is known); a 4 KB window covers the dictionary
-# and a record, and sets up in 13 µs against 17 µs for the default 32 KB (1.2 KB records)
-_LEVEL, _WBITS, _MEM_LEVEL = 1, -12, 8
+CHUNK = 64  # orders compressed together
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    blob: bytes  # the chunk's records back to back, zlib-compressed
+    ends: array  # where each record ends in the inflated bytes
+    order_ids: tuple[str, ...]
+    keys: tuple[str | None, ...]
 
 
 class OrderArchive:
-    """Order id -> (idempotency key, body hash, `GET /orders/{id}` body), oldest first."""
+    """Order id -> (idempotency key, body hash, `GET /orders/{id}` body), oldest first.
 
-    def __init__(self) -> None:
-        self._blobs: dict[str, bytes] = {}
-        self._age: deque[str] = deque()
-        self._zdict: bytes | None = None
+    Every order gets the next number; numbers below `_gone` are forgotten. A chunk is
+    dropped once all its orders are forgotten.
+    """
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self._chunk = chunk
+        self._number: dict[str, int] = {}  # order id -> its number
+        self._sealed: deque[_Chunk] = deque()
+        self._first = 0  # the number of the first order of the oldest chunk (sealed or open)
+        self._open: list[tuple[str, str | None, bytes]] = []  # order id, key, record: not yet compressed
+        self._next = 0
+        self._gone = 0
 
     def __len__(self) -> int:
-        return len(self._blobs)
+        return len(self._number)
 
     def __contains__(self, order_id: object) -> bool:
-        return order_id in self._blobs
+        return order_id in self._number
+
+    def stored_bytes(self) -> int:
+        """The bytes of the records held, compressed or not yet (forgotten ones in a kept chunk too)."""
+        return sum(len(c.blob) for c in self._sealed) + sum(len(r[2]) for r in self._open)
 
     def put(self, order_id: str, key: str | None, digest: str | None, detail: dict[str, Any]) -> None:
         """Archives an ended order (the newest)."""
-        packed = msgpack.packb(key) + msgpack.packb(digest) + msgpack.packb(detail)
-        if self._zdict is None:
-            self._zdict = packed
-        deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, _MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, self._zdict)
-        self._blobs[order_id] = deflate.compress(packed) + deflate.flush()
-        self._age.append(order_id)
+        self._number[order_id] = self._next
+        self._next += 1
+        self._open.append((order_id, key, msgpack.packb((key, digest, detail))))
+        if len(self._open) == self._chunk:
+            self._seal()
+
+    def _seal(self) -> None:
+        records = [r[2] for r in self._open]
+        self._sealed.append(_Chunk(zlib.compress(b"".join(records), 1), array("I", itertools.accumulate(map(len, records))),
+                                   tuple(r[0] for r in self._open), tuple(r[1] for r in self._open)))
+        self._open = []
 
     def get(self, order_id: str) -> tuple[str | None, str | None, dict[str, Any]] | None:
         """The order's key, body hash and detail, or None if it is not here."""
-        blob = self._blobs.get(order_id)
-        if blob is None:
+        number = self._number.get(order_id)
+        if number is None:
             return None
-        key, digest, detail = self._unpacker(blob)
+        c, i = divmod(number - self._first, self._chunk)
+        if c == len(self._sealed):
+            record = self._open[i][2]
+        else:
+            chunk = self._sealed[c]
+            record = zlib.decompress(chunk.blob)[chunk.ends[i - 1] if i else 0:chunk.ends[i]]
+        key, digest, detail = msgpack.unpackb(record)
         return key, digest, detail
 
     def pop_oldest(self) -> tuple[str, str | None]:
         """Forgets the oldest order; returns its id and key."""
-        order_id = self._age.popleft()
-        key = next(self._unpacker(self._blobs.pop(order_id)))
+        i = self._gone - self._first
+        self._gone += 1
+        if self._sealed:
+            chunk = self._sealed[0]
+            order_id, key = chunk.order_ids[i], chunk.keys[i]
+            if i == self._chunk - 1:
+                self._sealed.popleft()
+                self._first += self._chunk
+        else:
+            order_id, key, _ = self._open[i]
+        del self._number[order_id]
         return order_id, key
-
-    def _unpacker(self, blob: bytes) -> msgpack.Unpacker:
-        inflate = zlib.decompressobj(_WBITS, self._zdict or b"")
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        unpacker.feed(inflate.decompress(blob) + inflate.flush())
-        return unpacker

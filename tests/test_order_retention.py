@@ -16,13 +16,14 @@ from serve.config import BatchCfg, ServeCfg
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
 from serve.models import OrderIn
+from serve.order_archive import OrderArchive
 from serve.order_index import OrderIndex
 
 BODY: dict[str, Any] = {
     "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
     "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,
 }
-N_ORDERS = 48
+N_ORDERS = 144  # two chunks of the archive and part of a third
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def test_the_archive_is_a_fraction_of_the_live_views(journal: Path) -> None:
     live, _ = _index(journal)
     archived, _ = _index(journal, hot=0)
     assert len(archived.orders) == 0 and len(archived.archive) == N_ORDERS
-    blob_bytes = sum(len(b) for b in archived.archive._blobs.values())
+    blob_bytes = archived.archive.stored_bytes()
     view_bytes = sum(len(json.dumps(v.detail())) for v in live.orders.values())
     assert blob_bytes < view_bytes / 3, (blob_bytes, view_bytes)
 
@@ -134,3 +135,25 @@ def test_the_retention_bench_measures_what_it_says() -> None:
     assert all(r["orders"] == result["orders"] for r in last.values())
     assert last["archived"]["archived"] == result["orders"] and last["live"]["archived"] == 0
     assert last["archived"]["index_bytes_per_order"] < last["live"]["index_bytes_per_order"] / 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.just("pop"), st.integers(0, 3)), max_size=40), st.integers(1, 4))
+def test_the_archive_is_a_first_in_first_out_store(steps: list[Any], chunk: int) -> None:
+    """Whatever the chunk size and the mix of puts and forgets, each kept order reads back
+    exactly as put, and forgetting goes oldest first."""
+    archive, model, n = OrderArchive(chunk=chunk), {}, 0
+    for step in steps:
+        if step == "pop":
+            if model:
+                oldest = next(iter(model))
+                assert archive.pop_oldest() == (oldest, model.pop(oldest)[0])
+            continue
+        oid, key = f"o-{n}", (f"k-{n}" if step else None)
+        model[oid] = (key, f"h-{n}", {"order_id": oid, "events": [{"event": "x", "n": i} for i in range(step)]})
+        archive.put(oid, *model[oid])
+        n += 1
+    assert len(archive) == len(model)
+    for oid, want in model.items():
+        assert archive.get(oid) == want
+    assert all(archive.get(f"o-{i}") is None for i in range(n) if f"o-{i}" not in model)
