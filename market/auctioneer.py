@@ -234,7 +234,7 @@ class OrderState:
 
 
 class OrderLedger:
-    """Every open order the auctioneer accepted and its state; enforces exactly one terminal state.
+    """The orders the auctioneer accepted and their states; enforces exactly one terminal state.
 
     Args:
         keep_ended: the most ended orders kept (a service runs for days); None keeps all.
