@@ -114,6 +114,10 @@ def test_a_service_forgets_old_orders_and_their_keys_and_still_serves(tmp_path: 
         assert "bidhive_orders_forgotten_total 21" in desk.metrics_text()
     finally:
         desk.close()
+    rebuilt, _ = _index(tmp_path / "j.bhj", retain=10, hot=4)  # a restart forgets what the service forgot
+    kept = [a["order_id"] for a in [*answers, again] if desk.index.knows(a["order_id"])]
+    assert rebuilt.forgotten == desk.index.forgotten and len(kept) == 10
+    assert all(json.dumps(rebuilt.detail(oid)) == json.dumps(desk.index.detail(oid)) for oid in kept)
 
 
 def test_the_ledger_forgets_ended_orders_but_counts_them() -> None:
