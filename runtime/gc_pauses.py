@@ -3,8 +3,8 @@
 CPython's full (oldest-generation) collection walks every container object of the
 process with the GIL held, so every request in flight waits for it. In the Serve
 replica that is about 130,000 objects right after start-up (FastAPI, pydantic, Ray,
-NumPy) plus about 17 more for every order taken (order index, ledger, idempotency
-keys). Measured with in-process bidders at 200 orders/s, a full collection took 105 ms
+NumPy) plus about 17 more for every order taken and still live (order index, ledger,
+idempotency keys; `serve.order_archive` turns older ended orders into bytes). Measured with in-process bidders at 200 orders/s, a full collection took 105 ms
 (median of 12, 205 ms max) by 9,000 orders, and the p99 of the answers rose from 60
 to 161 ms over three 15 s runs (docs/BENCHMARKS.md, "GC pauses").
 
