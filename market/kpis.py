@@ -1,6 +1,7 @@
 """KPIs with the same names in every shell (DESIGN section 3)."""
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ class KpiTracker:
     vip_orders: int = 0
     paid: float = 0.0
     rounds: int = 0
-    clear_ms: list[float] = field(default_factory=list)
+    clear_ms: array = field(default_factory=lambda: array("d"))  # 8 bytes a round, not 32: a service runs for days
     greedy_cost: float = 0.0
     exact_cost: float = 0.0
     unfulfilled: Counter[str] = field(default_factory=Counter)
