@@ -69,9 +69,9 @@ class OrderArchive:
             self._seal()
 
     def _seal(self) -> None:
-        records = [r[2] for r in self._open]
-        self._sealed.append(_Chunk(zlib.compress(b"".join(records), 1), array("I", itertools.accumulate(map(len, records))),
-                                   tuple(r[0] for r in self._open), tuple(r[1] for r in self._open)))
+        order_ids, keys, records = zip(*self._open)
+        ends = array("I", itertools.accumulate(map(len, records)))
+        self._sealed.append(_Chunk(zlib.compress(b"".join(records), 1), ends, order_ids, keys))
         self._open = []
 
     def get(self, order_id: str) -> tuple[str | None, str | None, dict[str, Any]] | None:
