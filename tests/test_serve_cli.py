@@ -75,6 +75,35 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
     assert sorted(p.name for p in tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) -> None:
+    """A Ctrl-C while Ray and Serve start (here: once the replica has opened its journal)
+    ends the command at once with the shell's code for it (130), and takes down what had
+    started: no process, no Ray temp dir."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(short_tmp)}
+    journal = short_tmp / "j.bhj"
+    proc = subprocess.Popen([str(BIN), "serve", "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()),
+                             "--journal", str(journal)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        end = time.monotonic() + 120
+        while not journal.exists() and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.02)
+        assert journal.exists(), "the replica never opened its journal"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=90) == 130
+        said = proc.stdout.read() if proc.stdout else ""
+        assert "bidhive is serving" not in said and "Traceback" not in said, said
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    end = time.monotonic() + 15
+    while _session_processes(proc.pid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _session_processes(proc.pid) == [], "processes of the service outlived it"
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
+
+
 @pytest.mark.parametrize("args, says", [
     (["--config", "no-such.yaml"], "no-such.yaml: file not found"),
     (["--port", "0"], "--port"),
