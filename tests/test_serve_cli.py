@@ -26,6 +26,22 @@ def _session_processes(sid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
+def _start_serve(tmp: Path, *args: str) -> subprocess.Popen[str]:
+    """`bidhive serve ARGS` in a session of its own, Ray's temp files under `tmp`."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(tmp)}
+    return subprocess.Popen([str(BIN), "serve", *args, "--journal", str(tmp / "j.bhj")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+def _assert_nothing_left(proc: subprocess.Popen[str], tmp: Path) -> None:
+    """No process of the command's session outlives it, and Ray's temp files are gone."""
+    end = time.monotonic() + 15
+    while _session_processes(proc.pid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _session_processes(proc.pid) == [], "processes of the service outlived it"
+    assert sorted(p.name for p in tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A fresh dir with a short path (Ray's socket paths live under it), removed even if the test fails."""
@@ -41,11 +57,7 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
     group, Ray's own processes included): exit 0, no process of the service left, and the
     embedded Ray's temp dir gone."""
     port = spare_port()
-    tmp = short_tmp
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(tmp)}
-    proc = subprocess.Popen([str(BIN), "serve", "--bidders", bidders, "--port", str(port),
-                             "--journal", str(tmp / "j.bhj")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    proc = _start_serve(short_tmp, "--bidders", bidders, "--port", str(port))
     try:
         assert proc.stdout is not None
         lines = []
@@ -68,11 +80,7 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    end = time.monotonic() + 15
-    while _session_processes(proc.pid) and time.monotonic() < end:
-        time.sleep(0.5)
-    assert _session_processes(proc.pid) == [], "processes of the service outlived it"
-    assert sorted(p.name for p in tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
+    _assert_nothing_left(proc, short_tmp)
 
 
 @pytest.mark.slow
@@ -80,11 +88,8 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
     """A Ctrl-C while Ray and Serve start (here: once the replica has opened its journal)
     ends the command at once with the shell's code for it (130), and takes down what had
     started: no process, no Ray temp dir."""
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(short_tmp)}
     journal = short_tmp / "j.bhj"
-    proc = subprocess.Popen([str(BIN), "serve", "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()),
-                             "--journal", str(journal)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    proc = _start_serve(short_tmp, "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()))
     try:
         end = time.monotonic() + 120
         while not journal.exists() and proc.poll() is None and time.monotonic() < end:
@@ -97,11 +102,7 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    end = time.monotonic() + 15
-    while _session_processes(proc.pid) and time.monotonic() < end:
-        time.sleep(0.5)
-    assert _session_processes(proc.pid) == [], "processes of the service outlived it"
-    assert sorted(p.name for p in short_tmp.iterdir()) == ["j.bhj"], "the embedded Ray left files behind"
+    _assert_nothing_left(proc, short_tmp)
 
 
 @pytest.mark.parametrize("args, says", [
