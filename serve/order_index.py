@@ -296,11 +296,13 @@ class OrderIndex:
         """The body hash and the answer (None while pending) of the kept order placed with
         `key`; None when there is none (or its journal did not record the body hash)."""
         oid = self.keys.get(key)
-        view = self.orders.get(oid) if oid is not None else None
+        if oid is None:
+            return None
+        view = self.orders.get(oid)
         if view is not None:
             digest, answer = view.body_hash, view.answer() if view.ended else None
         else:
-            archived = self.archive.get(oid) if oid is not None else None
+            archived = self.archive.get(oid)
             if archived is None:
                 return None
             digest, answer = archived[1], _answer_of(archived[2])
