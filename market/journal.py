@@ -537,6 +537,13 @@ class JournalWriter:
         """The file records are being appended to."""
         return rotated_path(self.path, self._index)
 
+    def footprint(self) -> tuple[int, int]:
+        """The journal's files and their bytes, the one being appended to included (with
+        what is still in the write buffer): what a restart or `bidhive replay` reads."""
+        index, size = self._index, self._size
+        done = sum(os.stat(rotated_path(self.path, i)).st_size for i in range(index))
+        return index + 1, done + size
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` has run."""

@@ -16,6 +16,10 @@ from market.config import CONFIG_DIR, ConfigError, Strict, _read_yaml, parse_mod
 DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
 
 
+#: Bytes in the megabyte of `ServeCfg.journal_rotate_mb`.
+MB = 1 << 20
+
+
 class BatchCfg(Strict):
     """How orders become rounds (see `market.auctioneer.BatchPolicy`)."""
 
@@ -43,6 +47,10 @@ class ServeCfg(Strict):
             idempotency store and the order views from it.
         fsync: ``always`` syncs every record; ``interval`` syncs at least every 0.2 s and
             always before a client hears of an award.
+        journal_rotate_mb: a journal file past this size is closed and the next record
+            starts ``journal.1``, ``journal.2``, ... (None: one file that grows forever).
+            Closed files never change again, so they can be copied or archived while the
+            service runs; `bidhive replay` and a restart read the whole set.
         max_open_orders: orders accepted and not yet ended; beyond it, 503 + Retry-After.
         answer_timeout_s: how long `POST /orders` waits for the auction before answering
             202 ``pending`` (the order carries on; `GET /orders/{id}` has the result).
@@ -64,6 +72,7 @@ class ServeCfg(Strict):
     bidders: Literal["ray", "local"] = "ray"
     journal: str = "var/journal.bhj"
     fsync: Literal["always", "interval"] = "interval"
+    journal_rotate_mb: float | None = Field(256.0, ge=0.01, le=1_000_000)
     batch: BatchCfg = BatchCfg()
     deadline_ms: float = Field(250.0, gt=0, le=60_000)
     hold_ttl_s: float = Field(5.0, gt=0, le=3600)
@@ -76,6 +85,11 @@ class ServeCfg(Strict):
     reserve_share: float = Field(0.4, ge=0)
     retain_orders: int = Field(1_000_000, ge=10_000, le=100_000_000)
     token: str | None = Field(None, min_length=8, max_length=512)
+
+    @property
+    def journal_rotate_bytes(self) -> int | None:
+        """`journal_rotate_mb` in bytes, as the journal writer takes it."""
+        return None if self.journal_rotate_mb is None else int(self.journal_rotate_mb * MB)
 
 
 class Listen(Strict):

@@ -87,7 +87,7 @@ class OrderDesk:
             for rec in read_journal(journal):
                 self.index.apply(rec)
         self.epoch = float(self.index.config.get("epoch_unix") or math.floor(wall() / 86400.0) * 86400.0)
-        self.recorder = JournalRecorder(journal, fsync=cfg.fsync)
+        self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)
         self.recorder.writer.on_append = self._on_record
         self.profile = self._profile_to_resume()
         spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=self.profile,
@@ -285,6 +285,8 @@ class OrderDesk:
             facts = {"open_orders": self._open, "orders": len(self.index),
                      "orders_forgotten": self.index.forgotten, "rounds": self.index.rounds,
                      "profile": self.index.profile, "segment": self.segment}
+        files, size = self.recorder.writer.footprint()
+        facts["journal"] = {"files": files, "bytes": size}
         return ok, {"status": "ok" if ok else "degraded", "auctioneer": "running" if self.host.alive else "stopped",
                     "bidders": {"total": len(alive), "answering": up, "quarantined": quarantined,
                                 "silent": sorted(k for k, v in alive.items() if not v)}, **facts}
@@ -311,6 +313,9 @@ class OrderDesk:
                   help="Orders GET /orders/{id} and their idempotency keys still answer (retain_orders).")
             m.set_total("orders_forgotten_total", float(self.index.forgotten),
                         help="Ended orders past retain_orders: no longer answered; the journal still has them.")
+            files, size = self.recorder.writer.footprint()
+            m.set("journal_files", float(files), help="Files of the journal (journal_rotate_mb starts a new one).")
+            m.set("journal_bytes", float(size), help="Bytes of the journal, every file, the unsynced tail included.")
             for ms in gc_pauses.take_pauses():
                 m.observe_ms("gc_full_pause_ms", ms, help="Pauses of this process's full garbage collections.")
             m.set("gc_frozen_objects", float(gc_pauses.frozen()),

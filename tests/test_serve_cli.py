@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from market.config import CONFIG_DIR
 from market.journal import JournalWriter
 from serve.runner import EXAMPLE_ORDER, spare_port
 from tests.factories import held_by_a_connection
@@ -113,6 +114,15 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
 def test_bad_serve_arguments_are_one_line_and_exit_2(args: list[str], says: str) -> None:
     run = subprocess.run([str(BIN), "serve", *args], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+def test_a_bad_setting_in_the_config_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text((CONFIG_DIR / "serve.yaml").read_text().replace("journal_rotate_mb: 256",
+                                                                            "journal_rotate_mb: 0"))
+    run = subprocess.run([str(BIN), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "journal_rotate_mb" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
 
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from market.engine import LocalBidders
-from market.journal import read_journal
+from market.journal import journal_files, read_journal
 from market.journal_recorder import JournalRecorder
 from market.types import Category, Item, Order, Tier
-from serve.config import BatchCfg, ServeCfg
+from serve.config import MB, BatchCfg, ServeCfg
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
 from serve.models import OrderIn
@@ -67,6 +67,34 @@ def test_the_service_journal_passes_replay_verify(tmp_path: Path) -> None:
         desk.close()
     run = subprocess.run([sys.executable, "-m", "bidhive_cli.main", "replay", str(tmp_path / "j.bhj"), "--verify",
                           "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_rotated_journal_is_one_journal_to_a_restart_and_to_replay(tmp_path: Path) -> None:
+    journal = tmp_path / "j.bhj"
+    cfg = _cfg(journal, journal_rotate_mb=0.02)  # about ten orders a file
+    desk = OrderDesk(cfg)
+    try:
+        answers = [_place(desk, i, key=f"k-{i}") for i in range(40)]
+        reported = desk.health()[1]["journal"]
+    finally:
+        desk.close()
+    files = journal_files(journal)
+    assert len(files) >= 3 and reported["files"] == len(files)
+    assert all(f.stat().st_size <= cfg.journal_rotate_bytes for f in files[:-1])  # type: ignore[operator]
+    assert reported["bytes"] == sum(f.stat().st_size for f in files)
+    desk = OrderDesk(cfg)  # a restart reads every file, the first one's keys included
+    try:
+        assert _place(desk, 0, key="k-0") == answers[0]
+        assert desk.order(answers[0]["order_id"])["order_id"] == answers[0]["order_id"]  # type: ignore[index]
+        assert "bidhive_journal_files" in desk.metrics_text()
+        answers.append(_place(desk, 40, key="k-40"))
+    finally:
+        desk.close()
+    received = {rec["order_id"] for rec in read_journal(journal) if rec["type"] == "order_received"}
+    assert received == {a["order_id"] for a in answers}  # every file, in order, with no seq gap (the reader checks)
+    run = subprocess.run([sys.executable, "-m", "bidhive_cli.main", "replay", str(journal), "--verify", "--json"],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
 
 

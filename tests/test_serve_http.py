@@ -269,6 +269,8 @@ def test_metrics_speak_prometheus(svc: Service) -> None:
     health = svc.client.get("/healthz").json()
     assert value["bidhive_orders_kept"] == health["orders"] > 0 and health["orders_forgotten"] == 0
     assert value["bidhive_orders_forgotten_total"] == 0
+    assert value["bidhive_journal_files"] == health["journal"]["files"] == 1  # far below journal_rotate_mb
+    assert 0 < value["bidhive_journal_bytes"] <= health["journal"]["bytes"]  # the journal only grows
     # where the time went: every settled round in both phase histograms, every ended order timed once
     settled = value["bidhive_round_quote_ms_count"]
     assert 0 < settled == value["bidhive_round_settle_ms_count"] <= value["bidhive_rounds_total"]
