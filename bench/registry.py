@@ -11,6 +11,7 @@ BENCHMARKS = {
     "peakday": "bench.peakday",
     "replay": "bench.replay_bench",
     "retention": "bench.retention_bench",
+    "restart": "bench.restart_bench",
     "journal": "bench.journal_bench",
     "journal-ablation": "bench.journal_ablation",
     "journal-instructions": "bench.journal_instructions",

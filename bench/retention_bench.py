@@ -39,9 +39,11 @@ BODY: dict[str, Any] = {"customer_id": "c-1", "items": [{"sku": "sku-00003", "qt
 ARMS = {"live": 10**12, "default": HOT_ENDED, "archived": 0}
 
 
-def _journal(path: Path, n_orders: int, batch: int = 64) -> None:
-    """A service journal of `n_orders` keyed orders, placed `batch` at a time."""
-    desk = OrderDesk(ServeCfg(fleet="metro", bidders="local", journal=str(path), max_open_orders=10 * batch))
+def _journal(path: Path, n_orders: int, batch: int = 64, rotate_mb: float | None = None) -> None:
+    """A service journal of `n_orders` keyed orders, placed `batch` at a time, in files of
+    `rotate_mb` (one file when None)."""
+    desk = OrderDesk(ServeCfg(fleet="metro", bidders="local", journal=str(path), max_open_orders=10 * batch,
+                              journal_rotate_mb=rotate_mb))
     try:
         for start in range(0, n_orders, batch):
             bodies = [{**BODY, "customer_id": f"c-{i}",

@@ -57,6 +57,7 @@ __all__ = [
     "NotAJournal",
     "TornTailWarning",
     "journal_files",
+    "journal_head",
     "read_journal",
     "rotated_path",
 ]
@@ -130,6 +131,14 @@ def journal_files(path: str | os.PathLike[str]) -> list[Path]:
             raise JournalCorrupt(f"{base}: first journal file is missing but {successor} exists")
         raise FileNotFoundError(f"no journal at {base}")
     return [rotated_path(base, i) for i in range(len(indices) + 1)]
+
+
+def journal_head(path: str | os.PathLike[str]) -> bytes:
+    """The frame header (length and CRC32C) of a journal's first record: what tells two
+    journals apart, read without decoding anything. Empty when it has no record yet."""
+    with open(path, "rb") as file:
+        head = file.read(len(MAGIC) + FRAME_HEADER.size)
+    return head[len(MAGIC):] if len(head) == len(MAGIC) + FRAME_HEADER.size else b""
 
 
 def _rotated_indices(base: Path) -> list[int]:
@@ -333,6 +342,10 @@ class JournalReader:
             :meth:`take_deferred_warnings` instead of warning. For a caller
             that reads ahead of what it acts on (replay), and must warn only
             once it has acted on every record before the tail.
+        start: ``(file_index, seq)``: read from the start of that rotated file,
+            whose first record must have that ``seq`` (a checkpoint of what the
+            earlier files hold, `serve.index_checkpoint`). A mismatch is a
+            :class:`JournalCorrupt` at the first record.
 
     Example:
         >>> reader = JournalReader("run.bhj")
@@ -340,11 +353,15 @@ class JournalReader:
         >>> reader.stats.last_seq
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, strict: bool = True, defer_warnings: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, strict: bool = True, defer_warnings: bool = False,
+                 start: tuple[int, int] = (0, 0)) -> None:
         self.path = Path(path)
         self.strict = strict
         self.stats = JournalStats()
         self._deferred: list[str] | None = [] if defer_warnings else None
+        self._first_file, first_seq = start
+        if first_seq:
+            self.stats.last_seq = first_seq - 1
 
     def take_deferred_warnings(self) -> list[str]:
         """The torn-tail warnings kept so far (with ``defer_warnings``), now handed over."""
@@ -366,7 +383,9 @@ class JournalReader:
         """Records of every file in order, with seq continuity checked across files."""
         files = journal_files(self.path)
         self.stats.files = files
-        for index, path in enumerate(files):
+        if self._first_file >= len(files):
+            raise JournalCorrupt(f"{self.path}: no file {self._first_file} to start from ({len(files)} files)")
+        for index, path in enumerate(files[self._first_file:], self._first_file):
             scan = _FileScan(path, first=index == 0, last=index == len(files) - 1)
             for offset, payload in scan:
                 yield self._checked(_decode(payload, path, offset), path, offset, len(payload))
@@ -526,6 +545,10 @@ class JournalWriter:
         #: Called with each record (as a dict, in ``seq`` order) once it is written: lets a
         #: shell keep views that are exactly what the journal says (the HTTP service).
         self.on_append: Callable[[dict[str, Any]], None] | None = None
+        #: Called, under the writer's lock, with ``(file_index, seq)`` once a rotation has
+        #: closed the previous file and before the record ``seq`` starts the new one: the
+        #: point at which views fed by `on_append` hold exactly the earlier files.
+        self.on_rotate: Callable[[int, int], None] | None = None
 
     @property
     def next_seq(self) -> int:
@@ -686,6 +709,8 @@ class JournalWriter:
         self._file.close()
         self._index += 1
         self._file, self._size = self._open(self.current_path, create=True)
+        if self.on_rotate is not None:
+            self.on_rotate(self._index, self._next_seq)
 
     def _next_sync_due(self) -> float:
         """When the fsync policy next syncs on an append (clock time; -inf: every append)."""

@@ -26,13 +26,14 @@ from typing import Any
 
 from market.auctioneer import AuctioneerCore, RoundRecord
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
-from market.journal import read_journal
+from market.journal import journal_head
 from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import BatchCfg, ServeCfg
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
+from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
 from serve.models import OrderIn
 from serve.order_index import HOT_ENDED, OrderIndex
@@ -74,21 +75,21 @@ class OrderDesk:
         self.cfg = cfg
         self.wall = wall
         self.fleet_cfg = load_fleet(cfg.fleet)
-        self.index = OrderIndex(retain=cfg.retain_orders, hot=ended_kept_live(cfg.batch))
+        journal = Path(cfg.journal)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        self.rebuilt = self._rebuild(journal)
+        self.index = self.rebuilt.index
         self.idem = IdempotencyStore(self.index.by_key)
         self.metrics = Metrics()
         self._lock = threading.Lock()
         self._waiters: dict[str, tuple[Future[dict[str, Any]], float, str | None]] = {}  # future, accepted at, key
         self._open = 0
         self._next = 0
-        journal = Path(cfg.journal)
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        if journal.exists():
-            for rec in read_journal(journal):
-                self.index.apply(rec)
         self.epoch = float(self.index.config.get("epoch_unix") or math.floor(wall() / 86400.0) * 86400.0)
         self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)
         self.recorder.writer.on_append = self._on_record
+        self.checkpoints = CheckpointWriter(checkpoint_path(journal))
+        self.recorder.writer.on_rotate = self._on_rotate
         self.profile = self._profile_to_resume()
         spec = AuctioneerSpec(region_index=0, fleet=self.fleet_cfg, policy=cfg.policy, profile=self.profile,
                               seed=cfg.seed, name="serve", batch=cfg.batch.policy(),
@@ -102,12 +103,23 @@ class OrderDesk:
         self.host.start()
 
     # -- start-up --------------------------------------------------------------------------
+    def _rebuild(self, journal: Path) -> Rebuilt:
+        """The order index of the journal so far (a restart), or an empty one."""
+        hot = ended_kept_live(self.cfg.batch)
+        if not journal.exists():
+            return Rebuilt(OrderIndex(retain=self.cfg.retain_orders, hot=hot), "empty", 0, 0.0)
+        rebuilt = rebuild_index(journal, self.cfg.retain_orders, hot)
+        logger.info("order index from the %s: %d journal records in %.2f s", rebuilt.source, rebuilt.records,
+                    rebuilt.seconds)
+        return rebuilt
+
     def _run_info(self) -> dict[str, Any]:
         engine = self.host.core.engine
         return {
             "fleet": self.fleet_cfg.model_dump(mode="json"), "seed": self.cfg.seed, "policy": engine.policy.name,
             "mechanism": engine.policy.mechanism.name, "profile": engine.profile, "profile_name": self.profile,
             "max_attempts": self.cfg.batch.max_attempts, "epoch_unix": self.epoch, "shell": "serve",
+            "started_unix": self.wall(),  # also what tells this journal from another (`journal_head`)
             "serve": self.cfg.model_dump(mode="json", exclude={"token"}),
         }
 
@@ -128,6 +140,17 @@ class OrderDesk:
             self.host.submit([order_from_record({**v.order, "order_id": v.order_id}) for v in again])
 
     # -- the journal's records -------------------------------------------------------------
+    def _on_rotate(self, file_index: int, seq: int) -> None:
+        """A journal file has just been finished: checkpoint the index, which holds exactly
+        the finished files (written on the checkpoint's own thread). Runs inside the
+        journal's append, so nothing here may fail it: a checkpoint only speeds a restart."""
+        try:
+            with self._lock:
+                state = self.index.state()
+            self.checkpoints.submit(Cut(journal_head(self.recorder.path), file_index, seq), state)
+        except Exception:  # noqa: BLE001 - see above
+            logger.exception("order index checkpoint at journal file %d skipped", file_index)
+
     def _on_record(self, rec: dict[str, Any]) -> None:
         """Runs for each record the journal writes (under the writer's lock, in seq order)."""
         with self._lock:
@@ -287,6 +310,7 @@ class OrderDesk:
                      "profile": self.index.profile, "segment": self.segment}
         files, size = self.recorder.writer.footprint()
         facts["journal"] = {"files": files, "bytes": size}
+        facts["index"] = {**self.rebuilt.facts(), "checkpoints_written": self.checkpoints.written}
         return ok, {"status": "ok" if ok else "degraded", "auctioneer": "running" if self.host.alive else "stopped",
                     "bidders": {"total": len(alive), "answering": up, "quarantined": quarantined,
                                 "silent": sorted(k for k, v in alive.items() if not v)}, **facts}
@@ -336,6 +360,7 @@ class OrderDesk:
         """Stops the round loop and closes the journal (waiting clients get no answer)."""
         self.host.stop()
         self.recorder.close()
+        self.checkpoints.close()
 
 
 def ended_kept_live(batch: BatchCfg) -> int:

@@ -18,6 +18,7 @@ import itertools
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,26 @@ class _Chunk:
     ends: array  # where each record ends in the inflated bytes
     order_ids: tuple[str, ...]
     keys: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class ArchiveState:
+    """An archive as of one moment, for a checkpoint: what later puts and forgets leave alone."""
+
+    counters: tuple[int, int, int, int]  # chunk size, first number kept, next number, first not forgotten
+    sealed: tuple[_Chunk, ...]  # immutable, so shared with the live archive
+    open: tuple[tuple[str, str | None, bytes], ...]
+
+    def parts(self, chunks_per_part: int) -> Iterator[list[Any]]:
+        """The chunks as msgpack-ready lists, a few at a time (each packs in a short GIL hold)."""
+        for start in range(0, len(self.sealed), chunks_per_part):
+            yield [[c.blob, c.ends.tobytes(), list(c.order_ids), list(c.keys)]
+                   for c in itertools.islice(self.sealed, start, start + chunks_per_part)]
+
+    @staticmethod
+    def chunks_of(part: list[Any]) -> list[_Chunk]:
+        """`parts`' lists back as chunks."""
+        return [_Chunk(blob, array("I", ends), tuple(oids), tuple(keys)) for blob, ends, oids, keys in part]
 
 
 class OrderArchive:
@@ -102,3 +123,17 @@ class OrderArchive:
             order_id, key, _ = self._open[i]
         del self._number[order_id]
         return order_id, key
+
+    def state(self) -> ArchiveState:
+        """This archive as of now (copies the containers, not the chunks)."""
+        return ArchiveState((self._chunk, self._first, self._next, self._gone), tuple(self._sealed), tuple(self._open))
+
+    @classmethod
+    def restored(cls, state: ArchiveState) -> OrderArchive:
+        """The archive `state` was taken from; order numbers follow from the chunks' order."""
+        archive = cls(state.counters[0])
+        archive._first, archive._next, archive._gone = state.counters[1:]
+        archive._sealed, archive._open = deque(state.sealed), list(state.open)
+        ids = itertools.chain.from_iterable([c.order_ids for c in state.sealed] + [[r[0] for r in state.open]])
+        archive._number = {oid: n for n, oid in enumerate(ids, archive._first) if n >= archive._gone}
+        return archive

@@ -38,6 +38,7 @@ from market.journal import (
     NotAJournal,
     TornTailWarning,
     journal_files,
+    journal_head,
     read_journal,
     rotated_path,
 )
@@ -500,6 +501,34 @@ def test_rotation_splits_into_files_that_read_back_in_order(tmp_path: Path) -> N
     assert files == [path] + [tmp_path / f"run.bhj.{i}" for i in range(1, len(files))]
     assert all(f.stat().st_size <= 4_000 and f.read_bytes()[:8] == MAGIC for f in files)
     assert_same(read_quietly(path), expected)
+
+
+def test_a_rotation_says_where_the_new_file_starts_and_a_reader_can_start_there(tmp_path: Path) -> None:
+    path = tmp_path / "run.bhj"
+    rotations: list[tuple[int, int]] = []
+    with JournalWriter(path, fsync="never", rotate_bytes=4_000) as writer:
+        writer.on_rotate = lambda index, seq: rotations.append((index, seq))
+        for i in range(60):
+            writer.append("round_cleared", **sample_record(i))
+        files, size = writer.footprint()
+    assert [index for index, _ in rotations] == list(range(1, len(journal_files(path))))
+    assert (files, size) == (len(journal_files(path)), sum(f.stat().st_size for f in journal_files(path)))
+    everything = read_quietly(path)
+    for index, seq in rotations:
+        assert [r["seq"] for r in JournalReader(path, start=(index, seq))] == list(range(seq, 60))
+    index, seq = rotations[-1]
+    with pytest.raises(JournalCorrupt, match=f"has seq {seq}, expected {seq + 1}"):
+        list(JournalReader(path, start=(index, seq + 1)))
+    with pytest.raises(JournalCorrupt, match="no file 99"):
+        list(JournalReader(path, start=(99, seq)))
+    assert everything[0]["seq"] == 0
+    other, same, empty = tmp_path / "other.bhj", tmp_path / "same.bhj", tmp_path / "empty.bhj"
+    with JournalWriter(other) as writer:
+        writer.append("round_cleared", **sample_record(5))
+    write_records(same, 1)  # the head is the first record's frame header: same record, same head
+    JournalWriter(empty).close()
+    assert journal_head(path) != journal_head(other) and journal_head(path) == journal_head(same)
+    assert journal_head(empty) == b""
 
 
 def test_oversized_record_gets_a_file_of_its_own(tmp_path: Path) -> None:

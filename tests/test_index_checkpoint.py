@@ -1,0 +1,186 @@
+"""The order index's checkpoint: a restart from it and the journal files after it gives the
+index a restart from the whole journal gives, and any checkpoint that does not fit is
+ignored, never trusted."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from market.journal import journal_files, read_journal
+from serve.config import BatchCfg, ServeCfg
+from serve.desk import OrderDesk, ended_kept_live
+from serve.idempotency import body_hash
+from serve.index_checkpoint import Cut, checkpoint_path, read_checkpoint, rebuild_index, write_checkpoint
+from serve.models import OrderIn
+from serve.order_index import OrderIndex
+
+BODY: dict[str, Any] = {
+    "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
+    "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,
+}
+N_ORDERS = 150
+
+
+def _cfg(journal: Path) -> ServeCfg:
+    return ServeCfg(fleet="district", bidders="local", journal=str(journal), journal_rotate_mb=0.03,
+                    batch=BatchCfg(window_ms=2, retry_after_ms=5, max_attempts=2))
+
+
+def _place_all(desk: OrderDesk, ids: range, batch: int = 6) -> list[dict[str, Any]]:
+    """A batch at a time (rounds of several orders), every other order with a key."""
+    answers: list[dict[str, Any]] = []
+    for start in range(ids.start, ids.stop, batch):
+        bodies = {i: {**BODY, "customer_id": f"c-{i}",
+                      "destination": {"lat": 31.2304 + 0.01 * (i % 7 - 3), "lon": 121.4737 + 0.012 * (i % 5 - 2)}}
+                  for i in range(start, min(start + batch, ids.stop))}
+        placed = [desk.place(OrderIn.model_validate(b), body_hash(b), f"k-{i}" if i % 2 else None)
+                  for i, b in bodies.items()]
+        answers += [p.answer if p.answer is not None else p.future.result(30) for p in placed]  # type: ignore[union-attr]
+    return answers
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """A service journal in several files, with the checkpoint its last rotation left."""
+    journal = tmp_path_factory.mktemp("checkpoint") / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    try:
+        answers = _place_all(desk, range(N_ORDERS))
+        desk.set_profile("time_first")
+    finally:
+        desk.close()
+    assert desk.checkpoints.written >= 2 and len(journal_files(journal)) >= 3
+    return journal, answers
+
+
+def _same(a: OrderIndex, b: OrderIndex, order_ids: list[str]) -> None:
+    """Two indexes answer alike: every order, key and count a client or a restart sees."""
+    assert (len(a), a.forgotten, a.segments, a.rounds, a.profile) == (len(b), b.forgotten, b.segments, b.rounds,
+                                                                      b.profile)
+    assert a.keys == b.keys and [v.order_id for v in a.unfinished()] == [v.order_id for v in b.unfinished()]
+    for oid in order_ids:
+        assert json.dumps(a.detail(oid)) == json.dumps(b.detail(oid)), oid
+    for key in a.keys:
+        assert a.by_key(key) == b.by_key(key)
+
+
+@settings(max_examples=20, deadline=None)
+@given(cut=st.floats(0.0, 1.0), retain=st.integers(1, N_ORDERS + 4), hot=st.integers(12, 20))
+def test_a_checkpoint_and_the_records_after_it_make_the_whole_index(
+        served: tuple[Path, list[dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory, cut: float,
+        retain: int, hot: int) -> None:
+    """Taken at any record, kept apart from the records applied after it was taken (they
+    go on mutating the live index before the checkpoint is written), and read back."""
+    journal, answers = served
+    records = list(read_journal(journal))
+    at = int(cut * len(records))
+    live = OrderIndex(retain, hot)
+    for rec in records[:at]:
+        live.apply(rec)
+    state = live.state()
+    for rec in records[at:]:
+        live.apply(rec)  # what the service goes on doing while the checkpoint is written
+    path = tmp_path_factory.mktemp("cp") / "j.bhj.index"
+    write_checkpoint(path, Cut(b"head", 0, at), state)
+    header, read_back = read_checkpoint(path)
+    assert (header["next_seq"], bytes(header["head"])) == (at, b"head")
+    restored = OrderIndex.restored(read_back)
+    for rec in records[at:]:
+        restored.apply(rec)
+    _same(restored, live, [a["order_id"] for a in answers])
+
+
+def test_a_restart_reads_the_checkpoint_and_only_the_files_after_it(
+        served: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    journal, answers = served
+    header, _ = read_checkpoint(checkpoint_path(journal))
+    files = journal_files(journal)
+    assert 0 < header["first_file"] < len(files)
+    total = sum(1 for _ in read_journal(journal))
+    rebuilt = rebuild_index(journal, 1_000_000, ended_kept_live(_cfg(journal).batch))
+    assert rebuilt.source == "checkpoint" and rebuilt.records == total - header["next_seq"] < total
+    full = OrderIndex(1_000_000, ended_kept_live(_cfg(journal).batch))
+    for rec in read_journal(journal):
+        full.apply(rec)
+    _same(rebuilt.index, full, [a["order_id"] for a in answers])
+    copy = tmp_path / "j.bhj"  # the service itself, restarted on (a copy of) the journal
+    for f in [*files, checkpoint_path(journal)]:
+        shutil.copy(f, tmp_path / f.name)
+    desk = OrderDesk(_cfg(copy))
+    try:
+        assert desk.health()[1]["index"]["from"] == "checkpoint" and desk.index.profile == "time_first"
+        first_keyed = answers[1]
+        repeat = _place_all(desk, range(1, 2))[0]  # k-1 again: the first answer, from the first file
+        assert repeat == first_keyed
+    finally:
+        desk.close()
+
+
+def _damage(journal: Path, how: str) -> None:
+    cp = checkpoint_path(journal)
+    data = bytearray(cp.read_bytes())
+    if how == "flipped byte":
+        data[len(data) // 2] ^= 0xFF
+    elif how == "cut short":
+        del data[len(data) * 2 // 3:]
+    elif how == "not a checkpoint":
+        data[:8] = b"GARBAGE!"
+    if how in ("flipped byte", "cut short", "not a checkpoint"):
+        cp.write_bytes(bytes(data))
+    elif how == "another journal":
+        header, state = read_checkpoint(cp)
+        write_checkpoint(cp, Cut(b"\0" * 8, header["first_file"], header["next_seq"]), state)
+    elif how == "a seq the journal does not have there":
+        header, state = read_checkpoint(cp)
+        write_checkpoint(cp, Cut(bytes(header["head"]), header["first_file"], header["next_seq"] + 1), state)
+    elif how == "a file the journal does not have":
+        header, state = read_checkpoint(cp)
+        write_checkpoint(cp, Cut(bytes(header["head"]), 99, header["next_seq"]), state)
+
+
+@pytest.mark.parametrize("how, says", [
+    ("flipped byte", "damaged frame"), ("cut short", "cut short"), ("not a checkpoint", "not a bidhive index"),
+    ("another journal", "another journal"), ("a seq the journal does not have there", "does not continue"),
+    ("a file the journal does not have", "does not continue"), ("other settings", "retain_orders"),
+])
+def test_a_checkpoint_that_does_not_fit_is_ignored_and_the_whole_journal_read(
+        served: tuple[Path, list[dict[str, Any]]], tmp_path: Path, how: str, says: str) -> None:
+    journal, answers = served
+    copy = tmp_path / "j.bhj"
+    for f in [*journal_files(journal), checkpoint_path(journal)]:
+        shutil.copy(f, tmp_path / f.name)
+    _damage(copy, how)
+    retain = 500_000 if how == "other settings" else 1_000_000
+    hot = ended_kept_live(_cfg(copy).batch)
+    rebuilt = rebuild_index(copy, retain, hot)
+    assert rebuilt.source == "journal" and says in rebuilt.why_not, rebuilt.why_not
+    full = OrderIndex(retain, hot)
+    for rec in read_journal(copy):
+        full.apply(rec)
+    _same(rebuilt.index, full, [a["order_id"] for a in answers])
+
+
+def test_a_checkpoint_that_fails_leaves_the_journal_and_the_answers_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The checkpoint is taken inside the journal's append: a failure there must not fail
+    the append (a failed journal writer refuses every later record)."""
+    def broken(self: OrderIndex) -> Any:
+        raise MemoryError("no room for a copy")
+
+    monkeypatch.setattr(OrderIndex, "state", broken)
+    journal = tmp_path / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    try:
+        answers = _place_all(desk, range(60))
+        assert desk.checkpoints.written == 0 and not checkpoint_path(journal).exists()
+    finally:
+        desk.close()
+    assert len(journal_files(journal)) >= 2 and "checkpoint at journal file 1 skipped" in caplog.text
+    assert {a["status"] for a in answers} <= {"awarded", "unfulfilled"} and len(answers) == 60
+    assert rebuild_index(journal, 1_000_000, ended_kept_live(_cfg(journal).batch)).source == "journal"
