@@ -49,8 +49,10 @@ class ServeCfg(Strict):
             always before a client hears of an award.
         journal_rotate_mb: a journal file past this size is closed and the next record
             starts ``journal.1``, ``journal.2``, ... (None: one file that grows forever).
-            Closed files never change again, so they can be copied or archived while the
-            service runs; `bidhive replay` and a restart read the whole set.
+            Closed files never change again, so they can be copied while the service
+            runs; `bidhive replay` needs the whole set. At each rotation the order index
+            is checkpointed beside the journal, so a restart reads only the files after
+            it (`serve.index_checkpoint`; without rotation, a restart reads everything).
         max_open_orders: orders accepted and not yet ended; beyond it, 503 + Retry-After.
         answer_timeout_s: how long `POST /orders` waits for the auction before answering
             202 ``pending`` (the order carries on; `GET /orders/{id}` has the result).

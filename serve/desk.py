@@ -331,13 +331,13 @@ class OrderDesk:
         totals = dict(getattr(bidders, "totals", {}))
         channels = len(getattr(bidders, "channels", {}))
         channel_events = dict(getattr(bidders, "channel_events", {}))
+        files, size = self.recorder.writer.footprint()
         with self._lock:
             m.set("open_orders", float(self._open), help="Orders accepted and not yet ended.")
             m.set("orders_kept", float(len(self.index)),
                   help="Orders GET /orders/{id} and their idempotency keys still answer (retain_orders).")
             m.set_total("orders_forgotten_total", float(self.index.forgotten),
                         help="Ended orders past retain_orders: no longer answered; the journal still has them.")
-            files, size = self.recorder.writer.footprint()
             m.set("journal_files", float(files), help="Files of the journal (journal_rotate_mb starts a new one).")
             m.set("journal_bytes", float(size), help="Bytes of the journal, every file, the unsynced tail included.")
             for ms in gc_pauses.take_pauses():

@@ -116,7 +116,6 @@ def write_checkpoint(path: Path, cut: Cut, state: IndexState) -> int:
     with open(tmp, "wb") as file:
         file.write(MAGIC)
         header = {"format": FORMAT, "head": cut.head, "first_file": cut.first_file, "next_seq": cut.next_seq,
-                  "settings": list(state.settings),
                   "archive": list(state.archive.counters), "open": [list(r) for r in state.archive.open]}
         _put(file, header)
         frames = 1
@@ -177,7 +176,7 @@ class CheckpointWriter:
         t0 = time.perf_counter()
         try:
             size = write_checkpoint(self.path, cut, state)
-        except OSError as err:  # the journal is the record; a missing checkpoint only slows a restart
+        except Exception as err:  # noqa: BLE001 - the journal is the record; no checkpoint only slows a restart
             self.last_error = f"{type(err).__name__}: {err}"
             logger.warning("order index checkpoint %s not written: %s", self.path, self.last_error)
             return

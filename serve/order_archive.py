@@ -47,7 +47,7 @@ class ArchiveState:
         """The chunks as msgpack-ready lists, a few at a time (each packs in a short GIL hold)."""
         for start in range(0, len(self.sealed), chunks_per_part):
             yield [[c.blob, c.ends.tobytes(), list(c.order_ids), list(c.keys)]
-                   for c in itertools.islice(self.sealed, start, start + chunks_per_part)]
+                   for c in self.sealed[start:start + chunks_per_part]]
 
     @staticmethod
     def chunks_of(part: list[Any]) -> list[_Chunk]:
