@@ -184,3 +184,14 @@ def test_a_checkpoint_that_fails_leaves_the_journal_and_the_answers_alone(
     assert len(journal_files(journal)) >= 2 and "checkpoint at journal file 1 skipped" in caplog.text
     assert {a["status"] for a in answers} <= {"awarded", "unfulfilled"} and len(answers) == 60
     assert rebuild_index(journal, 1_000_000, ended_kept_live(_cfg(journal).batch)).source == "journal"
+
+
+def test_the_restart_bench_measures_what_it_says() -> None:
+    from bench.restart_bench import run
+
+    out = run(quick=True)
+    journal, checkpoint = out["rebuild"]["journal"][0], out["rebuild"]["checkpoint"][0]
+    assert out["same_answers"] and out["journal_files"] > 2
+    assert (journal["from"], checkpoint["from"]) == ("journal", "checkpoint")
+    assert 0 < checkpoint["records"] == journal["records"] - out["checkpoint_next_seq"]
+    assert out["checkpoint_cost"]["state_under_lock_ms"]["median"] > 0
