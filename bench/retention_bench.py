@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,10 @@ BODY: dict[str, Any] = {"customer_id": "c-1", "items": [{"sku": "sku-00003", "qt
 ARMS = {"live": 10**12, "default": HOT_ENDED, "archived": 0}
 
 
-def _journal(path: Path, n_orders: int, batch: int = 64, rotate_mb: float | None = None) -> None:
+def _journal(path: Path, n_orders: int, batch: int = 64, rotate_mb: float | None = None,
+             before_close: Callable[[OrderDesk], None] | None = None) -> None:
     """A service journal of `n_orders` keyed orders, placed `batch` at a time, in files of
-    `rotate_mb` (one file when None)."""
+    `rotate_mb` (one file when None); `before_close` sees the desk once they are placed."""
     desk = OrderDesk(ServeCfg(fleet="metro", bidders="local", journal=str(path), max_open_orders=10 * batch,
                               journal_rotate_mb=rotate_mb))
     try:
@@ -53,6 +55,8 @@ def _journal(path: Path, n_orders: int, batch: int = 64, rotate_mb: float | None
                       for k, b in enumerate(bodies)]
             for p in placed:
                 p.future.result(60)  # type: ignore[union-attr]
+        if before_close is not None:
+            before_close(desk)
     finally:
         desk.close()
 

@@ -545,10 +545,11 @@ class JournalWriter:
         #: Called with each record (as a dict, in ``seq`` order) once it is written: lets a
         #: shell keep views that are exactly what the journal says (the HTTP service).
         self.on_append: Callable[[dict[str, Any]], None] | None = None
-        #: Called, under the writer's lock, with ``(file_index, seq)`` once a rotation has
-        #: closed the previous file and before the record ``seq`` starts the new one: the
-        #: point at which views fed by `on_append` hold exactly the earlier files.
-        self.on_rotate: Callable[[int, int], None] | None = None
+        #: Called, under the writer's lock, with ``(file_index, seq, finished_bytes)`` once a
+        #: rotation has closed the previous file (of ``finished_bytes``) and before the
+        #: record ``seq`` starts the new one: the point at which views fed by `on_append`
+        #: hold exactly the earlier files.
+        self.on_rotate: Callable[[int, int, int], None] | None = None
 
     @property
     def next_seq(self) -> int:
@@ -637,6 +638,28 @@ class JournalWriter:
                 self.on_append(record)
             return seq
 
+    def rotate(self, min_bytes: int = 0) -> bool:
+        """Finish the current file now and start the next, as a full file would.
+
+        Args:
+            min_bytes: Keep the current file if it is smaller than this. A file that
+                holds no record yet is always kept (a call per restart would otherwise
+                pile up empty files).
+
+        Returns:
+            Whether a new file was started.
+        """
+        with self._mutex:
+            self._check_usable()
+            if self._size <= len(MAGIC) or self._size < min_bytes:
+                return False
+            try:
+                self._rotate()
+            except BaseException as exc:
+                self._failed = exc
+                raise
+            return True
+
     def flush(self) -> None:
         """Hand buffered records to the OS and, unless ``fsync="never"``, sync them to disk."""
         with self._mutex:
@@ -707,10 +730,11 @@ class JournalWriter:
         """Finish the current file (synced, so only the last file can be torn) and start the next."""
         self._sync()
         self._file.close()
+        finished = self._size
         self._index += 1
         self._file, self._size = self._open(self.current_path, create=True)
         if self.on_rotate is not None:
-            self.on_rotate(self._index, self._next_seq)
+            self.on_rotate(self._index, self._next_seq, finished)
 
     def _next_sync_due(self) -> float:
         """When the fsync policy next syncs on an append (clock time; -inf: every append)."""

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import google_crc32c
 import msgpack
 
-from market.journal import FRAME_HEADER, JournalCorrupt, JournalReader, journal_head
+from market.journal import FRAME_HEADER, JournalCorrupt, JournalReader, journal_head, rotated_path
 from serve.order_archive import ArchiveState
 from serve.order_index import IndexState, OrderIndex, OrderView
 
@@ -62,7 +62,8 @@ class Cut:
 
     head: bytes  # `journal_head`: which journal
     first_file: int  # the rotated file that follows the checkpoint...
-    next_seq: int  # ...and the seq of its first record
+    next_seq: int  # ...the seq of its first record...
+    prev_bytes: int  # ...and the size of the file before it, finished at the cut
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def write_checkpoint(path: Path, cut: Cut, state: IndexState) -> int:
     with open(tmp, "wb") as file:
         file.write(MAGIC)
         header = {"format": FORMAT, "head": cut.head, "first_file": cut.first_file, "next_seq": cut.next_seq,
+                  "prev_bytes": cut.prev_bytes,
                   "archive": list(state.archive.counters), "open": [list(r) for r in state.archive.open]}
         _put(file, header)
         frames = 1
@@ -268,8 +270,13 @@ def _from_checkpoint(journal: Path, header: dict[str, Any], state: IndexState, r
                               f"now {retain} and {hot}")
     if bytes(header["head"]) != journal_head(journal):
         raise CheckpointError("it belongs to another journal (the first record differs)")
-    reader = iter(JournalReader(journal, start=(header["first_file"], header["next_seq"])))
-    try:
+    first_file, next_seq = header["first_file"], header["next_seq"]
+    before = rotated_path(journal, first_file - 1) if first_file > 0 else None
+    if before is None or not before.is_file() or before.stat().st_size != header["prev_bytes"]:
+        raise CheckpointError(f"the journal does not continue where it ends: file {first_file - 1} is not "
+                              f"the {header['prev_bytes']} bytes it was")
+    reader = iter(JournalReader(journal, start=(first_file, next_seq)))
+    try:  # the seq check; an empty file has none, and the finished file's size stands for it
         first = next(reader, None)
     except JournalCorrupt as err:
         raise CheckpointError(f"the journal does not continue where it ends: {err}") from None

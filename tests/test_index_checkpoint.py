@@ -87,7 +87,7 @@ def test_a_checkpoint_and_the_records_after_it_make_the_whole_index(
     for rec in records[at:]:
         live.apply(rec)  # what the service goes on doing while the checkpoint is written
     path = tmp_path_factory.mktemp("cp") / "j.bhj.index"
-    write_checkpoint(path, Cut(b"head", 0, at), state)
+    write_checkpoint(path, Cut(b"head", 0, at, 0), state)
     header, read_back = read_checkpoint(path)
     assert (header["next_seq"], bytes(header["head"])) == (at, b"head")
     restored = OrderIndex.restored(read_back)
@@ -96,15 +96,17 @@ def test_a_checkpoint_and_the_records_after_it_make_the_whole_index(
     _same(restored, live, [a["order_id"] for a in answers])
 
 
-def test_a_restart_reads_the_checkpoint_and_only_the_files_after_it(
+def test_a_restart_after_a_stop_reads_the_checkpoint_and_no_record(
         served: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """Stopping started a new file and checkpointed at it; a crash would leave the last
+    rotation's checkpoint, which the property test above covers with the records after it."""
     journal, answers = served
     header, _ = read_checkpoint(checkpoint_path(journal))
     files = journal_files(journal)
-    assert 0 < header["first_file"] < len(files)
     total = sum(1 for _ in read_journal(journal))
+    assert (header["first_file"], header["next_seq"]) == (len(files) - 1, total)
     rebuilt = rebuild_index(journal, 1_000_000, ended_kept_live(_cfg(journal).batch))
-    assert rebuilt.source == "checkpoint" and rebuilt.records == total - header["next_seq"] < total
+    assert rebuilt.source == "checkpoint" and rebuilt.records == 0
     full = OrderIndex(1_000_000, ended_kept_live(_cfg(journal).batch))
     for rec in read_journal(journal):
         full.apply(rec)
@@ -118,8 +120,15 @@ def test_a_restart_reads_the_checkpoint_and_only_the_files_after_it(
         first_keyed = answers[1]
         repeat = _place_all(desk, range(1, 2))[0]  # k-1 again: the first answer, from the first file
         assert repeat == first_keyed
+        more = _place_all(desk, range(N_ORDERS, N_ORDERS + 6))
     finally:
         desk.close()
+    again = rebuild_index(copy, 1_000_000, ended_kept_live(_cfg(copy).batch))  # the stop checkpointed again
+    assert again.source == "checkpoint" and again.records == 0
+    full = OrderIndex(1_000_000, ended_kept_live(_cfg(copy).batch))
+    for rec in read_journal(copy):
+        full.apply(rec)
+    _same(again.index, full, [a["order_id"] for a in answers + more])
 
 
 def _damage(journal: Path, how: str) -> None:
@@ -133,21 +142,25 @@ def _damage(journal: Path, how: str) -> None:
         data[:8] = b"GARBAGE!"
     if how in ("flipped byte", "cut short", "not a checkpoint"):
         cp.write_bytes(bytes(data))
-    elif how == "another journal":
+    else:  # the same index, cut elsewhere
         header, state = read_checkpoint(cp)
-        write_checkpoint(cp, Cut(b"\0" * 8, header["first_file"], header["next_seq"]), state)
-    elif how == "a seq the journal does not have there":
-        header, state = read_checkpoint(cp)
-        write_checkpoint(cp, Cut(bytes(header["head"]), header["first_file"], header["next_seq"] + 1), state)
-    elif how == "a file the journal does not have":
-        header, state = read_checkpoint(cp)
-        write_checkpoint(cp, Cut(bytes(header["head"]), 99, header["next_seq"]), state)
+        head, first, seq, prev = bytes(header["head"]), header["first_file"], header["next_seq"], header["prev_bytes"]
+        files = journal_files(journal)
+        cuts = {
+            "another journal": Cut(b"\0" * 8, first, seq, prev),
+            "a seq the journal does not have there": Cut(head, first - 1, seq, files[first - 2].stat().st_size),
+            "a file the journal does not have": Cut(head, 99, seq, prev),
+            "a finished file that changed": Cut(head, first, seq, prev + 1),
+        }
+        if how in cuts:
+            write_checkpoint(cp, cuts[how], state)
 
 
 @pytest.mark.parametrize("how, says", [
     ("flipped byte", "damaged frame"), ("cut short", "cut short"), ("not a checkpoint", "not a bidhive index"),
     ("another journal", "another journal"), ("a seq the journal does not have there", "does not continue"),
-    ("a file the journal does not have", "does not continue"), ("other settings", "retain_orders"),
+    ("a file the journal does not have", "does not continue"), ("a finished file that changed", "is not the"),
+    ("other settings", "retain_orders"),
 ])
 def test_a_checkpoint_that_does_not_fit_is_ignored_and_the_whole_journal_read(
         served: tuple[Path, list[dict[str, Any]]], tmp_path: Path, how: str, says: str) -> None:
@@ -190,8 +203,10 @@ def test_the_restart_bench_measures_what_it_says() -> None:
     from bench.restart_bench import run
 
     out = run(quick=True)
-    journal, checkpoint = out["rebuild"]["journal"][0], out["rebuild"]["checkpoint"][0]
+    rebuilt = {arm: runs[0] for arm, runs in out["rebuild"].items()}
     assert out["same_answers"] and out["journal_files"] > 2
-    assert (journal["from"], checkpoint["from"]) == ("journal", "checkpoint")
-    assert 0 < checkpoint["records"] == journal["records"] - out["checkpoint_next_seq"]
+    assert [r["from"] for r in rebuilt.values()] == ["journal", "checkpoint", "checkpoint"]
+    crash, stop = out["checkpoints"]["last_rotation"], out["checkpoints"]["clean_stop"]
+    assert 0 < rebuilt["last_rotation"]["records"] == rebuilt["journal"]["records"] - crash["next_seq"]
+    assert rebuilt["clean_stop"]["records"] == 0 and stop["next_seq"] == rebuilt["journal"]["records"]
     assert out["checkpoint_cost"]["state_under_lock_ms"]["median"] > 0

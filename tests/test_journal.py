@@ -505,18 +505,23 @@ def test_rotation_splits_into_files_that_read_back_in_order(tmp_path: Path) -> N
 
 def test_a_rotation_says_where_the_new_file_starts_and_a_reader_can_start_there(tmp_path: Path) -> None:
     path = tmp_path / "run.bhj"
-    rotations: list[tuple[int, int]] = []
+    rotations: list[tuple[int, int, int]] = []
     with JournalWriter(path, fsync="never", rotate_bytes=4_000) as writer:
-        writer.on_rotate = lambda index, seq: rotations.append((index, seq))
+        writer.on_rotate = lambda index, seq, finished: rotations.append((index, seq, finished))
         for i in range(60):
             writer.append("round_cleared", **sample_record(i))
-        files, size = writer.footprint()
-    assert [index for index, _ in rotations] == list(range(1, len(journal_files(path))))
-    assert (files, size) == (len(journal_files(path)), sum(f.stat().st_size for f in journal_files(path)))
+        files, size = writer.footprint()  # the buffered tail included, so the same once flushed
+        writer.flush()
+        assert (files, size) == (len(journal_files(path)), sum(f.stat().st_size for f in journal_files(path)))
+        assert not writer.rotate(min_bytes=4_000)  # the last file is smaller than that: kept
+        assert writer.rotate() and not writer.rotate()  # a file with no record yet is not finished
+    assert [r[0] for r in rotations] == list(range(1, files + 1)) and rotations[-1][1] == 60
+    assert [r[2] for r in rotations] == [f.stat().st_size for f in journal_files(path)[:-1]]
+    assert journal_files(path)[-1].read_bytes() == MAGIC
     everything = read_quietly(path)
-    for index, seq in rotations:
+    for index, seq, _ in rotations:
         assert [r["seq"] for r in JournalReader(path, start=(index, seq))] == list(range(seq, 60))
-    index, seq = rotations[-1]
+    index, seq, _ = rotations[-2]
     with pytest.raises(JournalCorrupt, match=f"has seq {seq}, expected {seq + 1}"):
         list(JournalReader(path, start=(index, seq + 1)))
     with pytest.raises(JournalCorrupt, match="no file 99"):
