@@ -17,6 +17,7 @@ while writing leaves the previous checkpoint, which stays valid: the journal onl
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -45,6 +46,13 @@ VIEWS_PER_PART = 128
 ROUNDS_PER_PART = 256  # up to 64 order ids each
 KEYS_PER_PART = 5_000
 CHUNKS_PER_PART = 64  # 4,096 archived orders, about 0.8 MB
+
+
+def _layout() -> list[str]:
+    """The pickled classes' fields: a checkpoint from code where they differ is not read
+    (an old view would lack a new field), whether or not `FORMAT` was raised."""
+    return [*(f.name for f in dataclasses.fields(OrderView)), "|", *(f.name for f in dataclasses.fields(IndexState)),
+            "|", *OrderIndex.SCALAR_FIELDS]
 
 
 class CheckpointError(Exception):
@@ -116,8 +124,8 @@ def write_checkpoint(path: Path, cut: Cut, state: IndexState) -> int:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as file:
         file.write(MAGIC)
-        header = {"format": FORMAT, "head": cut.head, "first_file": cut.first_file, "next_seq": cut.next_seq,
-                  "prev_bytes": cut.prev_bytes,
+        header = {"format": FORMAT, "layout": _layout(), "head": cut.head, "first_file": cut.first_file,
+                  "next_seq": cut.next_seq, "prev_bytes": cut.prev_bytes,
                   "archive": list(state.archive.counters), "open": [list(r) for r in state.archive.open]}
         _put(file, header)
         frames = 1
@@ -216,6 +224,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], IndexState]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"format {header.get('format') if isinstance(header, dict) else None}, "
                               f"this version reads {FORMAT}")
+    if header.get("layout") != _layout():
+        raise CheckpointError("written by a version whose order views have other fields")
     run: tuple[Any, ...] = ()
     rounds: list[tuple[int, list[str]]] = []
     views: dict[str, OrderView] = {}

@@ -90,7 +90,7 @@ class IndexState:
     views: dict[str, OrderView]  # pending orders and the newest ended ones, as snapshots
     ended: tuple[str, ...]  # the ended ones among them, oldest first
     open_rounds: tuple[tuple[int, list[str]], ...]  # round id -> its order ids, oldest first
-    scalars: dict[str, Any]  # counts, settings and the run's facts (`OrderIndex._SCALARS`)
+    scalars: dict[str, Any]  # counts, settings and the run's facts (`OrderIndex.SCALAR_FIELDS`)
     keys: dict[str, str]
     archive: ArchiveState
 
@@ -141,14 +141,15 @@ class OrderIndex:
         self._max_attempts = 10
         self._open: OrderedDict[int, list[str]] = OrderedDict()  # round id -> its order ids (this segment)
 
-    _SCALARS = ("retain", "hot", "forgotten", "segments", "rounds", "profile", "config", "_ids", "_kinds",
-                "_max_attempts")
+    SCALAR_FIELDS = ("retain", "hot", "forgotten", "segments", "rounds", "profile", "config", "_ids", "_kinds",
+                     "_max_attempts")  # what `state` keeps besides the containers
 
     def state(self) -> IndexState:
-        """This index as of now: a copy of its containers (a few ms for the live views and a
-        million keys), so that the service's round loop waits for no more than that."""
+        """This index as of now: a copy of its containers, not of what they hold, so the
+        service's round loop waits only for that (16 ms with 120,000 keys kept, most of it
+        the live views; `bidhive bench restart`)."""
         return IndexState({oid: v.snapshot() for oid, v in self.orders.items()}, tuple(self._ended),
-                          tuple(self._open.items()), {name: getattr(self, name) for name in self._SCALARS},
+                          tuple(self._open.items()), {name: getattr(self, name) for name in self.SCALAR_FIELDS},
                           dict(self.keys), self.archive.state())
 
     @classmethod

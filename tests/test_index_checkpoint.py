@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from market.journal import journal_files, read_journal
+from serve import index_checkpoint
 from serve.config import BatchCfg, ServeCfg
 from serve.desk import OrderDesk, ended_kept_live
 from serve.idempotency import body_hash
@@ -41,7 +42,7 @@ def _place_all(desk: OrderDesk, ids: range, batch: int = 6) -> list[dict[str, An
                   for i in range(start, min(start + batch, ids.stop))}
         placed = [desk.place(OrderIn.model_validate(b), body_hash(b), f"k-{i}" if i % 2 else None)
                   for i, b in bodies.items()]
-        answers += [p.answer if p.answer is not None else p.future.result(30) for p in placed]  # type: ignore[union-attr]
+        answers += [p.answer or p.future.result(30) for p in placed]  # type: ignore[union-attr]
     return answers
 
 
@@ -210,3 +211,18 @@ def test_the_restart_bench_measures_what_it_says() -> None:
     assert 0 < rebuilt["last_rotation"]["records"] == rebuilt["journal"]["records"] - crash["next_seq"]
     assert rebuilt["clean_stop"]["records"] == 0 and stop["next_seq"] == rebuilt["journal"]["records"]
     assert out["checkpoint_cost"]["state_under_lock_ms"]["median"] > 0
+
+
+def test_a_checkpoint_from_code_whose_views_have_other_fields_is_not_read(
+        served: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, _ = served
+    copy = tmp_path / "j.bhj"
+    for f in [*journal_files(journal), checkpoint_path(journal)]:
+        shutil.copy(f, tmp_path / f.name)
+    header, state = read_checkpoint(checkpoint_path(copy))
+    with monkeypatch.context() as patched:  # as an older bidhive would have written it
+        patched.setattr(index_checkpoint, "_layout", lambda: ["order_id", "status"])
+        write_checkpoint(checkpoint_path(copy), Cut(bytes(header["head"]), header["first_file"], header["next_seq"],
+                                                    header["prev_bytes"]), state)
+    rebuilt = rebuild_index(copy, 1_000_000, ended_kept_live(_cfg(copy).batch))
+    assert rebuilt.source == "journal" and "other fields" in rebuilt.why_not
