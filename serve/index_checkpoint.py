@@ -266,11 +266,17 @@ def rebuild_index(journal: Path, retain: int | None, hot: int) -> Rebuilt:
         except Exception as err:  # noqa: BLE001 - whatever is wrong with it, the whole journal is the answer
             why_not = f"{type(err).__name__}: {err}" if not isinstance(err, CheckpointError) else str(err)
             logger.warning("order index checkpoint %s not used (%s): reading the whole journal", path, why_not)
-    index, records = OrderIndex(retain, hot), 0
-    for rec in JournalReader(journal):
-        index.apply(rec)
-        records += 1
+    index = OrderIndex(retain, hot)
+    records = _apply_all(index, JournalReader(journal))
     return Rebuilt(index, "journal", records, time.perf_counter() - t0, why_not)
+
+
+def _apply_all(index: OrderIndex, records: Iterable[dict[str, Any]]) -> int:
+    """Feeds `records` to `index`; how many there were."""
+    count = 0
+    for count, rec in enumerate(records, 1):
+        index.apply(rec)
+    return count
 
 
 def _from_checkpoint(journal: Path, header: dict[str, Any], state: IndexState, retain: int | None,
@@ -293,9 +299,4 @@ def _from_checkpoint(journal: Path, header: dict[str, Any], state: IndexState, r
     index = OrderIndex.restored(state)
     if first is None:
         return index, 0
-    index.apply(first)
-    records = 1
-    for rec in reader:
-        index.apply(rec)
-        records += 1
-    return index, records
+    return index, _apply_all(index, itertools.chain([first], reader))
