@@ -6,7 +6,7 @@ import contextlib
 import json
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,9 +15,35 @@ from market.config import ProfileCfg, load_profile
 from market.geo import CityGrid
 from market.round import Round, SourceSites, build_round
 from market.types import Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
+from serve.idempotency import body_hash
+from serve.models import OrderIn
+
+if TYPE_CHECKING:  # the desk brings Ray in; the market tests that use this module need none of it
+    from serve.desk import OrderDesk
 
 GRID = CityGrid(31.2304, 121.4737)
 LEG_KINDS = (Kind.RIDER_POOL, Kind.CROWD, Kind.LOCKER)
+ORDER_BODY: dict[str, Any] = {
+    "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
+    "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,
+}
+
+
+def order_body(i: int) -> dict[str, Any]:
+    """A `POST /orders` body of customer `i`, its destination spread over a few km."""
+    return {**ORDER_BODY, "customer_id": f"c-{i}",
+            "destination": {"lat": 31.2304 + 0.01 * (i % 7 - 3), "lon": 121.4737 + 0.012 * (i % 5 - 2)}}
+
+
+def place_all(desk: OrderDesk, ids: range, batch: int = 8) -> list[dict[str, Any]]:
+    """Places `order_body(i)` for each i, a batch at a time (so rounds hold several), every
+    other one with the key ``k-i``; the answers, in order."""
+    answers: list[dict[str, Any]] = []
+    for start in range(ids.start, ids.stop, batch):
+        placed = [desk.place(OrderIn.model_validate(order_body(i)), body_hash(order_body(i)),
+                             f"k-{i}" if i % 2 else None) for i in range(start, min(start + batch, ids.stop))]
+        answers += [p.answer or p.future.result(30) for p in placed]  # type: ignore[union-attr]
+    return answers
 
 
 def make_order(i: int, rng: np.random.Generator, now: float = 0.0) -> Order:

@@ -16,15 +16,10 @@ from market.journal import journal_files, read_journal
 from serve import index_checkpoint
 from serve.config import BatchCfg, ServeCfg
 from serve.desk import OrderDesk, ended_kept_live
-from serve.idempotency import body_hash
 from serve.index_checkpoint import Cut, checkpoint_path, read_checkpoint, rebuild_index, write_checkpoint
-from serve.models import OrderIn
 from serve.order_index import OrderIndex
+from tests.factories import place_all
 
-BODY: dict[str, Any] = {
-    "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
-    "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,
-}
 N_ORDERS = 150
 
 
@@ -33,17 +28,8 @@ def _cfg(journal: Path) -> ServeCfg:
                     batch=BatchCfg(window_ms=2, retry_after_ms=5, max_attempts=2))
 
 
-def _place_all(desk: OrderDesk, ids: range, batch: int = 6) -> list[dict[str, Any]]:
-    """A batch at a time (rounds of several orders), every other order with a key."""
-    answers: list[dict[str, Any]] = []
-    for start in range(ids.start, ids.stop, batch):
-        bodies = {i: {**BODY, "customer_id": f"c-{i}",
-                      "destination": {"lat": 31.2304 + 0.01 * (i % 7 - 3), "lon": 121.4737 + 0.012 * (i % 5 - 2)}}
-                  for i in range(start, min(start + batch, ids.stop))}
-        placed = [desk.place(OrderIn.model_validate(b), body_hash(b), f"k-{i}" if i % 2 else None)
-                  for i, b in bodies.items()]
-        answers += [p.answer or p.future.result(30) for p in placed]  # type: ignore[union-attr]
-    return answers
+def _place_all(desk: OrderDesk, ids: range) -> list[dict[str, Any]]:
+    return place_all(desk, ids, batch=6)
 
 
 @pytest.fixture(scope="module")

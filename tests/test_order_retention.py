@@ -18,27 +18,9 @@ from serve.idempotency import body_hash
 from serve.models import OrderIn
 from serve.order_archive import OrderArchive
 from serve.order_index import OrderIndex
+from tests.factories import order_body, place_all
 
-BODY: dict[str, Any] = {
-    "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
-    "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,
-}
 N_ORDERS = 144  # two chunks of the archive and part of a third
-
-
-def _body(i: int) -> dict[str, Any]:
-    return {**BODY, "customer_id": f"c-{i}",
-            "destination": {"lat": 31.2304 + 0.01 * (i % 7 - 3), "lon": 121.4737 + 0.012 * (i % 5 - 2)}}
-
-
-def _place_all(desk: OrderDesk, ids: range, batch: int = 8) -> list[dict[str, Any]]:
-    """Places orders a batch at a time (so rounds hold several), every other one with a key."""
-    answers: list[dict[str, Any]] = []
-    for start in range(ids.start, ids.stop, batch):
-        placed = [desk.place(OrderIn.model_validate(_body(i)), body_hash(_body(i)), f"k-{i}" if i % 2 else None)
-                  for i in range(start, min(start + batch, ids.stop))]
-        answers += [p.answer if p.answer is not None else p.future.result(30) for p in placed]  # type: ignore[union-attr]
-    return answers
 
 
 def _desk(journal: Path) -> OrderDesk:
@@ -51,7 +33,7 @@ def journal(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("retention") / "j.bhj"
     desk = _desk(path)
     try:
-        _place_all(desk, range(N_ORDERS))
+        place_all(desk, range(N_ORDERS))
     finally:
         desk.close()
     return path
@@ -99,14 +81,15 @@ def test_a_service_forgets_old_orders_and_their_keys_and_still_serves(tmp_path: 
     desk = _desk(tmp_path / "j.bhj")
     try:
         desk.index.retain, desk.index.hot = 10, 4  # the setting's floor is 10,000; the rule is the same
-        answers = _place_all(desk, range(30))
+        answers = place_all(desk, range(30))
         old, recent = answers[1], answers[-1]  # both placed with a key (odd i)
         assert desk.order(old["order_id"]) is None and desk.order(recent["order_id"]) is not None
-        assert desk.place(OrderIn.model_validate(_body(29)), body_hash(_body(29)), "k-29").answer == recent
+        repeat = desk.place(OrderIn.model_validate(order_body(29)), body_hash(order_body(29)), "k-29")
+        assert repeat.answer == recent
         with pytest.raises(DeskError) as other_body:
-            desk.place(OrderIn.model_validate(_body(28)), body_hash(_body(28)), "k-29")
+            desk.place(OrderIn.model_validate(order_body(28)), body_hash(order_body(28)), "k-29")
         assert other_body.value.status == 422
-        again = _place_all(desk, range(1, 2))[0]  # k-1 is forgotten: the repeat is a new order
+        again = place_all(desk, range(1, 2))[0]  # k-1 is forgotten: the repeat is a new order
         assert again["order_id"] != old["order_id"]
         health = desk.health()[1]
         assert health["orders"] == 10 and health["orders_forgotten"] == 21
