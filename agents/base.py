@@ -202,7 +202,15 @@ class Agent(ABC):
         return self.context(rnd, now, avail), reach
 
     def quote(self, rnd: Round, now: float, strategy: BiddingStrategy, hold_ttl_s: float) -> Quote | None:
-        """Prices the round, holds the capacity offered, and returns the quote (or None)."""
+        """Prices the round, holds the capacity offered, and returns the quote (or None).
+
+        Raises:
+            HoldError: The round was quoted already. Refused before pricing, which takes
+                stock (a warehouse's held stock) that only the round's one hold gives back.
+        """
+        if rnd.round_id in self.holds:
+            self._peeked = None
+            raise HoldError(f"round {rnd.round_id} already holds capacity")
         ready = self._prepared(rnd, now)
         if ready is None:
             return None

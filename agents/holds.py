@@ -38,6 +38,9 @@ class HoldBook:
     def __len__(self) -> int:
         return len(self._holds)
 
+    def __contains__(self, round_id: int) -> bool:
+        return round_id in self._holds
+
     def place(self, round_id: int, units: int, now: float, ttl_s: float, payload: Any = None) -> Hold:
         """Reserves `units` for `round_id` until now + ttl_s."""
         if round_id in self._holds:

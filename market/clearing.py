@@ -195,7 +195,7 @@ def first_score_payments(book: QuoteBook, winner: np.ndarray) -> tuple[np.ndarra
 
 
 def second_score_payments(
-    book: QuoteBook, winner: np.ndarray, clear: "WinnerFn"
+    book: QuoteBook, winner: np.ndarray, clear: "WinnerFn", reserve_cap: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """VCG: each winner gets its quote plus its marginal contribution to total cost.
 
@@ -203,6 +203,10 @@ def second_score_payments(
     b's awards in the round. With exact clearing it is never negative; greedy clearing
     can show small anomalies, which are clamped at zero so no winner is paid below
     its quote (truthfulness then holds only approximately).
+
+    Args:
+        reserve_cap: Cap each order's payments at its reserve (`cap_at_reserve`). Off only
+            to re-clear journals of schema 3 and older, written before the cap.
     """
     src_pay, leg_pay = first_score_payments(book, winner)
     base = total_cost(book, winner)
@@ -217,7 +221,33 @@ def second_score_payments(
         share = marginal / (len(mine_src) + len(mine_leg))
         src_pay[mine_src] += share
         leg_pay[mine_leg] += share
+    if reserve_cap:
+        cap_at_reserve(book, winner, src_pay, leg_pay)
     return src_pay, leg_pay
+
+
+def cap_at_reserve(book: QuoteBook, winner: np.ndarray, src_pay: np.ndarray, leg_pay: np.ndarray) -> None:
+    """Scales down, in place, what each order pays above its quotes to what its reserve leaves.
+
+    Without a bidder the order may go unserved, and then the marginal contribution is
+    the unfulfilled penalty, far above the reserve: the most the retailer pays for the
+    order. A winner would lose the order anyway if its price took the order's over the
+    reserve, so its threshold price is capped there; when both the source and the leg
+    are owed more than the reserve leaves, they share it in proportion to what each is owed.
+    """
+    won = np.flatnonzero(winner >= 0)
+    c = book.combos
+    src_quote, leg_quote = c.src_price[winner[won]], c.leg_price[winner[won]]
+    src_extra, leg_extra = src_pay[won] - src_quote, leg_pay[won] - leg_quote
+    owed = src_extra + leg_extra
+    room = np.maximum(0.0, book.rnd.reserve[won] - (src_quote + leg_quote))
+    over = owed > room
+    if not np.count_nonzero(over):
+        return
+    scale = room[over] / owed[over]
+    rows = won[over]
+    src_pay[rows] = src_quote[over] + src_extra[over] * scale
+    leg_pay[rows] = leg_quote[over] + leg_extra[over] * scale
 
 
 class WinnerFn(Protocol):
@@ -226,10 +256,11 @@ class WinnerFn(Protocol):
     def __call__(self, book: QuoteBook, capacity: np.ndarray | None = None) -> np.ndarray: ...
 
 
-def price_awards(book: QuoteBook, winner: np.ndarray, payment: Payment, clear: WinnerFn) -> Allocation:
+def price_awards(book: QuoteBook, winner: np.ndarray, payment: Payment, clear: WinnerFn,
+                 reserve_cap: bool = True) -> Allocation:
     """Pays the winners by the payment rule (``clear`` re-clears for VCG) and says why the rest lost."""
     if payment == "second_score":
-        src_pay, leg_pay = second_score_payments(book, winner, clear)
+        src_pay, leg_pay = second_score_payments(book, winner, clear, reserve_cap)
     else:
         src_pay, leg_pay = first_score_payments(book, winner)
     return Allocation(winner, src_pay, leg_pay, unserved_reasons(book, winner), total_cost(book, winner))
@@ -351,6 +382,9 @@ class ScoringAuction:
 
     payment: Payment = "first_score"
     method: Method = "greedy"
+    #: VCG payments capped at each order's reserve (`cap_at_reserve`); off only to re-clear
+    #: journals written before the cap (schema 3 and older).
+    reserve_cap: bool = True
 
     @property
     def name(self) -> str:
@@ -373,7 +407,7 @@ class ScoringAuction:
             fast = one_order_allocation(book)
             if fast is not None:
                 return fast
-        return price_awards(book, self.winners(book), self.payment, self.winners)
+        return price_awards(book, self.winners(book), self.payment, self.winners, self.reserve_cap)
 
 
 def clear_round(

@@ -33,12 +33,16 @@ from market.journal import FsyncPolicy, JournalWriter
 from market.round import Round, SourceSites
 from market.types import CATEGORY_CODES, Order, Quote, SourceQuote
 
-__all__ = ["JOURNAL_SCHEMA", "JournalRecorder", "award_arrays", "bidder_table", "versions"]
+__all__ = ["JOURNAL_SCHEMA", "RESERVE_CAP_SCHEMA", "JournalRecorder", "award_arrays", "bidder_table", "versions"]
 
-JOURNAL_SCHEMA = 3
+JOURNAL_SCHEMA = 4
 """Version of the record fields written here (``run_started.schema``); 2 added
 ``hold_released.refused`` and left refused awards out of ``hold_committed``; 3 added
-``hold_released.refused_by`` and ``hold_released.cancelled``."""
+``hold_released.refused_by`` and ``hold_released.cancelled``; 4 caps ``second_score``
+payments at each order's reserve (`RESERVE_CAP_SCHEMA`): the records are the same."""
+
+RESERVE_CAP_SCHEMA = 4
+"""The first schema whose ``second_score`` payments are capped at the reserve."""
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str], ...]:

@@ -62,7 +62,7 @@ from market.config import CatalogueCfg, ProfileCfg
 from market.engine import COMMIT_REFUSED
 from market.geo import CityGrid
 from market.journal import JournalReader, TornTailWarning
-from market.journal_recorder import award_arrays, versions
+from market.journal_recorder import JOURNAL_SCHEMA, RESERVE_CAP_SCHEMA, award_arrays, versions
 from market.replay_columns import BidderRows, OneOrderColumns
 from market.round import Round, SourceSites, build_round
 from market.types import LEG_KINDS, Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
@@ -129,7 +129,7 @@ class RunHeader:
     @cached_property
     def clearing(self) -> Mechanism:
         """The mechanism the run cleared its rounds with."""
-        return make_mechanism(self.mechanism)
+        return make_mechanism(self.mechanism, schema=self.schema)
 
     @cached_property
     def leg_labels(self) -> tuple[str, ...]:
@@ -612,17 +612,21 @@ def _raw_quotes(raw: list[dict[str, Any]]) -> list[Quote]:
 # --------------------------------------------------------------------------- clearing
 
 
-def make_mechanism(name: str, payment: str | None = None) -> Mechanism:
+def make_mechanism(name: str, payment: str | None = None, schema: int = JOURNAL_SCHEMA) -> Mechanism:
     """The mechanism a journal names (``auction/<method>/<payment>`` or ``static``).
 
     Args:
-        payment: Override the payment rule (what-if); only auctions have one.
+        payment: Override the payment rule (what-if); only auctions have one. A what-if
+            pays by today's rule.
+        schema: The journal's ``run_started.schema``: journals before `RESERVE_CAP_SCHEMA`
+            paid ``second_score`` winners without the reserve cap, and re-clear so.
     """
     if payment is not None and payment not in PAYMENT_RULES:
         raise ReplayError(f"unknown payment rule '{payment}' (known: {', '.join(PAYMENT_RULES)})")
     parts = name.split("/")
     if len(parts) == 3 and parts[0] == "auction" and parts[1] in ("greedy", "exact") and parts[2] in PAYMENT_RULES:
-        return ScoringAuction(payment=payment or parts[2], method=parts[1])  # type: ignore[arg-type]
+        return ScoringAuction(payment=payment or parts[2], method=parts[1],  # type: ignore[arg-type]
+                              reserve_cap=payment is not None or schema >= RESERVE_CAP_SCHEMA)
     if name == "static":
         if payment is not None:
             raise ReplayError("the journal was cleared by the static rule, which has no payment rule to change")
@@ -1107,7 +1111,7 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
             if not isinstance(rr, ReplayRound):
                 rr = journal.rebuilt(step)
             if header.mechanism not in alt_mechs:
-                alt_mechs[header.mechanism] = make_mechanism(header.mechanism, payment)
+                alt_mechs[header.mechanism] = make_mechanism(header.mechanism, payment, header.schema)
             keep = [o for o, order in enumerate(rr.orders) if order.order_id not in alt.won]
             rnd, quotes = rr.rnd, rr.quotes
             if len(keep) < rnd.size:
@@ -1309,7 +1313,7 @@ def _why_not(book: QuoteBook, k: int, header: RunHeader, allowed: bool) -> list[
 def explain_round(rr: ReplayRound, header: RunHeader, order_id: str, profile: ProfileCfg | None = None,
                   payment: str | None = None) -> dict[str, Any]:
     """Every combination for one order in one round: score, feasibility, and why the winner won."""
-    mech = make_mechanism(header.mechanism, payment)
+    mech = make_mechanism(header.mechanism, payment, header.schema)
     prof = profile or rr.profile
     book, alloc = clear(header, rr.rnd, rr.quotes, prof, mech)
     o = next(i for i, order in enumerate(rr.rnd.orders) if order.order_id == order_id)

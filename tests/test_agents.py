@@ -79,6 +79,22 @@ def test_warehouse_never_sells_the_same_unit_twice_in_a_round() -> None:
     assert second is None  # one unit left free while round 1 holds two
 
 
+def test_a_round_quoted_twice_is_refused_and_holds_no_more_stock() -> None:
+    """The second quote of a round raises before pricing: the stock it would hold has no
+    hold to give it back, so it would stay held forever."""
+    f = fleet()
+    wh = next(a for a in f.agents if a.agent_id == "wh-front-c")
+    sku = f.env.catalogue.sku_ids[int(np.nonzero(wh.stock)[0][0])]
+    rnd = round_of(f, [order_at(0, 1.0, -1.0, sku=sku, qty=2)])
+    assert wh.quote(rnd, 0.0, CostPricing(), 5.0) is not None
+    held = int(wh.held_stock.sum())
+    with pytest.raises(HoldError, match="already holds"):
+        wh.quote(rnd, 0.0, CostPricing(), 5.0)
+    assert int(wh.held_stock.sum()) == held == 2
+    wh.release(rnd.round_id, 0.0)
+    assert int(wh.held_stock.sum()) == 0 and len(wh.holds) == 0
+
+
 def test_rider_pool_only_quotes_inside_its_radius() -> None:
     f = fleet()
     riders = next(a for a in f.agents if a.agent_id == "riders-c")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +61,40 @@ def test_second_score_pays_every_winner_at_least_its_quote(book: QuoteBook, meth
     c = book.combos
     assert (alloc.src_payment[won] >= c.src_price[alloc.winner[won]] - 1e-9).all()
     assert (alloc.leg_payment[won] >= c.leg_price[alloc.winner[won]] - 1e-9).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(books, st.sampled_from(["greedy", "exact"]))
+def test_no_order_costs_the_retailer_more_than_its_reserve(book: QuoteBook, method: str) -> None:
+    """VCG pays a pivotal winner the unfulfilled penalty; the reserve caps what the order costs."""
+    alloc = ScoringAuction(payment="second_score", method=method).allocate(book)  # type: ignore[arg-type]
+    won = np.flatnonzero(alloc.winner >= 0)
+    paid = alloc.src_payment[won] + alloc.leg_payment[won]
+    reserve = book.rnd.reserve[won]
+    assert (paid <= reserve * (1 + 1e-12)).all()
+    uncapped = ScoringAuction(payment="second_score", method=method, reserve_cap=False).allocate(book)  # type: ignore[arg-type]
+    # the cap only lowers what is owed above the quotes, never below them, and only where it binds
+    assert (alloc.src_payment <= uncapped.src_payment).all() and (alloc.leg_payment <= uncapped.leg_payment).all()
+    unbound = won[uncapped.src_payment[won] + uncapped.leg_payment[won] <= reserve]
+    assert np.array_equal(alloc.src_payment[unbound], uncapped.src_payment[unbound])
+
+
+def test_a_winner_without_rival_is_paid_the_reserve_not_the_penalty() -> None:
+    """One order whose only feasible combination wins: both sides are pivotal, each owed the
+    penalty less the score; together they get what the reserve leaves, in proportion."""
+    for seed in range(200):
+        book = random_book(seed, 1, 1, 1)
+        if book.combos.feasible.sum() == 1:
+            break
+    else:
+        raise AssertionError("no one-combination book in 200 seeds")
+    alloc = ScoringAuction(payment="second_score").allocate(book)
+    w = int(alloc.winner[0])
+    c, reserve = book.combos, float(book.rnd.reserve[0])
+    owed = float(book.penalty[0] - c.score[w])
+    assert owed > reserve - c.price[w]  # the penalty would have paid each side far more
+    assert alloc.src_payment[0] + alloc.leg_payment[0] == pytest.approx(reserve, rel=1e-12)
+    assert alloc.src_payment[0] - c.src_price[w] == pytest.approx(alloc.leg_payment[0] - c.leg_price[w], rel=1e-9)
 
 
 @settings(max_examples=200, deadline=None)

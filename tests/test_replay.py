@@ -289,6 +289,29 @@ def test_static_and_second_score_journals_verify(tmp_path: Path) -> None:
     assert report.header.mechanism == "auction/greedy/second_score"
 
 
+def test_journals_before_the_reserve_cap_re_clear_by_their_own_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema-3 VCG journal paid winners without the reserve cap: it still verifies, and
+    the same records read as schema 4 do not, so the schema is what picks the rule."""
+    import market.journal_recorder as recorder_module
+    from market.clearing import ScoringAuction
+    from policies.heuristic import LoadMarkup
+    from policies.registry import NetworkPolicy
+
+    old = tmp_path / "old.bhj"
+    monkeypatch.setattr(recorder_module, "JOURNAL_SCHEMA", 3)
+    uncapped = NetworkPolicy("heuristic", LoadMarkup(), ScoringAuction(payment="second_score", reserve_cap=False))
+    Simulator(SimSetup.build(load_scenario("weekday"), uncapped, seed=4, n_orders=120,
+                             recorder=JournalRecorder(old))).run()
+    monkeypatch.undo()
+    assert next(iter(read_journal(old)))["schema"] == 3
+    report = replay(old, stop_at_first=True)
+    assert report.ok, report.first_mismatch
+    relabelled = tmp_path / "relabelled.bhj"
+    rewrite(old, relabelled, lambda rec: rec.update(schema=4) if rec["type"] == "run_started" else None)
+    mismatch = replay(relabelled, stop_at_first=True).first_mismatch
+    assert mismatch is not None and mismatch.field in ("src_payment", "leg_payment")
+
+
 def engine_shell(path: Path, seed: int, n_orders: int, bidders: type[LocalBidders] = LocalBidders,
                  **recorder_kw: Any) -> tuple[MarketEngine, JournalRecorder, list[Any]]:
     """A shell that drives MarketEngine itself, as the Ray runtime does: engine, journal, orders."""
