@@ -537,6 +537,7 @@ class JournalWriter:
             tail = _Tail(0, 0) if fresh else _recover(self.path)
             self._index = tail.index
             self._next_seq = tail.next_seq
+            self._synced_next = tail.next_seq  # what was there at open is as durable as it gets
             self._file, self._size = self._open(rotated_path(self.path, tail.index), create=False)
         except BaseException:
             os.close(self._lock_fd)
@@ -555,6 +556,11 @@ class JournalWriter:
     def next_seq(self) -> int:
         """The ``seq`` the next :meth:`append` will assign."""
         return self._next_seq
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether records were appended since the last sync (a :meth:`flush` would write them)."""
+        return self._synced_next < self._next_seq
 
     @property
     def current_path(self) -> Path:
@@ -750,6 +756,7 @@ class JournalWriter:
         if self.fsync != "never":
             _datasync(self._file.fileno())
         self._sync_due = self._next_sync_due()
+        self._synced_next = self._next_seq
 
     def _check_usable(self) -> None:
         """Refuse to write after close or after a failed write."""

@@ -222,6 +222,8 @@ class AuctioneerHost:
 
 
 def _run_call(fn: Callable[[AuctioneerCore], Any], core: AuctioneerCore, fut: Future[Any]) -> None:
+    if not fut.set_running_or_notify_cancel():  # the caller gave up waiting: it was told nothing ran
+        return
     try:
         fut.set_result(fn(core))
     except Exception as err:  # noqa: BLE001 - handed to the caller through the future

@@ -181,7 +181,9 @@ class BidhiveIngress:
             answer = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(placed.future)),
                                             self.cfg.answer_timeout_s)
         except asyncio.TimeoutError:
-            self.desk.sync()
+            if not await asyncio.to_thread(self.desk.sync, placed.order_id):
+                return _problem(503, f"order {placed.order_id} not accepted: the auctioneer did not take it in; "
+                                     "retry", {"Retry-After": "5"})
             return JSONResponse({"order_id": placed.order_id, "status": "pending", "reason": None, "award": None,
                                  "auction": None}, status_code=202,
                                 headers={"Location": f"/orders/{placed.order_id}"})
@@ -202,7 +204,7 @@ class BidhiveIngress:
         try:
             return await asyncio.to_thread(self.desk.set_profile, body.profile)
         except DeskError as err:
-            return _problem(err.status, err.detail)
+            return _problem(err.status, err.detail, {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None)
 
     @api.get("/healthz")
     async def healthz(self) -> Any:

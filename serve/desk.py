@@ -36,7 +36,7 @@ from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
 from serve.models import OrderIn
-from serve.order_index import HOT_ENDED, OrderIndex
+from serve.order_index import HOT_ENDED, PENDING, OrderIndex
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -81,7 +81,14 @@ class OrderDesk:
         self.fleet_cfg = load_fleet(cfg.fleet)
         journal = Path(cfg.journal)
         journal.parent.mkdir(parents=True, exist_ok=True)
-        self.rebuilt = self._rebuild(journal)
+        # the writer's lock first: a replica still stopping could otherwise append what
+        # the index below never reads (accepted orders, keys) before it lets go
+        self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)
+        try:
+            self.rebuilt = self._rebuild(journal, fresh=self.recorder.writer.next_seq == 0)
+        except BaseException:
+            self.recorder.close()
+            raise
         self.index = self.rebuilt.index
         self.idem = IdempotencyStore(self.index.by_key)
         self.metrics = Metrics()
@@ -90,7 +97,6 @@ class OrderDesk:
         self._open = 0
         self._next = 0
         self.epoch = float(self.index.config.get("epoch_unix") or math.floor(wall() / 86400.0) * 86400.0)
-        self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)
         self.recorder.writer.on_append = self._on_record
         self.checkpoints = CheckpointWriter(checkpoint_path(journal))
         self.recorder.writer.on_rotate = self._on_rotate
@@ -107,10 +113,10 @@ class OrderDesk:
         self.host.start()
 
     # -- start-up --------------------------------------------------------------------------
-    def _rebuild(self, journal: Path) -> Rebuilt:
-        """The order index of the journal so far (a restart), or an empty one."""
+    def _rebuild(self, journal: Path, fresh: bool) -> Rebuilt:
+        """The order index of the journal so far (a restart), or an empty one (`fresh`: no record)."""
         hot = ended_kept_live(self.cfg.batch)
-        if not journal.exists():
+        if fresh:
             return Rebuilt(OrderIndex(retain=self.cfg.retain_orders, hot=hot), "empty", 0, 0.0)
         rebuilt = rebuild_index(journal, self.cfg.retain_orders, hot)
         logger.info("order index from the %s: %d journal records in %.2f s", rebuilt.source, rebuilt.records,
@@ -221,19 +227,28 @@ class OrderDesk:
             DeskError: 409 / 422 for a key conflict or a bad order, 503 when overloaded.
         """
         with self._lock:
+            stored = None
             if key is not None:
                 try:
                     stored = self.idem.begin(key, digest)
                 except IdempotencyConflict as err:
                     raise DeskError(err.status, err.detail) from None
-                if stored is not None:
-                    return Placed(str(stored["order_id"]), answer=stored)
-            try:
-                return self._accept(order, digest, key)
-            except BaseException:
-                if key is not None:
-                    self.idem.release(key)
-                raise
+            if stored is None:
+                try:
+                    return self._accept(order, digest, key)
+                except BaseException:
+                    if key is not None:
+                        self.idem.release(key)
+                    raise
+        self._on_disk(stored)
+        return Placed(str(stored["order_id"]), answer=stored)
+
+    def _on_disk(self, answer: dict[str, Any] | None) -> None:
+        """Syncs the journal before an ended order's answer goes out, if it may not be synced
+        yet: the index shows an award as its record is appended, and `_ended` syncs only
+        after. Called without the desk's lock (the writer's lock comes first)."""
+        if answer is not None and answer["status"] != PENDING and self.recorder.writer.unsynced:
+            self.recorder.flush()
 
     def _accept(self, body: OrderIn, digest: str, key: str | None) -> Placed:
         if not self.host.alive:
@@ -257,7 +272,7 @@ class OrderDesk:
         while True:
             self._next += 1
             oid = f"o-{self.segment}-{self._next:07d}"
-            if not self.index.knows(oid):
+            if not self.index.knows(oid) and oid not in self._waiters:  # a client may have chosen it
                 return oid
 
     def _check(self, body: OrderIn) -> None:
@@ -272,14 +287,32 @@ class OrderDesk:
             raise DeskError(422, f"destination: outside the service area ({float(x):.1f}, {float(y):.1f}) km "
                                  f"from the city centre")
 
-    def sync(self) -> None:
-        """Syncs the journal (before answering 202: the order is on disk)."""
-        self.recorder.writer.flush()
+    def sync(self, order_id: str, timeout_s: float = 30.0) -> bool:
+        """Syncs the journal once it holds the order: a 202 says the order is accepted, and
+        only the journal makes that survive a crash. The round loop writes the order when
+        it takes it in, which a long round may delay past the answer's timeout.
+
+        Returns:
+            False when the loop stopped, or did not take the order in `timeout_s`: the
+            order is not on disk, and the client must not be told it was accepted.
+        """
+        end = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                journaled = self.index.knows(order_id)
+            if journaled:
+                self.recorder.writer.flush()
+                return True
+            if not self.host.alive or time.monotonic() >= end:
+                return False
+            time.sleep(0.005)
 
     def order(self, order_id: str) -> dict[str, Any] | None:
         """The order, its answer and its timeline, or None (unknown, or past `retain_orders`)."""
         with self._lock:
-            return self.index.detail(order_id)
+            detail = self.index.detail(order_id)
+        self._on_disk(detail)
+        return detail
 
     def set_profile(self, name: str, timeout_s: float = 10.0) -> dict[str, str]:
         """Switches the scoring profile between two rounds, journaled."""
@@ -295,9 +328,27 @@ class OrderDesk:
             self.recorder.profile_changed(name, core.market.now(core.clock()))
             return previous
 
-        previous = self.host.call(switch).result(timeout=timeout_s)
+        previous = self._on_loop(switch, timeout_s)
         self.recorder.flush()
         return {"profile": name, "previous": previous}
+
+    def _on_loop(self, fn: Callable[[AuctioneerCore], Any], timeout_s: float) -> Any:
+        """`fn(core)` run on the round loop between two steps.
+
+        Raises:
+            DeskError: 503 when the loop is not running, or has not started `fn` within
+                `timeout_s`; `fn` then never runs, so the caller was told the truth.
+        """
+        if not self.host.alive:
+            raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
+        fut = self.host.call(fn)
+        try:
+            return fut.result(timeout=timeout_s)
+        except TimeoutError:
+            if fut.cancel():
+                raise DeskError(503, f"the auctioneer did not get to it within {timeout_s:g} s; nothing changed",
+                                retry_after_s=1) from None
+            return fut.result()  # it started just now: let it finish
 
     # -- health and metrics ----------------------------------------------------------------
     def health(self, timeout_s: float = 2.0) -> tuple[bool, dict[str, Any]]:
@@ -324,9 +375,9 @@ class OrderDesk:
         m = self.metrics
         gauges: dict[str, float] = {}
         try:
-            util = self.host.call(lambda core: core.engine.utilization(core.market.now(core.clock())))
+            util = self._on_loop(lambda core: core.engine.utilization(core.market.now(core.clock())), timeout_s)
             per_kind: dict[str, list[float]] = {}
-            for kind, u in util.result(timeout=timeout_s):
+            for kind, u in util:
                 per_kind.setdefault(str(kind), []).append(u)
             gauges = {kind: sum(v) / len(v) for kind, v in per_kind.items()}
         except Exception as err:  # noqa: BLE001 - a scrape still answers without the gauge

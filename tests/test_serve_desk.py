@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,143 @@ def test_a_restart_keeps_keys_and_resumes_orders_that_had_not_ended(tmp_path: Pa
         with pytest.raises(DeskError) as err:
             desk.place(OrderIn.model_validate(BODY), "other-hash", "mid-flight")
         assert err.value.status == 422
+    finally:
+        desk.close()
+
+
+def test_a_desk_takes_the_journal_before_it_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica still stopping may append to the journal: the next one reads the journal
+    only once it holds the writer's lock, so no record lands after its read."""
+    import serve.desk as desk_module
+    from market.journal import JournalLocked, JournalWriter
+
+    journal = tmp_path / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    _place(desk, 1, key="before")
+    desk.close()
+    reads: list[bool] = []
+    real = desk_module.rebuild_index
+
+    def watched(path: Path, retain: int | None, hot: int) -> Any:
+        with pytest.raises(JournalLocked):  # the desk holds the journal while it reads
+            JournalWriter(path).close()
+        reads.append(True)
+        return real(path, retain, hot)
+
+    monkeypatch.setattr(desk_module, "rebuild_index", watched)
+    with JournalWriter(journal):  # the replica still stopping
+        with pytest.raises(JournalLocked):
+            OrderDesk(_cfg(journal))
+    assert reads == []  # refused before reading anything
+    desk = OrderDesk(_cfg(journal))
+    try:
+        assert reads == [True] and _place(desk, 1, key="before")["order_id"] == "o-1-0000001"
+    finally:
+        desk.close()
+
+
+def test_a_switch_the_round_loop_cannot_take_is_a_503_and_never_applies(tmp_path: Path) -> None:
+    import threading
+
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    try:
+        stalled, go_on = threading.Event(), threading.Event()
+        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))  # a step that takes its time
+        assert stalled.wait(10)
+        with pytest.raises(DeskError) as err:
+            desk.set_profile("time_first", timeout_s=0.2)
+        assert err.value.status == 503 and "nothing changed" in err.value.detail and err.value.retry_after_s
+        go_on.set()
+        assert desk.set_profile("cost_first")["previous"] == "balanced"  # the refused switch never ran
+        desk.host.stop()
+        with pytest.raises(DeskError) as err:
+            desk.set_profile("time_first")
+        assert err.value.status == 503 and "not running" in err.value.detail
+        assert "bidhive_utilization" not in desk.metrics_text()  # a scrape still answers, without the gauge
+    finally:
+        desk.close()
+    changes = [r["name"] for r in read_journal(tmp_path / "j.bhj") if r["type"] == "profile_changed"]
+    assert changes == ["cost_first"]
+
+
+def test_a_pending_answer_waits_until_the_order_is_in_the_journal(tmp_path: Path) -> None:
+    """A 202 tells the client its order is accepted: `sync` returns only once the round loop
+    has journaled the order, and says False when the loop stopped before taking it."""
+    import threading
+
+    journal = tmp_path / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    try:
+        stalled, go_on = threading.Event(), threading.Event()
+        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))  # a long round
+        assert stalled.wait(10)
+        placed = desk.place(OrderIn.model_validate(BODY), body_hash(BODY), None)
+        synced: list[bool] = []
+        waiter = threading.Thread(target=lambda: synced.append(desk.sync(placed.order_id)))
+        waiter.start()
+        waiter.join(0.3)
+        assert synced == [] and not desk.index.knows(placed.order_id)  # not on disk yet: no 202 yet
+        go_on.set()
+        waiter.join(10)
+        assert synced == [True]
+        assert placed.order_id in {r.get("order_id") for r in read_journal(journal) if r["type"] == "order_received"}
+        stalled.clear()
+        go_on.clear()
+        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))
+        assert stalled.wait(10)
+        late = desk.place(OrderIn.model_validate({**BODY, "customer_id": "c-2"}), "h-2", None)
+        stopping = threading.Thread(target=desk.host.stop)
+        stopping.start()
+        while not desk.host._stop:  # stopping before the long round ends: the loop takes nothing more in
+            time.sleep(0.001)
+        go_on.set()
+        stopping.join(30)
+        assert desk.sync(late.order_id, timeout_s=5) is False  # the loop stopped before taking it in
+    finally:
+        desk.close()
+
+
+def test_a_generated_id_skips_one_a_client_chose_that_is_not_journaled_yet(tmp_path: Path) -> None:
+    import threading
+
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    try:
+        stalled, go_on = threading.Event(), threading.Event()
+        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))  # the chosen id stays unjournaled
+        assert stalled.wait(10)
+        chosen = desk.place(OrderIn.model_validate({**BODY, "order_id": "o-1-0000001"}), "h-1", None)
+        generated = desk.place(OrderIn.model_validate({**BODY, "customer_id": "c-2"}), "h-2", None)
+        assert chosen.order_id == "o-1-0000001" and generated.order_id == "o-1-0000002"
+        go_on.set()
+    finally:
+        go_on.set()
+        desk.close()
+
+
+def test_an_ended_order_is_on_disk_before_a_get_or_a_repeated_key_answers(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index shows an award as its record is appended; `_ended` syncs just after. An
+    answer read in between syncs first, so nobody hears of an award a crash could undo."""
+    journal = tmp_path / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    try:
+        writer = desk.recorder.writer
+        writer.fsync_interval_s = 3600.0
+        desk.recorder.flush()  # no sync falls due on an append from now on
+        monkeypatch.setattr(desk.recorder, "flush", lambda: None)  # hold `_ended`'s sync: the window stays open
+        answer = _place(desk, 1, key="k")
+        assert writer.unsynced
+        monkeypatch.undo()
+        on_disk = {r.get("order_id") for r in read_journal(journal) if r["type"] == "order_received"}
+        assert answer["order_id"] not in on_disk  # still in the writer's buffer
+        assert desk.order(answer["order_id"])["status"] == answer["status"]  # type: ignore[index]
+        assert not writer.unsynced
+        assert answer["order_id"] in {r.get("order_id") for r in read_journal(journal) if r["type"] == "order_received"}
+        monkeypatch.setattr(desk.recorder, "flush", lambda: None)
+        _place(desk, 2)
+        assert writer.unsynced
+        monkeypatch.undo()
+        assert _place(desk, 1, key="k") == answer and not writer.unsynced  # the repeated key's answer, synced
     finally:
         desk.close()
 
