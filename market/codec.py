@@ -94,6 +94,9 @@ def pack(record: dict[str, Any], *, keys_checked: bool = False) -> bytes:
                 raise TypeError(f"record keys must be str, got {type(key).__qualname__} key {key!r}")
     try:
         return _packers.record.pack(record)
+    except OverflowError as exc:  # an int msgpack's 64 bits cannot hold: an unsupported value too
+        _packers.record.reset()
+        raise TypeError(f"cannot encode an int outside the signed/unsigned 64-bit range ({exc})") from None
     except BaseException:
         _packers.record.reset()  # never leave a half-written record in the buffer
         raise
@@ -139,9 +142,11 @@ def _default(obj: Any) -> Any:
     """Translate a value msgpack cannot write natively (called by msgpack)."""
     if isinstance(obj, np.ndarray):
         return _ext(NUMPY_ARRAY_EXT, _numeric_body(obj))
+    if isinstance(obj, (str, bytes)):  # np.str_ and np.bytes_ too: text, not numbers
+        return str(obj) if isinstance(obj, str) else bytes(obj)
     if isinstance(obj, np.generic):
         return _ext(NUMPY_SCALAR_EXT, _numeric_body(np.asarray(obj)))
-    for plain in (bool, int, float, str, bytes):
+    for plain in (bool, int, float):
         if isinstance(obj, plain):
             return plain(obj)
     if isinstance(obj, (tuple, list)):

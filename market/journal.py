@@ -21,6 +21,7 @@ belong to the code that writes them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -531,16 +532,17 @@ class JournalWriter:
         self._clock = clock
         self._mutex = threading.Lock()
         self._failed: BaseException | None = None
-        self._lock_fd = self._take_lock()
+        lock_fd = self._take_lock()
+        self._lock_fd: int | None = lock_fd  # None once closed
         try:
-            fresh = os.fstat(self._lock_fd).st_size == 0 and not _rotated_indices(self.path)
+            fresh = os.fstat(lock_fd).st_size == 0 and not _rotated_indices(self.path)
             tail = _Tail(0, 0) if fresh else _recover(self.path)
             self._index = tail.index
             self._next_seq = tail.next_seq
             self._synced_next = tail.next_seq  # what was there at open is as durable as it gets
             self._file, self._size = self._open(rotated_path(self.path, tail.index), create=False)
         except BaseException:
-            os.close(self._lock_fd)
+            os.close(lock_fd)
             raise
         self._sync_due = self._next_sync_due()
         #: Called with each record (as a dict, in ``seq`` order) once it is written: lets a
@@ -577,7 +579,7 @@ class JournalWriter:
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` has run."""
-        return self._file.closed
+        return self._lock_fd is None
 
     def append(self, type: str, /, **fields: Any) -> int:  # noqa: A002 - the record's "type"
         """Append one record and return its ``seq``.
@@ -679,14 +681,17 @@ class JournalWriter:
     def close(self) -> None:
         """Flush, sync (unless ``fsync="never"``), close and release the lock; idempotent."""
         with self._mutex:
-            if self._file.closed:
+            if self._lock_fd is None:
                 return
             try:
-                if self._failed is None:
+                if self._failed is None and not self._file.closed:
                     self._sync()
             finally:
-                self._file.close()
-                os.close(self._lock_fd)
+                try:
+                    self._file.close()  # may raise too (a full disk): the lock goes all the same
+                finally:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
 
     def __enter__(self) -> JournalWriter:
         return self
@@ -716,14 +721,19 @@ class JournalWriter:
     def _open(self, path: Path, *, create: bool) -> tuple[BinaryIO, int]:
         """Open a file for appending; a new or emptied file gets the header, synced."""
         file = open(path, "xb" if create else "ab", buffering=_BUFFER_BYTES)  # noqa: SIM115
-        size = file.tell()
-        if size == 0:
-            file.write(MAGIC)
-            file.flush()
-            size = len(MAGIC)
-            if self.fsync != "never":
-                _datasync(file.fileno())
-                _sync_dir(path.parent)
+        try:
+            size = file.tell()
+            if size == 0:
+                file.write(MAGIC)
+                file.flush()
+                size = len(MAGIC)
+                if self.fsync != "never":
+                    _datasync(file.fileno())
+                    _sync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):  # its own flush may fail the same way: the first error stands
+                file.close()
+            raise
         return file, size
 
     def _rotate_for(self, frame_bytes: int) -> None:
@@ -760,9 +770,9 @@ class JournalWriter:
 
     def _check_usable(self) -> None:
         """Refuse to write after close or after a failed write."""
-        if self._file.closed:
+        if self._lock_fd is None:
             raise ValueError(f"journal {self.path} is closed")
-        if self._failed is not None:
+        if self._failed is not None:  # a failed rotation leaves no open file: say why, not "closed"
             raise JournalError(f"journal {self.path} stopped after a failed write: {self._failed!r}")
 
 

@@ -215,6 +215,8 @@ def _header(rec: dict[str, Any]) -> RunHeader:
         ids = tuple(bidders["ids"])
         kinds = {b: Kind(k) for b, k in zip(ids, bidders["kinds"])}
         masks = np.asarray(bidders["category_ok"], dtype=bool)
+        if masks.ndim != 2 or len(masks) != len(ids):
+            raise ValueError(f"a bidder table of {len(ids)} ids with category masks shaped {masks.shape}")
         categories = CategoryTable.from_masks({b: masks[i] for i, b in enumerate(ids)})
         profile = ProfileCfg.model_validate(rec["profile"]) if rec.get("profile") is not None else None
         config = rec.get("config") or {}
@@ -255,7 +257,7 @@ class ReadStep:
         header: the run header in force for it.
         rebuild: whether it is to be cleared again (it is its shard's).
         error: what reading raised after ``kinds`` (raised when its turn comes).
-        torn: at the end, the reader's torn-tail warnings, to give when the end's turn comes.
+        torn: at the end or an error, the reader's torn-tail warnings, to give when its turn comes.
         refused: per ``hold_released`` record read since the previous step that has
             ``refused``, a `Refused`: awards of an earlier round whose commit did not
             take, to take back from the KPIs before this step's round.
@@ -357,11 +359,11 @@ class JournalReplay:
                     if event is not None:
                         self._heard(event)
         self._refused(step)
+        for message in step.torn:  # the end's, or an error's: what was cut off is said either way
+            warnings.warn(message, TornTailWarning, stacklevel=2)
         if step.error is not None:
             raise step.error
         if step.round is None:  # the end
-            for message in step.torn:
-                warnings.warn(message, TornTailWarning, stacklevel=2)
             if progress is not None and self.header is not None:
                 progress(self.orders_received, self.header.expected_orders)
 
@@ -444,7 +446,7 @@ class JournalReplay:
             if header is None:
                 raise ReplayError(f"{self.path}: no run_started record: nothing to replay")
         except Exception as exc:  # noqa: BLE001 - raised again, unchanged, when its turn comes (`settle`)
-            yield ReadStep(kinds, events, None, error=exc, refused=refused)
+            yield ReadStep(kinds, events, None, error=exc, torn=self.reader.take_deferred_warnings(), refused=refused)
             return
         yield ReadStep(kinds, events, None, header=header, torn=self.reader.take_deferred_warnings(), refused=refused)
 
@@ -489,9 +491,10 @@ class JournalReplay:
         if self.profile is None:
             raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): no profile in force")
         logged = LoggedResult(rec["award_i"], rec["award_f"], tuple(rec["reason"]), rec["total_cost"])
-        if logged.award_i.shape != (3, len(members)):
-            raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): result covers "
-                              f"{logged.award_i.shape[-1]} orders, the round has {len(members)}")
+        shapes = (getattr(logged.award_i, "shape", None), getattr(logged.award_f, "shape", None), len(logged.reason))
+        if shapes != ((3, len(members)), (4, len(members)), len(members)):
+            raise ReplayError(f"round {rec['round_id']} (seq {rec['seq']}): result shaped award_i {shapes[0]}, "
+                              f"award_f {shapes[1]}, {shapes[2]} reasons; the round has {len(members)} orders")
         return LoggedRound(rec["seq"], rec["round_id"], float(head["opened_s"]), members, head["attempts"],
                            self.profile, self.profile_name, logged, rec.get("facts") or {})
 

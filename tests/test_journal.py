@@ -32,6 +32,7 @@ from market.journal import (
     MAGIC,
     MAX_RECORD_BYTES,
     JournalCorrupt,
+    JournalError,
     JournalLocked,
     JournalReader,
     JournalWriter,
@@ -190,9 +191,10 @@ def test_codec_turns_tuples_and_plain_subclasses_into_plain_types() -> None:
     class Tier(enum.IntEnum):
         VIP = 1
 
-    got = unpack(pack({"t": (1, (2, "x")), "tier": Tier.VIP, "nested": {"k": (np.int8(3),)}}))
-    assert got == {"t": [1, [2, "x"]], "tier": 1, "nested": {"k": [np.int8(3)]}}
-    assert type(got["tier"]) is int
+    got = unpack(pack({"t": (1, (2, "x")), "tier": Tier.VIP, "nested": {"k": (np.int8(3),)},
+                       "np_text": np.str_("abc"), "np_bytes": np.bytes_(b"xy")}))
+    assert got == {"t": [1, [2, "x"]], "tier": 1, "nested": {"k": [np.int8(3)]}, "np_text": "abc", "np_bytes": b"xy"}
+    assert type(got["tier"]) is int and type(got["np_text"]) is str and type(got["np_bytes"]) is bytes
     keyed = {"by_pair": {("o-1", 2): [1, 2], (1, (2, 3)): "x", 7: None}}
     assert unpack(pack(keyed)) == keyed  # tuple keys stay tuples: a list cannot be a key
 
@@ -205,6 +207,8 @@ def test_codec_turns_tuples_and_plain_subclasses_into_plain_types() -> None:
         (1 + 2j, "complex"),
         (np.array(["a"]), "<U1"),
         (np.datetime64(1, "s"), "datetime64"),
+        (2**64, "64-bit range"),
+        (-(2**63) - 1, "64-bit range"),
     ],
 )
 def test_codec_rejects_unknown_types_by_name(value: Any, type_name: str) -> None:
@@ -627,6 +631,49 @@ def test_second_writer_is_locked_out(tmp_path: Path) -> None:
             JournalWriter(path)
     with JournalWriter(path) as writer:  # released on close
         assert writer.append("b") == 1
+
+
+def test_a_failed_rotation_names_its_cause_and_close_still_lets_go(tmp_path: Path) -> None:
+    path = tmp_path / "run.bhj"
+    writer = JournalWriter(path, rotate_bytes=100)
+    writer.append("a", pad="x" * 40)
+    stale = tmp_path / "run.bhj.1"
+    stale.write_bytes(b"")  # a stale copy where the next file goes: the writer never clobbers one
+    with pytest.raises(FileExistsError):
+        writer.append("b", pad="y" * 40)
+    with pytest.raises(JournalError, match="FileExistsError"):
+        writer.append("c")
+    assert not writer.closed
+    writer.close()
+    assert writer.closed
+    stale.unlink()
+    with JournalWriter(path) as again:  # the lock went with close
+        assert again.append("b") == 1
+    assert [r["type"] for r in read_journal(path)] == ["a", "b"]
+
+
+def test_close_lets_go_of_the_journal_when_the_last_write_fails(tmp_path: Path) -> None:
+    path = tmp_path / "run.bhj"
+    writer = JournalWriter(path, fsync="never")
+    writer.append("a")
+    real = writer._file
+
+    class FullDisk:
+        closed = False
+
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            real.close()
+            raise OSError(28, "No space left on device")
+
+    writer._file = FullDisk()  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    assert writer.closed
+    with JournalWriter(path) as again:
+        assert again.append("b") == 1
 
 
 # --------------------------------------------------------------------------- fsync policy

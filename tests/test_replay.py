@@ -448,6 +448,8 @@ def test_explain_names_the_winner(heuristic: tuple[Path, dict[str, Any]]) -> Non
         ("bad_payment", "unknown payment rule"),
         ("bad_refused", "'refused' must be a list of order ids"),
         ("bad_refused_by", "'refused_by' a map of bidder to order ids"),
+        ("short_reasons", "the round has 1 orders"),
+        ("short_masks", "lacks what replay needs"),
     ],
 )
 def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heuristic: tuple[Path, dict[str, Any]],
@@ -482,11 +484,30 @@ def test_replay_bad_input_is_one_readable_line(case: str, expected: str, heurist
                 rec["refused"], rec["refused_by"] = ["o-x"], {"crowd": [["o-x"]]}
         rewrite(path, tmp_path / "bad.bhj", edit_by)
         args = [str(tmp_path / "bad.bhj")]
+    elif case in ("short_reasons", "short_masks"):  # well framed, but a part shorter than the rest
+        def cut(rec: dict[str, Any]) -> None:
+            if case == "short_reasons" and rec["type"] == "round_cleared" and rec["round_id"] == 5:
+                rec["reason"] = []
+            if case == "short_masks" and rec["type"] == "run_started":
+                rec["bidders"]["category_ok"] = rec["bidders"]["category_ok"][:-1]
+        rewrite(path, tmp_path / "bad.bhj", cut)
+        args = [str(tmp_path / "bad.bhj"), "--verify"]
     out = bidhive("replay", *args)
     assert out.returncode not in (0, 1) or case == "corrupt" and out.returncode != 0
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_a_journal_cut_inside_its_first_record_says_where_it_was_cut(heuristic: tuple[Path, dict[str, Any]],
+                                                                    tmp_path: Path) -> None:
+    path, _ = heuristic
+    cut = tmp_path / "cut.bhj"
+    cut.write_bytes(path.read_bytes()[:3000])  # inside run_started, a few kB long
+    out = bidhive("replay", str(cut))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(lines) == 2 and "torn last record at byte offset 8" in lines[0] and "no run_started" in lines[1]
 
 
 def test_who_refused_is_turned_around_per_order_and_malformed_entries_add_nothing() -> None:
