@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ BODY: dict[str, Any] = {
 def _cfg(journal: Path, **kw: Any) -> ServeCfg:
     return ServeCfg(fleet="district", bidders="local", journal=str(journal),
                     batch=BatchCfg(window_ms=2, retry_after_ms=5, max_attempts=2), **kw)
+
+
+def _stall(desk: OrderDesk) -> threading.Event:
+    """Holds the round loop inside one step until the returned event is set."""
+    stalled, go_on = threading.Event(), threading.Event()
+    desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))
+    assert stalled.wait(10)
+    return go_on
 
 
 def _place(desk: OrderDesk, i: int, key: str | None = None, **patch: Any) -> dict[str, Any]:
@@ -192,13 +201,9 @@ def test_a_desk_takes_the_journal_before_it_reads_it(tmp_path: Path, monkeypatch
 
 
 def test_a_switch_the_round_loop_cannot_take_is_a_503_and_never_applies(tmp_path: Path) -> None:
-    import threading
-
     desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
     try:
-        stalled, go_on = threading.Event(), threading.Event()
-        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))  # a step that takes its time
-        assert stalled.wait(10)
+        go_on = _stall(desk)  # a step that takes its time
         with pytest.raises(DeskError) as err:
             desk.set_profile("time_first", timeout_s=0.2)
         assert err.value.status == 503 and "nothing changed" in err.value.detail and err.value.retry_after_s
@@ -218,14 +223,10 @@ def test_a_switch_the_round_loop_cannot_take_is_a_503_and_never_applies(tmp_path
 def test_a_pending_answer_waits_until_the_order_is_in_the_journal(tmp_path: Path) -> None:
     """A 202 tells the client its order is accepted: `sync` returns only once the round loop
     has journaled the order, and says False when the loop stopped before taking it."""
-    import threading
-
     journal = tmp_path / "j.bhj"
     desk = OrderDesk(_cfg(journal))
     try:
-        stalled, go_on = threading.Event(), threading.Event()
-        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))  # a long round
-        assert stalled.wait(10)
+        go_on = _stall(desk)  # a long round
         placed = desk.place(OrderIn.model_validate(BODY), body_hash(BODY), None)
         synced: list[bool] = []
         waiter = threading.Thread(target=lambda: synced.append(desk.sync(placed.order_id)))
@@ -236,10 +237,7 @@ def test_a_pending_answer_waits_until_the_order_is_in_the_journal(tmp_path: Path
         waiter.join(10)
         assert synced == [True]
         assert placed.order_id in {r.get("order_id") for r in read_journal(journal) if r["type"] == "order_received"}
-        stalled.clear()
-        go_on.clear()
-        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))
-        assert stalled.wait(10)
+        go_on = _stall(desk)
         late = desk.place(OrderIn.model_validate({**BODY, "customer_id": "c-2"}), "h-2", None)
         stopping = threading.Thread(target=desk.host.stop)
         stopping.start()
@@ -253,17 +251,12 @@ def test_a_pending_answer_waits_until_the_order_is_in_the_journal(tmp_path: Path
 
 
 def test_a_generated_id_skips_one_a_client_chose_that_is_not_journaled_yet(tmp_path: Path) -> None:
-    import threading
-
     desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
     try:
-        stalled, go_on = threading.Event(), threading.Event()
-        desk.host.call(lambda core: (stalled.set(), go_on.wait(30)))  # the chosen id stays unjournaled
-        assert stalled.wait(10)
+        go_on = _stall(desk)  # the chosen id stays unjournaled
         chosen = desk.place(OrderIn.model_validate({**BODY, "order_id": "o-1-0000001"}), "h-1", None)
         generated = desk.place(OrderIn.model_validate({**BODY, "customer_id": "c-2"}), "h-2", None)
         assert chosen.order_id == "o-1-0000001" and generated.order_id == "o-1-0000002"
-        go_on.set()
     finally:
         go_on.set()
         desk.close()
