@@ -176,7 +176,17 @@ class AuctioneerHost:
     @property
     def alive(self) -> bool:
         """The round loop is running and has not failed."""
-        return self._thread is not None and self._thread.is_alive() and self._error is None
+        return self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the round loop is not running: its exception, or that it never started or
+        was stopped; None while it runs."""
+        if self._error is not None:
+            return self._error
+        if self._thread is None:
+            return "not started"
+        return None if self._thread.is_alive() else "stopped"
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
         """Blocks until every submitted order has ended and every commit is confirmed."""

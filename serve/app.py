@@ -8,7 +8,8 @@ journal's writer holds a file lock, and the desk is the single auctioneer of its
 Request path, kept lean because it decides throughput on 2 cores: a pure-ASGI body
 limit (413, chunked bodies too), a bearer-token check when a token is set, pydantic
 validation (422 naming the field), then `OrderDesk.place`, which journals the order and
-returns a future the round loop resolves once the award is on disk.
+returns a future the round loop resolves once the award is on disk. A desk whose round
+loop dies is restarted inside the replica (`serve.keeper`).
 
     serve run configs/serve.yaml        # or: bidhive serve
 
@@ -19,7 +20,6 @@ import asyncio
 import hmac
 import logging
 import os
-import shutil
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -30,8 +30,9 @@ from ray.serve import Application
 
 from runtime.gc_pauses import bound_gc_pauses
 from serve.config import ServeCfg
-from serve.desk import DeskError, OrderDesk, spawn_fleet
+from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
+from serve.keeper import DeskKeeper
 from serve.models import KEY_PATTERN, OrderDetail, OrderIn, OrderOut, Problem, StrategyIn, StrategyOut
 
 logger = logging.getLogger("bidhive.serve")
@@ -105,8 +106,17 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 
 
 def _location(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        return "body"  # its loc holds the character offset, not a field
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
     return ".".join(loc) or "body"
+
+
+def _reason(err: dict[str, Any]) -> str:
+    if err.get("type") == "json_invalid":
+        where = err.get("loc", ("body", "?"))[-1]
+        return f"not valid JSON at character {where} ({err.get('ctx', {}).get('error', 'decode error')})"
+    return str(err.get("msg", "invalid"))
 
 
 api = FastAPI(
@@ -118,11 +128,15 @@ api.add_middleware(BodyLimit)
 
 
 @api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type.lower() and any(e.get("loc", ("",))[0] == "body" for e in errors):
+        return _problem(415, f"the body must be JSON sent with 'Content-Type: application/json' "
+                             f"(got {content_type or 'no Content-Type'})")
     first = errors[0] if errors else {}
-    detail = f"{_location(first)}: {first.get('msg', 'invalid')}" if first else "invalid request"
-    return JSONResponse({"detail": detail, "errors": [{"field": _location(e), "reason": e.get("msg", "")}
+    detail = f"{_location(first)}: {_reason(first)}" if first else "invalid request"
+    return JSONResponse({"detail": detail, "errors": [{"field": _location(e), "reason": _reason(e)}
                                                       for e in errors]}, status_code=422)
 
 
@@ -142,7 +156,7 @@ async def _require_token(request: Request) -> None:
 
 
 _AUTH = [Depends(_require_token)]
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 409, 413, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 409, 413, 415, 422, 503)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, graceful_shutdown_timeout_s=10)
@@ -154,11 +168,7 @@ class BidhiveIngress:
         Limits.max_body_bytes = cfg.max_body_bytes
         Limits.token = cfg.token or os.environ.get("BIDHIVE_TOKEN") or None
         self.cfg = cfg
-        self._state_dir: str | None = None
-        handles = None
-        if cfg.bidders == "ray":
-            handles, self._state_dir = spawn_fleet(cfg)
-        self.desk = OrderDesk(cfg, handles)
+        self.keeper = DeskKeeper(cfg)
         bound_gc_pauses()  # the replica is set up: later full collections walk only what is new
         logger.info("bidhive desk ready: %s bidders, journal %s", cfg.bidders, cfg.journal)
 
@@ -169,8 +179,9 @@ class BidhiveIngress:
                                              pattern=KEY_PATTERN),
     ) -> Any:
         """Auctions an order; answers with its award once the round has committed it."""
+        desk = self.desk  # the one that took the order answers for it, even if the keeper replaces it
         try:
-            placed = self.desk.place(order, body_hash(order.model_dump(mode="json")), idempotency_key)
+            placed = desk.place(order, body_hash(order.model_dump(mode="json")), idempotency_key)
         except DeskError as err:
             retry = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
             return _problem(err.status, err.detail, retry)
@@ -181,7 +192,7 @@ class BidhiveIngress:
             answer = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(placed.future)),
                                             self.cfg.answer_timeout_s)
         except asyncio.TimeoutError:
-            if not await asyncio.to_thread(self.desk.sync, placed.order_id):
+            if not await asyncio.to_thread(desk.sync, placed.order_id):
                 return _problem(503, f"order {placed.order_id} not accepted: the auctioneer did not take it in; "
                                      "retry", {"Retry-After": "5"})
             return JSONResponse({"order_id": placed.order_id, "status": "pending", "reason": None, "award": None,
@@ -210,6 +221,7 @@ class BidhiveIngress:
     async def healthz(self) -> Any:
         """200 when the auctioneer runs and bidders answer; 503 otherwise."""
         ok, facts = await asyncio.to_thread(self.desk.health)
+        facts["desk_restarts"] = self.keeper.restarts
         return JSONResponse(facts, status_code=200 if ok else 503)
 
     @api.get("/metrics", response_class=PlainTextResponse, dependencies=_AUTH)
@@ -218,15 +230,15 @@ class BidhiveIngress:
         text = await asyncio.to_thread(self.desk.metrics_text)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    @property
+    def desk(self) -> OrderDesk:
+        """The desk now running (the keeper replaces one whose round loop died)."""
+        return self.keeper.desk
+
     def __del__(self) -> None:
-        desk = getattr(self, "desk", None)
-        if desk is not None:
-            desk.close()
-            kill = getattr(desk.host.core.bidders, "kill_all", None)
-            if kill is not None:
-                kill()
-        if getattr(self, "_state_dir", None):
-            shutil.rmtree(self._state_dir, ignore_errors=True)  # type: ignore[arg-type]
+        keeper = getattr(self, "keeper", None)
+        if keeper is not None:
+            keeper.close()
 
 
 def build(cfg: ServeCfg) -> Application:

@@ -48,6 +48,19 @@ STOP_ROTATES_AT = 16
 SERVICE_MARGIN_KM = 5.0
 
 
+#: Counters `/metrics` shows from the start, at 0 until they happen (a scrape tells 0 from
+#: "not reported"); `bidder_misses_total` has one series per why.
+COUNTERS = {
+    "orders_received_total": "Orders journaled (a resumed order counts again).",
+    "rounds_total": "Rounds cleared.",
+    "quotes_total": "Quotes taken into rounds.",
+    "bidder_misses_total": "Bidders absent from a round, by why.",
+    "profile_changes_total": "Strategy profile switches.",
+    "orders_shed_total": "Orders refused with 503 because too many were open.",
+}
+MISS_REASONS = ("timed_out", "failed", "invalid")
+
+
 class DeskError(Exception):
     """A request the desk refuses; `status` is the HTTP code, `detail` says why."""
 
@@ -92,6 +105,9 @@ class OrderDesk:
         self.index = self.rebuilt.index
         self.idem = IdempotencyStore(self.index.by_key)
         self.metrics = Metrics()
+        for name, text in COUNTERS.items():
+            for labels in ([{"why": why} for why in MISS_REASONS] if name == "bidder_misses_total" else [{}]):
+                self.metrics.inc(name, 0.0, help=text, **labels)
         self._lock = threading.Lock()
         self._waiters: dict[str, tuple[Future[dict[str, Any]], float, str | None]] = {}  # future, accepted at, key
         self._open = 0
@@ -170,19 +186,19 @@ class OrderDesk:
     def _count(self, rec: dict[str, Any]) -> None:
         kind, m = rec["type"], self.metrics
         if kind == "order_received":
-            m.inc("orders_received_total", help="Orders journaled (a resumed order counts again).")
+            m.inc("orders_received_total", help=COUNTERS["orders_received_total"])
         elif kind == "round_cleared":
-            m.inc("rounds_total", help="Rounds cleared.")
+            m.inc("rounds_total", help=COUNTERS["rounds_total"])
             m.inc("quotes_total", float(rec["q_counts"][0]) if "q_counts" in rec else float(len(rec["quotes"])),
-                  help="Quotes taken into rounds.")
+                  help=COUNTERS["quotes_total"])
             facts = rec.get("facts") or {}
             m.observe_ms("clear_latency_ms", float(facts.get("clear_ms", 0.0)), help="Clearing time per round (ms).")
-            for what in ("timed_out", "failed", "invalid"):
+            for what in MISS_REASONS:
                 if facts.get(what):
-                    m.inc("bidder_misses_total", float(facts[what]), help="Bidders absent from a round, by why.",
+                    m.inc("bidder_misses_total", float(facts[what]), help=COUNTERS["bidder_misses_total"],
                           why=what)
         elif kind == "profile_changed":
-            m.inc("profile_changes_total", help="Strategy profile switches.")
+            m.inc("profile_changes_total", help=COUNTERS["profile_changes_total"])
 
     def _round_settled(self, rec: RoundRecord) -> None:
         """Where a round's time went: asking the bidders and clearing, then confirming the commits."""
@@ -254,7 +270,7 @@ class OrderDesk:
         if not self.host.alive:
             raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
         if self._open >= self.cfg.max_open_orders:
-            self.metrics.inc("orders_shed_total", help="Orders refused with 503 because too many were open.")
+            self.metrics.inc("orders_shed_total", help=COUNTERS["orders_shed_total"])
             raise DeskError(503, f"overloaded: {self._open} orders in the market; retry shortly", retry_after_s=1)
         self._check(body)
         oid = body.order_id or self._new_id()
@@ -293,19 +309,29 @@ class OrderDesk:
         it takes it in, which a long round may delay past the answer's timeout.
 
         Returns:
-            False when the loop stopped, or did not take the order in `timeout_s`: the
-            order is not on disk, and the client must not be told it was accepted.
+            False when the loop stopped, or did not take the order in `timeout_s`, or the
+            journal closed with it unsynced: the order is not known to be on disk, and the
+            client must not be told it was accepted.
         """
         end = time.monotonic() + timeout_s
         while True:
             with self._lock:
                 journaled = self.index.knows(order_id)
             if journaled:
-                self.recorder.writer.flush()
-                return True
+                return self._synced()
             if not self.host.alive or time.monotonic() >= end:
                 return False
             time.sleep(0.005)
+
+    def _synced(self) -> bool:
+        """Syncs the journal; on a journal closed meanwhile (the keeper restarted this desk),
+        whether its close synced everything."""
+        writer = self.recorder.writer
+        try:
+            writer.flush()
+        except ValueError:  # closed
+            return not writer.unsynced
+        return True
 
     def order(self, order_id: str) -> dict[str, Any] | None:
         """The order, its answer and its timeline, or None (unknown, or past `retain_orders`)."""

@@ -317,3 +317,14 @@ def test_one_auction_per_key_whatever_the_order_of_requests(tmp_path_factory: py
     for k, a in zip(keys, answers):
         assert by_key.setdefault(k, a) == a
     assert len({a["order_id"] for a in by_key.values()}) == len(by_key) == len(desk.index.orders)
+
+
+def test_counters_are_reported_at_zero_before_they_happen(tmp_path: Path) -> None:
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    try:
+        text = desk.metrics_text()
+    finally:
+        desk.close()
+    for line in ("bidhive_orders_shed_total 0", "bidhive_profile_changes_total 0",
+                 'bidhive_bidder_misses_total{why="timed_out"} 0', 'bidhive_bidder_misses_total{why="invalid"} 0'):
+        assert any(row.startswith(line) for row in text.splitlines()), (line, text)

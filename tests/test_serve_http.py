@@ -35,7 +35,7 @@ GOOD: dict[str, Any] = {
     "customer_id": "c-1", "tier": "vip", "items": [{"sku": "sku-00003", "qty": 1}],
     "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,
 }
-OK_STATUSES = {200, 202, 401, 404, 409, 413, 422, 503}
+OK_STATUSES = {200, 202, 401, 404, 409, 413, 415, 422, 503}
 
 
 class Service:
@@ -139,9 +139,15 @@ def test_malformed_orders_are_422_naming_the_field(svc: Service, patch: dict[str
 
 def test_broken_json_and_bad_keys_are_422(svc: Service) -> None:
     r = svc.client.post("/orders", content=b'{"customer_id": ', headers={**AUTH, "Content-Type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 16"), r.text
     r = svc.post(GOOD, headers={"Idempotency-Key": "has space"})
     assert r.status_code == 422 and "Idempotency-Key" in r.json()["detail"]
+
+
+def test_a_body_not_sent_as_json_is_415_naming_the_content_type(svc: Service) -> None:
+    form = "application/x-www-form-urlencoded"  # what `curl -d` sends without -H
+    r = svc.client.post("/orders", content=json.dumps(GOOD).encode(), headers={**AUTH, "Content-Type": form})
+    assert r.status_code == 415 and form in r.json()["detail"] and "application/json" in r.json()["detail"]
 
 
 def test_oversized_bodies_are_413_declared_or_chunked(svc: Service) -> None:
@@ -376,6 +382,52 @@ def test_bidders_killed_under_load_leave_only_answers_the_journal_backs(svc: Ser
         time.sleep(1.0)
     again = _bidder_pids(svc)
     assert len(again) == 9 and set(again).isdisjoint(pids)
+
+
+# -- a desk whose round loop dies is restarted ---------------------------------------------
+def _in_replica(fn: Any) -> Any:
+    """Runs `fn(ingress)` inside the app's one replica (Serve's replica actor, reached through Ray)."""
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and "BidhiveIngress" in a["name"]]
+    assert len(names) == 1, names
+    replica = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    return ray.get(replica.__ray_call__.remote(
+        lambda actor: fn(actor._replica_impl._user_callable_wrapper.user_callable)), timeout=30)
+
+
+def test_a_desk_whose_round_loop_dies_is_restarted_and_resumes_its_orders(svc: Service) -> None:
+    """A fault inside a round (here: the core's step raises) kills the desk's round loop.
+    The order it had taken in is journaled, so its client gets 202. The keeper then starts
+    a new desk and fleet on the journal, which trades that order again and answers for it;
+    its key gets the final answer. The fault is injected through Serve's replica actor: the
+    loop has no other way to die on purpose."""
+    health = svc.client.get("/healthz").json()
+    segment, restarts = health["segment"], health["desk_restarts"]
+
+    def break_the_round_loop(ingress: Any) -> bool:
+        def step() -> None:
+            raise RuntimeError("injected fault: a round failed")
+        ingress.desk.host.core.step = step
+        return bool(ingress.desk.host.alive)
+
+    assert _in_replica(break_the_round_loop)
+    taken = svc.post(_order(4000), key="heal-1")
+    assert taken.status_code == 202, taken.text  # journaled before the loop died: accepted, pending
+    oid = taken.json()["order_id"]
+    end = time.monotonic() + 120
+    while (health := svc.client.get("/healthz")).status_code != 200 or health.json()["segment"] == segment:
+        assert time.monotonic() < end, f"the desk was not restarted: {health.text}"
+        time.sleep(0.5)
+    assert health.json()["segment"] == segment + 1 and health.json()["desk_restarts"] == restarts + 1
+    final = _final(svc, oid, wait_s=60).json()
+    assert final["status"] in ("awarded", "unfulfilled")
+    again = svc.post(_order(4000), key="heal-1")
+    assert again.status_code == 200 and again.json()["order_id"] == oid
+    assert {k: final[k] for k in again.json()} == again.json()
+    assert svc.post(_order(4001)).status_code == 200  # the new desk trades as usual
+    assert len(_bidder_pids(svc)) == 9  # a new fleet, the old one gone
 
 
 # -- restart (last: it replaces the module's cluster) --------------------------------------

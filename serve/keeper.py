@@ -1,0 +1,122 @@
+"""Keeps a replica's order desk running: a desk whose round loop died is restarted in place.
+
+A round loop dies on an exception inside a round: a bug, or a journal that cannot be
+written. Its orders then wait for nothing, and their idempotency keys stay in flight
+(409) until someone restarts the service. The keeper does that restart itself, inside the
+replica: it closes the dead desk (its journal synced), stops its bidder fleet, and starts
+a new fleet and desk on the same journal, exactly as a restart of the whole service would.
+The new desk answers for the orders the old one ended and trades again the ones it left
+open. While it starts (seconds), requests get the dead desk's 503 with ``Retry-After``.
+
+Why not Serve's own health check, which would replace the replica: on the embedded
+cluster the replica itself listens on the service's one port (direct ingress), and Serve
+2.60 gave a replacement replica no port (`NoAvailablePortError`) while the old one was
+still stopping, then held the port back for good. Restarting inside the replica keeps the
+port, and the restart is the same code path a whole-service restart is tested with.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from serve.config import ServeCfg
+from serve.desk import OrderDesk, spawn_fleet
+
+logger = logging.getLogger("bidhive.serve")
+
+#: How often the keeper looks at the round loop, and its waits between failed restarts.
+WATCH_PERIOD_S = 0.5
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
+
+
+class DeskKeeper:
+    """Owns the replica's desk and its bidder fleet, and restarts them when the round loop dies.
+
+    Args:
+        cfg: the service settings (the same for every desk it starts).
+        fleet: starts the bidder fleet (handles, state dir); None runs the agents in-process.
+        watch_period_s: how often the watchdog thread looks at the round loop.
+    """
+
+    def __init__(self, cfg: ServeCfg,
+                 fleet: Callable[[ServeCfg], tuple[dict[str, Any], str]] | None = spawn_fleet,
+                 watch_period_s: float = WATCH_PERIOD_S) -> None:
+        self.cfg = cfg
+        self._fleet = fleet if cfg.bidders == "ray" else None
+        self.restarts = 0
+        self.desk, self._state_dir = self._start()
+        self._running = True  # the current desk and fleet are not stopped yet
+        self._quit = threading.Event()
+        self._period_s = watch_period_s
+        self._thread = threading.Thread(target=self._watch, name="desk-keeper", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> tuple[OrderDesk, str | None]:
+        handles, state = self._fleet(self.cfg) if self._fleet is not None else (None, None)
+        try:
+            return OrderDesk(self.cfg, handles), state
+        except BaseException:
+            _stop_fleet(handles, state)
+            raise
+
+    def _watch(self) -> None:
+        retry_s = RETRY_FIRST_S
+        while not self._quit.wait(self._period_s):
+            failure = self.desk.host.failure
+            if failure is None or self._quit.is_set():
+                continue
+            logger.error("the round loop died (%s): restarting the desk on %s", failure, self.cfg.journal)
+            try:
+                self._restart()
+                retry_s = RETRY_FIRST_S
+            except Exception:  # noqa: BLE001 - logged; the dead desk keeps answering 503 meanwhile
+                logger.exception("the desk did not restart; next try in %g s", retry_s)
+                if self._quit.wait(retry_s):
+                    return
+                retry_s = min(2.0 * retry_s, RETRY_MAX_S)
+
+    def _restart(self) -> None:
+        if self._running:  # a retry after a failed start finds the old desk stopped already
+            self._running = False
+            _stop_desk(self.desk, self._state_dir)
+        self.desk, self._state_dir = self._start()
+        self._running = True
+        self.restarts += 1
+        logger.warning("desk restarted (%d so far): resuming the orders the journal holds open", self.restarts)
+
+    def close(self) -> None:
+        """Stops the watchdog, then the desk (journal closed) and its fleet; idempotent."""
+        self._quit.set()
+        self._thread.join(timeout=120)
+        if self._running:
+            self._running = False
+            _stop_desk(self.desk, self._state_dir)
+
+
+def _stop_desk(desk: OrderDesk, state_dir: str | None) -> None:
+    try:
+        desk.close()
+    except Exception:  # noqa: BLE001 - the journal lock is released whatever close raised
+        logger.exception("the desk did not close cleanly")
+    kill = getattr(desk.host.core.bidders, "kill_all", None)  # Ray bidders (and their channels)
+    try:
+        if kill is not None:
+            kill()
+    finally:
+        _stop_fleet(None, state_dir)
+
+
+def _stop_fleet(handles: dict[str, Any] | None, state_dir: str | None) -> None:
+    """Kills bidder actors (no restart) and removes the fleet's snapshot dir."""
+    try:
+        if handles:
+            import ray
+
+            for handle in handles.values():
+                ray.kill(handle, no_restart=True)
+    finally:
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
