@@ -103,7 +103,7 @@ def run(n_records: int = 50_000, directory: str | None = None, *, quick: bool = 
     records = [realistic_record(i, rng) for i in range(POOL_SIZE)]
     sizes = [len(pack({"seq": i, "type": "round_cleared", **r})) for i, r in enumerate(records)]
     record_bytes = round(float(np.mean(sizes)))
-    results: dict[str, Any] = {"bench": "journal", "record_bytes": record_bytes, "write": {}}
+    results: dict[str, Any] = {"benchmark": "journal", "record_bytes": record_bytes, "write": {}}
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         for policy in POLICIES:
             path = Path(tmp) / f"{policy}.bhj"

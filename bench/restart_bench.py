@@ -125,7 +125,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 runs[arm].append(facts)
         alike = all(_alike(indexes["journal"], indexes[arm]) for arm in cuts)
         cost = _checkpoint_cost(indexes["journal"], Path(tmp))
-        return {"bench": "restart", "machine": machine(), "orders": n_orders, "rotate_mb": rotate_mb,
+        return {"benchmark": "restart", "machine": machine(), "orders": n_orders, "rotate_mb": rotate_mb,
                 "journal_files": len(files), "journal_bytes": sum(f.stat().st_size for f in files),
                 "journal_build_s": round(build_s, 1), "checkpoints": cuts, "rebuild": runs, "same_answers": alike,
                 "checkpoint_cost": cost}

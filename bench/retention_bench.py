@@ -117,7 +117,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     for _ in range(2):
         for arm, hot in ARMS.items():
             runs[arm].append(_arm(records, hot))
-    return {"bench": "retention", "machine": machine(), "orders": n_orders, "hot_ended": HOT_ENDED,
+    return {"benchmark": "retention", "machine": machine(), "orders": n_orders, "hot_ended": HOT_ENDED,
             "journal_bytes_per_order": round(journal_bytes / n_orders), "journal_build_s": round(journal_s, 1),
             "arms": runs}
 

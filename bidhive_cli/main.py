@@ -10,6 +10,7 @@ import typer
 from typer._click.exceptions import ClickException  # typer 0.29 vendors click; its errors live here
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bench.registry import BENCHMARKS
 from bidhive_cli.errors import UserError
 from bidhive_cli.output import print_kpis, to_json
 from bidhive_cli.replay_cmd import USER_ERRORS as REPLAY_ERRORS
@@ -105,7 +106,7 @@ def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Benchmark: clearing.")],
+    name: Annotated[str, typer.Argument(help=f"Benchmark: {', '.join(sorted(BENCHMARKS))}.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON only.")] = False,
     quick: Annotated[bool, typer.Option(help="Fewer repetitions (smoke runs).")] = False,
 ) -> None:

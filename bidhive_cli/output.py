@@ -2,10 +2,32 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+
+#: The exit status of a command whose reader stopped early (`bidhive replay J | head`): what
+#: a shell reports for a process killed by SIGPIPE. Never 1, which `replay --verify` keeps
+#: for "the journal differs".
+EXIT_BROKEN_PIPE = 141
+
+
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich's own handler exits 1; see `EXIT_BROKEN_PIPE`."""
+        devnull = os.open(os.devnull, os.O_WRONLY)  # later flushes at exit find a sink, not an error
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+def stdout_console() -> Console:
+    """The console for a command's report: piped output gets a wide page instead of rich's
+    80 columns, and a reader that stops early ends the command with `EXIT_BROKEN_PIPE`."""
+    return _StdoutConsole() if sys.stdout.isatty() else _StdoutConsole(width=200)
 
 
 def to_json(data: Any) -> str:
@@ -38,4 +60,4 @@ def kpi_table(title: str, columns: dict[str, dict[str, Any]]) -> Table:
 
 def print_kpis(title: str, columns: dict[str, dict[str, Any]]) -> None:
     """Prints the KPI table to stdout."""
-    Console().print(kpi_table(title, columns))
+    stdout_console().print(kpi_table(title, columns))

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from bidhive_cli.errors import UserError
-from bidhive_cli.output import fmt_value, to_json
+from bidhive_cli.output import fmt_value, stdout_console, to_json
 from market.clearing import PAYMENT_RULES
 from market.config import load_profile
 from market.journal import JournalError
@@ -94,13 +94,8 @@ def _kpi_table(report: ReplayReport) -> Table:
     return table
 
 
-def _console() -> Console:
-    """Stdout console; piped output gets a wide page instead of rich's 80 columns."""
-    return Console() if sys.stdout.isatty() else Console(width=200)
-
-
 def _explain_table(result: dict[str, Any]) -> None:
-    console = _console()
+    console = stdout_console()
     console.print(f"[bold]order {result['order_id']}[/bold]: {result.get('outcome', '')}")
     for r in result["rounds"]:
         o = r["order"]
@@ -174,7 +169,7 @@ def replay(
 
 def _print_report(report: ReplayReport, verify: bool, plot_to: Path | None) -> None:
     h = report.header
-    console = _console()
+    console = stdout_console()
     console.print(f"journal {report.path}: {sum(report.records.values())} records, {report.rounds} rounds; "
                   f"policy {h.policy}, mechanism {h.mechanism}, profile {h.profile_name}, {len(h.bidder_ids)} bidders, "
                   f"seed {h.seed}")

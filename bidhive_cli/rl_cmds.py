@@ -79,7 +79,7 @@ def evaluate(
     rows: Annotated[str, typer.Option(help="Comma-separated rows: static, heuristic, truthful, rl, exact.")] = "static,heuristic,rl,exact",
     workers: Annotated[int, typer.Option(min=1, max=16, help="Episodes run in parallel processes.")] = 2,
     self_play: Annotated[bool, typer.Option(help="In the rl row, every bidder of the learner's kind uses the policy.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Learning-curve PNG (default: next to the policy).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Learning-curve PNG (default: the one next to the policy, drawn if missing).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
 ) -> None:
     """Evaluate a learned bidder against static, heuristic and exact on held-out days."""
@@ -96,13 +96,15 @@ def evaluate(
         load_fleet(fleet)
     report = run_eval(policy, scenario=scenario, episodes=episodes, policies=chosen, n_orders=orders, workers=workers,
                       fleet=fleet, self_play=self_play)
-    png = learning_curve(policy.parent, plot or policy.with_name("learning_curve.png"))
+    beside = policy.with_name("learning_curve.png")  # `train` drew it from the same logs: left as it is
+    png = beside if plot is None and beside.is_file() else learning_curve(policy.parent, plot or beside)
     report["learning_curve"] = str(png) if png else None
     if json_out:
         typer.echo(dumps(report))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from bidhive_cli.output import stdout_console
 
     table = Table(title=f"bidhive evaluate {policy} on {report['env']['scenario']} "
                         f"({episodes} held-out days, mean ± 95% CI; reward: {report['reward']})")
@@ -111,7 +113,7 @@ def evaluate(
         table.add_column(row, justify="right")
     for line in summary_table(report):
         table.add_row(*line)
-    console = Console()
+    console = stdout_console()
     console.print(table)
     for name, diffs in report["paired"].items():
         d = diffs["learner_reward"]

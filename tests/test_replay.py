@@ -534,3 +534,17 @@ def test_simulate_journal_then_replay_verify_json_and_plot(tmp_path: Path) -> No
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = bidhive("simulate", "--scenario", "weekday", "--orders", "10", "--journal", str(path))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_a_reader_that_stops_early_is_not_a_verify_failure(heuristic: tuple[Path, dict[str, Any]]) -> None:
+    """`bidhive replay J --verify | head -1`: exit 141, as a process killed by SIGPIPE, not
+    the 1 that means "the journal differs", and no traceback."""
+    path, _ = heuristic
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([*CLI, "replay", str(path), "--verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"journal ")
+    proc.stdout.close()  # the reader goes away; the report is still to come
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

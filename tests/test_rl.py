@@ -226,6 +226,7 @@ def test_train_and_evaluate_smoke(tmp_path: Path) -> None:
     assert card["timesteps"] == 256 and card["versions"]["stable-baselines3"]
     assert {"heuristic", "rl"} <= set(card["evaluation"]["summary"])
     assert (out / "policy.zip").is_file() and list((out / "tb").iterdir()) and (out / "learning_curve.png").is_file()
+    drawn = (out / "learning_curve.png").stat().st_mtime_ns
     ev = subprocess.run(
         [*CLI, "evaluate", "--policy", str(out / "policy.zip"), "--episodes", "2", "--rows", "heuristic,rl",
          "--workers", "1", "--json"],
@@ -236,6 +237,8 @@ def test_train_and_evaluate_smoke(tmp_path: Path) -> None:
     assert report["summary"]["rl"]["learner_reward"]["n"] == 2
     assert report["paired"]["rl-heuristic"]["learner_reward"]["mean"] is not None
     assert min(report["seeds"]) >= 2**30  # held out: training draws seeds below 2**30
+    assert report["learning_curve"] == str(out / "learning_curve.png")  # train's curve, not drawn again
+    assert (out / "learning_curve.png").stat().st_mtime_ns == drawn
     again = subprocess.run([*CLI, "train", "--scenario", "peak", "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already holds" in again.stderr
 
