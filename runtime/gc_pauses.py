@@ -64,6 +64,15 @@ def release() -> None:
     gc.unfreeze()
 
 
+def refreeze() -> None:
+    """After dropping long-lived state that holds cycles (a restarted desk): walks what is
+    frozen once more, so those cycles are collected, then freezes again. A no-op unless
+    `bound_gc_pauses` is on. Costs one full collection of the whole process."""
+    if _on_gc in gc.callbacks:
+        gc.unfreeze()
+        bound_gc_pauses()
+
+
 def take_pauses() -> list[float]:
     """The full-collection pauses (ms) since the last call, oldest first."""
     out: list[float] = []

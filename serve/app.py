@@ -17,6 +17,7 @@ No `from __future__ import annotations` here: `serve.ingress` rebuilds the route
 signatures, and FastAPI must see real types there, not strings.
 """
 import asyncio
+import email.message
 import hmac
 import logging
 import os
@@ -33,7 +34,7 @@ from serve.config import ServeCfg
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
 from serve.keeper import DeskKeeper
-from serve.models import KEY_PATTERN, OrderDetail, OrderIn, OrderOut, Problem, StrategyIn, StrategyOut
+from serve.models import KEY_PATTERN, OrderDetail, OrderIn, OrderOut, Problem, StrategyIn, StrategyNow, StrategyOut
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -105,6 +106,21 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _json_content(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this type as JSON (its own test: application/json or
+    application/*+json; no type at all is not JSON, as its strict default has it)."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _refused(err: DeskError) -> JSONResponse:
+    return _problem(err.status, err.detail, {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None)
+
+
 def _location(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
         return "body"  # its loc holds the character offset, not a field
@@ -131,7 +147,7 @@ api.add_middleware(BodyLimit)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     content_type = request.headers.get("content-type", "")
-    if "json" not in content_type.lower() and any(e.get("loc", ("",))[0] == "body" for e in errors):
+    if not _json_content(content_type) and any(e.get("loc", ("",))[0] == "body" for e in errors):
         return _problem(415, f"the body must be JSON sent with 'Content-Type: application/json' "
                              f"(got {content_type or 'no Content-Type'})")
     first = errors[0] if errors else {}
@@ -183,8 +199,7 @@ class BidhiveIngress:
         try:
             placed = desk.place(order, body_hash(order.model_dump(mode="json")), idempotency_key)
         except DeskError as err:
-            retry = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
-            return _problem(err.status, err.detail, retry)
+            return _refused(err)
         if placed.answer is not None:
             return JSONResponse(placed.answer, headers={"Idempotent-Replayed": "true"})
         assert placed.future is not None
@@ -203,7 +218,10 @@ class BidhiveIngress:
     @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS, dependencies=_AUTH)
     async def get_order(self, order_id: str) -> Any:
         """The order, its award and its event timeline."""
-        detail = self.desk.order(order_id)
+        try:
+            detail = self.desk.order(order_id)
+        except DeskError as err:
+            return _refused(err)
         if detail is None:
             return _problem(404, f"no order {order_id!r}: unknown, or older than the last "
                                  f"{self.desk.cfg.retain_orders} ended orders this service keeps (retain_orders)")
@@ -215,7 +233,12 @@ class BidhiveIngress:
         try:
             return await asyncio.to_thread(self.desk.set_profile, body.profile)
         except DeskError as err:
-            return _problem(err.status, err.detail, {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None)
+            return _refused(err)
+
+    @api.get("/strategy", response_model=StrategyNow, responses=_ERRORS, dependencies=_AUTH)
+    async def get_strategy(self) -> Any:
+        """The scoring profile in force, and the ones `PUT /strategy` may name."""
+        return self.desk.strategy()
 
     @api.get("/healthz")
     async def healthz(self) -> Any:

@@ -98,10 +98,16 @@ class OrderDesk:
         # the index below never reads (accepted orders, keys) before it lets go
         self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)
         try:
-            self.rebuilt = self._rebuild(journal, fresh=self.recorder.writer.next_seq == 0)
-        except BaseException:
-            self.recorder.close()
+            self._open_desk(journal, handles)
+        except BaseException:  # a start that fails lets go of the journal (the keeper tries again)
+            self._abandon()
             raise
+
+    # -- start-up --------------------------------------------------------------------------
+    def _open_desk(self, journal: Path, handles: dict[str, Any] | None) -> None:
+        """Everything after the journal's lock: the index, then the round loop, resumed."""
+        cfg = self.cfg
+        self.rebuilt = self._rebuild(journal, fresh=self.recorder.writer.next_seq == 0)
         self.index = self.rebuilt.index
         self.idem = IdempotencyStore(self.index.by_key)
         self.metrics = Metrics()
@@ -112,7 +118,7 @@ class OrderDesk:
         self._waiters: dict[str, tuple[Future[dict[str, Any]], float, str | None]] = {}  # future, accepted at, key
         self._open = 0
         self._next = 0
-        self.epoch = float(self.index.config.get("epoch_unix") or math.floor(wall() / 86400.0) * 86400.0)
+        self.epoch = float(self.index.config.get("epoch_unix") or math.floor(self.wall() / 86400.0) * 86400.0)
         self.recorder.writer.on_append = self._on_record
         self.checkpoints = CheckpointWriter(checkpoint_path(journal))
         self.recorder.writer.on_rotate = self._on_rotate
@@ -128,7 +134,19 @@ class OrderDesk:
         self._resume()
         self.host.start()
 
-    # -- start-up --------------------------------------------------------------------------
+    def _abandon(self) -> None:
+        """Undoes a start that failed part way: the round loop, the checkpoint thread, and
+        the journal's lock last (its close lets go of the lock even when it raises)."""
+        host, checkpoints = self.__dict__.get("host"), self.__dict__.get("checkpoints")
+        try:
+            if host is not None:
+                host.stop()
+            if checkpoints is not None:
+                checkpoints.close()
+            self.recorder.close()
+        except Exception:  # noqa: BLE001 - the start's own error is the one to raise
+            logger.exception("cleaning up after a failed start")
+
     def _rebuild(self, journal: Path, fresh: bool) -> Rebuilt:
         """The order index of the journal so far (a restart), or an empty one (`fresh`: no record)."""
         hot = ended_kept_live(self.cfg.batch)
@@ -264,7 +282,9 @@ class OrderDesk:
         yet: the index shows an award as its record is appended, and `_ended` syncs only
         after. Called without the desk's lock (the writer's lock comes first)."""
         if answer is not None and answer["status"] != PENDING and self.recorder.writer.unsynced:
-            self.recorder.flush()
+            if not self._synced():
+                raise DeskError(503, "the journal cannot be synced now (the desk is restarting); retry",
+                                retry_after_s=5)
 
     def _accept(self, body: OrderIn, digest: str, key: str | None) -> Placed:
         if not self.host.alive:
@@ -315,21 +335,22 @@ class OrderDesk:
         """
         end = time.monotonic() + timeout_s
         while True:
+            stopped = not self.host.alive  # read first: a loop journals an order before it can die
             with self._lock:
                 journaled = self.index.knows(order_id)
             if journaled:
                 return self._synced()
-            if not self.host.alive or time.monotonic() >= end:
+            if stopped or time.monotonic() >= end:
                 return False
             time.sleep(0.005)
 
     def _synced(self) -> bool:
-        """Syncs the journal; on a journal closed meanwhile (the keeper restarted this desk),
-        whether its close synced everything."""
+        """Syncs the journal. On a journal closed meanwhile (the keeper restarted this desk)
+        or one that failed: whether what it holds was synced before."""
         writer = self.recorder.writer
         try:
             writer.flush()
-        except ValueError:  # closed
+        except (ValueError, OSError):  # closed, or failed (JournalError is a ValueError)
             return not writer.unsynced
         return True
 
@@ -339,6 +360,12 @@ class OrderDesk:
             detail = self.index.detail(order_id)
         self._on_disk(detail)
         return detail
+
+    def strategy(self) -> dict[str, Any]:
+        """The profile in force (as the journal has it) and the profiles a switch may name."""
+        with self._lock:
+            name = self.index.profile
+        return {"profile": name, "known": sorted(load_profiles())}
 
     def set_profile(self, name: str, timeout_s: float = 10.0) -> dict[str, str]:
         """Switches the scoring profile between two rounds, journaled."""
@@ -355,7 +382,9 @@ class OrderDesk:
             return previous
 
         previous = self._on_loop(switch, timeout_s)
-        self.recorder.flush()
+        if not self._synced():
+            raise DeskError(503, f"switched to {name}, but the journal cannot be synced, so a restart may "
+                                 "not keep it; retry", retry_after_s=5)
         return {"profile": name, "previous": previous}
 
     def _on_loop(self, fn: Callable[[AuctioneerCore], Any], timeout_s: float) -> Any:

@@ -11,29 +11,39 @@ open. While it starts (seconds), requests get the dead desk's 503 with ``Retry-A
 Why not Serve's own health check, which would replace the replica: on the embedded
 cluster the replica itself listens on the service's one port (direct ingress), and Serve
 2.60 gave a replacement replica no port (`NoAvailablePortError`) while the old one was
-still stopping, then held the port back for good. Restarting inside the replica keeps the
-port, and the restart is the same code path a whole-service restart is tested with.
+still stopping, and held the port back after that (a 150 s quarantine, then a block once a
+start had failed on it). Restarting inside the replica keeps the port, and the restart is
+the same code path a whole-service restart is tested with.
 """
 from __future__ import annotations
 
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+from runtime import gc_pauses
 from serve.config import ServeCfg
 from serve.desk import OrderDesk, spawn_fleet
 
 logger = logging.getLogger("bidhive.serve")
 
-#: How often the keeper looks at the round loop, and its waits between failed restarts.
+#: How often the keeper looks at the round loop; how long a desk must have run for its
+#: death to be restarted at once; the waits before restarting one that died sooner, and
+#: between failed restarts (doubling from the first to the last).
 WATCH_PERIOD_S = 0.5
+STABLE_S = 60.0
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 
 
 class DeskKeeper:
     """Owns the replica's desk and its bidder fleet, and restarts them when the round loop dies.
+
+    A desk that dies again within `STABLE_S` of its start (an order whose round always
+    fails, say) is restarted only after a wait that doubles each time, up to `RETRY_MAX_S`:
+    the service stays up, answering 503 for new orders, and the log says why each time.
 
     Args:
         cfg: the service settings (the same for every desk it starts).
@@ -48,7 +58,9 @@ class DeskKeeper:
         self._fleet = fleet if cfg.bidders == "ray" else None
         self.restarts = 0
         self.desk, self._state_dir = self._start()
+        self._started_at = time.monotonic()
         self._running = True  # the current desk and fleet are not stopped yet
+        self._swap = threading.Lock()  # `_running` and the desk change together, also against `close`
         self._quit = threading.Event()
         self._period_s = watch_period_s
         self._thread = threading.Thread(target=self._watch, name="desk-keeper", daemon=True)
@@ -66,34 +78,46 @@ class DeskKeeper:
         retry_s = RETRY_FIRST_S
         while not self._quit.wait(self._period_s):
             failure = self.desk.host.failure
-            if failure is None or self._quit.is_set():
+            if failure is None:
                 continue
-            logger.error("the round loop died (%s): restarting the desk on %s", failure, self.cfg.journal)
-            try:
-                self._restart()
+            if time.monotonic() - self._started_at >= STABLE_S:
                 retry_s = RETRY_FIRST_S
-            except Exception:  # noqa: BLE001 - logged; the dead desk keeps answering 503 meanwhile
-                logger.exception("the desk did not restart; next try in %g s", retry_s)
+            else:  # it died soon after a start: do not restart it in a tight loop
+                logger.error("the round loop died again (%s); restarting the desk in %g s", failure, retry_s)
                 if self._quit.wait(retry_s):
                     return
                 retry_s = min(2.0 * retry_s, RETRY_MAX_S)
+            logger.error("the round loop died (%s): restarting the desk on %s", failure, self.cfg.journal)
+            try:
+                self._restart()
+            except Exception:  # noqa: BLE001 - logged; the dead desk keeps answering 503 meanwhile
+                logger.exception("the desk did not restart; trying again")
+                self._started_at = time.monotonic()  # so the next try waits (above)
 
     def _restart(self) -> None:
-        if self._running:  # a retry after a failed start finds the old desk stopped already
-            self._running = False
-            _stop_desk(self.desk, self._state_dir)
-        self.desk, self._state_dir = self._start()
-        self._running = True
-        self.restarts += 1
+        with self._swap:
+            if self._running:  # a retry after a failed start finds the old desk stopped already
+                self._running = False
+                _stop_desk(self.desk, self._state_dir)
+        desk, state = self._start()
+        with self._swap:
+            if self._quit.is_set():  # `close` ran while this desk started: nobody else stops it
+                _stop_desk(desk, state)
+                return
+            self.desk, self._state_dir, self._running = desk, state, True
+            self._started_at = time.monotonic()
+        gc_pauses.refreeze()  # the old desk's cycles were frozen with the process: walk them once
+        self.restarts += 1  # counted once the restart is complete (only this thread writes it)
         logger.warning("desk restarted (%d so far): resuming the orders the journal holds open", self.restarts)
 
     def close(self) -> None:
         """Stops the watchdog, then the desk (journal closed) and its fleet; idempotent."""
         self._quit.set()
         self._thread.join(timeout=120)
-        if self._running:
-            self._running = False
-            _stop_desk(self.desk, self._state_dir)
+        with self._swap:
+            if self._running:
+                self._running = False
+                _stop_desk(self.desk, self._state_dir)
 
 
 def _stop_desk(desk: OrderDesk, state_dir: str | None) -> None:

@@ -118,6 +118,11 @@ class StrategyOut(BaseModel):
     previous: str
 
 
+class StrategyNow(BaseModel):
+    profile: str
+    known: list[str]
+
+
 class Problem(BaseModel):
     """Error body: what is wrong, and where."""
 

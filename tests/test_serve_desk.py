@@ -328,3 +328,14 @@ def test_counters_are_reported_at_zero_before_they_happen(tmp_path: Path) -> Non
     for line in ("bidhive_orders_shed_total 0", "bidhive_profile_changes_total 0",
                  'bidhive_bidder_misses_total{why="timed_out"} 0', 'bidhive_bidder_misses_total{why="invalid"} 0'):
         assert any(row.startswith(line) for row in text.splitlines()), (line, text)
+
+
+def test_the_strategy_in_force_is_the_configured_one_then_the_last_switch(tmp_path: Path) -> None:
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj", profile="cost_first"))
+    try:
+        assert desk.strategy()["profile"] == "cost_first"
+        desk.set_profile("vip_guard")
+        now = desk.strategy()
+    finally:
+        desk.close()
+    assert now["profile"] == "vip_guard" and "balanced" in now["known"]

@@ -254,6 +254,9 @@ def test_strategy_switch_is_live_and_journaled(svc: Service) -> None:
     r = svc.client.put("/strategy", json={"profile": "time_first"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["profile"] == "time_first"
     assert svc.client.get("/healthz").json()["profile"] == "time_first"
+    now = svc.client.get("/strategy", headers=AUTH).json()
+    assert now["profile"] == "time_first" and {"balanced", "time_first", "vip_guard"} <= set(now["known"])
+    assert svc.client.get("/strategy").status_code == 401
     bad = svc.client.put("/strategy", json={"profile": "fastest"}, headers=AUTH)
     assert bad.status_code == 422 and "time_first" in bad.json()["detail"]
     changes = [r for r in read_journal(Path(svc.cfg.journal)) if r["type"] == "profile_changed"]
@@ -404,7 +407,7 @@ def test_a_desk_whose_round_loop_dies_is_restarted_and_resumes_its_orders(svc: S
     its key gets the final answer. The fault is injected through Serve's replica actor: the
     loop has no other way to die on purpose."""
     health = svc.client.get("/healthz").json()
-    segment, restarts = health["segment"], health["desk_restarts"]
+    segment, restarts, fleet = health["segment"], health["desk_restarts"], _bidder_pids(svc)
 
     def break_the_round_loop(ingress: Any) -> bool:
         def step() -> None:
@@ -427,7 +430,8 @@ def test_a_desk_whose_round_loop_dies_is_restarted_and_resumes_its_orders(svc: S
     assert again.status_code == 200 and again.json()["order_id"] == oid
     assert {k: final[k] for k in again.json()} == again.json()
     assert svc.post(_order(4001)).status_code == 200  # the new desk trades as usual
-    assert len(_bidder_pids(svc)) == 9  # a new fleet, the old one gone
+    again_fleet = _bidder_pids(svc)
+    assert len(again_fleet) == 9 and set(again_fleet).isdisjoint(fleet)  # a new fleet, the old one gone
 
 
 # -- restart (last: it replaces the module's cluster) --------------------------------------

@@ -1,12 +1,17 @@
 """The desk keeper without HTTP or Ray: a desk whose round loop dies is restarted on its journal."""
 from __future__ import annotations
 
+import gc
+import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from market.journal_recorder import JournalRecorder
+from runtime import gc_pauses
 from serve import keeper as keeper_module
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
@@ -29,7 +34,9 @@ def _wait(cond: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_dead_round_loop_gets_a_new_desk_that_ends_its_orders_and_keys(tmp_path: Path) -> None:
+def test_a_dead_round_loop_gets_a_new_desk_that_ends_its_orders_and_keys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keeper_module, "RETRY_FIRST_S", 0.05)
     keeper = DeskKeeper(_cfg(tmp_path / "j.bhj"), watch_period_s=0.05)
     try:
         first = keeper.desk
@@ -89,3 +96,80 @@ def test_a_restart_that_fails_is_tried_again_and_the_old_desk_closes_once(
 def _place_nowait(desk: OrderDesk) -> None:
     body = {**BODY, "customer_id": "c-x"}
     desk.place(OrderIn.model_validate(body), body_hash(body), None)
+
+
+def test_a_desk_that_dies_again_soon_waits_longer_each_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keeper_module, "RETRY_FIRST_S", 0.3)
+    keeper = DeskKeeper(_cfg(tmp_path / "j.bhj"), watch_period_s=0.02)
+    try:
+        waits = []
+        for n in (1, 2):
+            died = time.monotonic()
+            _kill_round_loop(keeper.desk)
+            _place_nowait(keeper.desk)
+            _wait(lambda: keeper.restarts == n)
+            waits.append(time.monotonic() - died)
+    finally:
+        keeper.close()
+    assert waits[0] >= 0.3 and waits[1] >= 0.6  # it died within STABLE_S of a start: 0.3 s, then doubled
+
+
+def test_a_replaced_desk_is_freed_though_the_process_freezes_its_objects(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keeper_module, "RETRY_FIRST_S", 0.05)
+    monkeypatch.delenv("BIDHIVE_GC_FREEZE", raising=False)
+    # pytest keeps each log record, and the loop's death is logged with its traceback, whose
+    # frames hold the old desk: keep that record away from pytest (the service keeps none)
+    monkeypatch.setattr(logging.getLogger("bidhive.auctioneer"), "propagate", False)
+    keeper = DeskKeeper(_cfg(tmp_path / "j.bhj"), watch_period_s=0.02)
+    gc_pauses.bound_gc_pauses()  # as the replica does once it is set up
+    try:
+        old = weakref.ref(keeper.desk)
+        _kill_round_loop(keeper.desk)
+        _place_nowait(keeper.desk)
+        _wait(lambda: keeper.restarts == 1)
+        gc.collect()
+        assert old() is None  # its cycles (the journal's callbacks into it) were not left frozen
+    finally:
+        gc_pauses.release()
+        keeper.close()
+
+
+def test_a_start_that_fails_after_taking_the_journal_lets_go_of_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = JournalRecorder.run_started
+    calls = iter([OSError(28, "No space left on device"), None])
+
+    def run_started(self: JournalRecorder, info: dict[str, Any]) -> None:
+        err = next(calls)
+        if err is not None:
+            raise err
+        real(self, info)
+
+    monkeypatch.setattr(JournalRecorder, "run_started", run_started)
+    with pytest.raises(OSError):
+        OrderDesk(_cfg(tmp_path / "j.bhj"))
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))  # JournalLocked, had the first kept the lock
+    try:
+        assert _place(desk, 1)["status"] in ("awarded", "unfulfilled")
+    finally:
+        desk.close()
+
+
+def test_no_202_for_an_order_the_journal_could_not_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    writer = desk.recorder.writer
+    try:
+        monkeypatch.setattr(writer, "_sync_due", float("inf"))  # no sync on an append: the order stays unsynced
+        _kill_round_loop(desk)
+        body = {**BODY, "customer_id": "c-unsynced"}
+        placed = desk.place(OrderIn.model_validate(body), body_hash(body), None)
+        _wait(lambda: desk.index.knows(placed.order_id) and not desk.host.alive)
+
+        def disk_error() -> None:
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(writer, "_sync", disk_error)
+        assert writer.unsynced and desk.sync(placed.order_id, timeout_s=1) is False
+    finally:
+        monkeypatch.undo()
+        desk.close()
