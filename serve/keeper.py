@@ -70,7 +70,7 @@ class DeskKeeper:
         handles, state = self._fleet(self.cfg) if self._fleet is not None else (None, None)
         try:
             return OrderDesk(self.cfg, handles), state
-        except BaseException:
+        except Exception:  # an interrupt ends the process, and the actors with their owner
             _stop_fleet(handles, state)
             raise
 
@@ -111,9 +111,12 @@ class DeskKeeper:
         logger.warning("desk restarted (%d so far): resuming the orders the journal holds open", self.restarts)
 
     def close(self) -> None:
-        """Stops the watchdog, then the desk (journal closed) and its fleet; idempotent."""
+        """Stops the watchdog, then the desk (journal closed) and its fleet; idempotent.
+
+        It does not wait for a restart in progress (starting a fleet waits on Ray, which may
+        be going down too): that restart stops its own desk once it has one (`_restart`)."""
         self._quit.set()
-        self._thread.join(timeout=120)
+        self._thread.join(timeout=1.0)
         with self._swap:
             if self._running:
                 self._running = False

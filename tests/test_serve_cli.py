@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,14 +92,22 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
     started: no process, no Ray temp dir."""
     journal = short_tmp / "j.bhj"
     proc = _start_serve(short_tmp, "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()))
+    lines: list[str] = []  # read as it comes: a full pipe would stall the command's own exit
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
     try:
         end = time.monotonic() + 120
         while not journal.exists() and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.02)
         assert journal.exists(), "the replica never opened its journal"
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=90) == 130
-        said = proc.stdout.read() if proc.stdout else ""
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still running 90 s after Ctrl-C; it said:\n" + "".join(lines)[-4000:])
+        reader.join(10)
+        said = "".join(lines)
+        assert code == 130, said
         assert "bidhive is serving" not in said and "Traceback" not in said, said
     finally:
         if proc.poll() is None:
