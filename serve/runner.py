@@ -5,7 +5,6 @@ actors), then the embedded Ray with every process and temp file it started.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -206,41 +205,17 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-@contextlib.contextmanager
-def _interrupts_noted() -> Iterator[threading.Event]:
-    """A Ctrl-C raises KeyboardInterrupt as usual, and is also noted in the event.
-
-    The handler is installed explicitly, and SIGINT unblocked: a process started with
-    SIGINT ignored or blocked (both are inherited) would otherwise sleep through a Ctrl-C
-    during start-up, then serve on. That happened in 2 of 2 full test runs, never in the
-    test alone. The note also lets `run_service` stop when the interrupt lands in code
-    that swallows it."""
-    noted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        noted.set()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    try:
-        yield noted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = print,
                 stop: threading.Event | None = None) -> None:
     """Runs the service until `stop` is set (by default: until SIGINT or SIGTERM)."""
     started = time.perf_counter()
-    with _interrupts_noted() as interrupted:
-        cluster = launch(cfg, listen)
+    if threading.current_thread() is threading.main_thread():
+        # A job started in the background (`cmd &` in a script) inherits SIGINT ignored, and
+        # Python keeps it so: a Ctrl-C during start-up was lost, then the service ran on. It
+        # is honoured after start-up (`_stop_on_signals`), so it is honoured during it too.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    cluster = launch(cfg, listen)
     try:
-        if interrupted.is_set():  # a Ctrl-C that start-up swallowed: stop as if it had not
-            raise KeyboardInterrupt
         stop = stop or _stop_on_signals()  # after ray.init, whose fatal-signal handler would otherwise take SIGTERM
         url = f"http://{listen.host}:{listen.port}"
         token = bool(cfg.token or os.environ.get("BIDHIVE_TOKEN"))

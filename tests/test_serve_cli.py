@@ -28,11 +28,14 @@ def _session_processes(sid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
-def _start_serve(tmp: Path, *args: str) -> subprocess.Popen[str]:
-    """`bidhive serve ARGS` in a session of its own, Ray's temp files under `tmp`."""
+def _start_serve(tmp: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen[str]:
+    """`bidhive serve ARGS` in a session of its own, Ray's temp files under `tmp`;
+    `sigint_ignored` starts it as a script's background job (`cmd &`) is started."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(tmp)}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([str(BIN), "serve", *args, "--journal", str(tmp / "j.bhj")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                            preexec_fn=ignore)
 
 
 def _assert_nothing_left(proc: subprocess.Popen[str], tmp: Path) -> None:
@@ -89,9 +92,11 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
 def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) -> None:
     """A Ctrl-C while Ray and Serve start (here: once the replica has opened its journal)
     ends the command at once with the shell's code for it (130), and takes down what had
-    started: no process, no Ray temp dir."""
+    started: no process, no Ray temp dir. Started as a background job of a script is, with
+    SIGINT ignored, which Python keeps unless told otherwise: the Ctrl-C was lost then."""
     journal = short_tmp / "j.bhj"
-    proc = _start_serve(short_tmp, "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()))
+    proc = _start_serve(short_tmp, "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()),
+                        sigint_ignored=True)
     lines: list[str] = []  # read as it comes: a full pipe would stall the command's own exit
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
     reader.start()
