@@ -49,7 +49,7 @@ SERVICE_MARGIN_KM = 5.0
 
 
 #: Counters `/metrics` shows from the start, at 0 until they happen (a scrape tells 0 from
-#: "not reported"); `bidder_misses_total` has one series per why.
+#: "not reported"), with their help text; `bidder_misses_total` has one series per why.
 COUNTERS = {
     "orders_received_total": "Orders journaled (a resumed order counts again).",
     "rounds_total": "Rounds cleared.",
@@ -204,19 +204,17 @@ class OrderDesk:
     def _count(self, rec: dict[str, Any]) -> None:
         kind, m = rec["type"], self.metrics
         if kind == "order_received":
-            m.inc("orders_received_total", help=COUNTERS["orders_received_total"])
+            m.inc("orders_received_total")
         elif kind == "round_cleared":
-            m.inc("rounds_total", help=COUNTERS["rounds_total"])
-            m.inc("quotes_total", float(rec["q_counts"][0]) if "q_counts" in rec else float(len(rec["quotes"])),
-                  help=COUNTERS["quotes_total"])
+            m.inc("rounds_total")
+            m.inc("quotes_total", float(rec["q_counts"][0]) if "q_counts" in rec else float(len(rec["quotes"])))
             facts = rec.get("facts") or {}
             m.observe_ms("clear_latency_ms", float(facts.get("clear_ms", 0.0)), help="Clearing time per round (ms).")
             for what in MISS_REASONS:
                 if facts.get(what):
-                    m.inc("bidder_misses_total", float(facts[what]), help=COUNTERS["bidder_misses_total"],
-                          why=what)
+                    m.inc("bidder_misses_total", float(facts[what]), why=what)
         elif kind == "profile_changed":
-            m.inc("profile_changes_total", help=COUNTERS["profile_changes_total"])
+            m.inc("profile_changes_total")
 
     def _round_settled(self, rec: RoundRecord) -> None:
         """Where a round's time went: asking the bidders and clearing, then confirming the commits."""
@@ -290,7 +288,7 @@ class OrderDesk:
         if not self.host.alive:
             raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
         if self._open >= self.cfg.max_open_orders:
-            self.metrics.inc("orders_shed_total", help=COUNTERS["orders_shed_total"])
+            self.metrics.inc("orders_shed_total")
             raise DeskError(503, f"overloaded: {self._open} orders in the market; retry shortly", retry_after_s=1)
         self._check(body)
         oid = body.order_id or self._new_id()

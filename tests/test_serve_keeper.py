@@ -13,7 +13,7 @@ import pytest
 from market.journal_recorder import JournalRecorder
 from runtime import gc_pauses
 from serve import keeper as keeper_module
-from serve.desk import DeskError, OrderDesk
+from serve.desk import DeskError, OrderDesk, Placed
 from serve.idempotency import body_hash
 from serve.keeper import DeskKeeper
 from serve.models import OrderIn
@@ -25,6 +25,12 @@ def _kill_round_loop(desk: OrderDesk) -> None:
     def step() -> None:
         raise RuntimeError("injected fault: a round failed")
     desk.host.core.step = step  # type: ignore[method-assign]
+
+
+def _place_nowait(desk: OrderDesk, customer_id: str = "c-x", key: str | None = None) -> Placed:
+    """Places an order without waiting for its round (which may never come)."""
+    body = {**BODY, "customer_id": customer_id}
+    return desk.place(OrderIn.model_validate(body), body_hash(body), key)
 
 
 def _wait(cond: Any, timeout_s: float = 30.0) -> None:
@@ -41,8 +47,7 @@ def test_a_dead_round_loop_gets_a_new_desk_that_ends_its_orders_and_keys(
     try:
         first = keeper.desk
         _kill_round_loop(first)
-        body = {**BODY, "customer_id": "c-dead"}
-        placed = first.place(OrderIn.model_validate(body), body_hash(body), "k-dead")
+        placed = _place_nowait(first, "c-dead", key="k-dead")
         assert placed.future is not None
         _wait(lambda: keeper.restarts == 1)
         assert first.sync(placed.order_id, timeout_s=1)  # journaled, and the old desk's close synced it
@@ -91,11 +96,6 @@ def test_a_restart_that_fails_is_tried_again_and_the_old_desk_closes_once(
     finally:
         keeper.close()
     assert closes[-1] is keeper.desk
-
-
-def _place_nowait(desk: OrderDesk) -> None:
-    body = {**BODY, "customer_id": "c-x"}
-    desk.place(OrderIn.model_validate(body), body_hash(body), None)
 
 
 def test_a_desk_that_dies_again_soon_waits_longer_each_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,8 +162,7 @@ def test_no_202_for_an_order_the_journal_could_not_sync(tmp_path: Path, monkeypa
     try:
         monkeypatch.setattr(writer, "_sync_due", float("inf"))  # no sync on an append: the order stays unsynced
         _kill_round_loop(desk)
-        body = {**BODY, "customer_id": "c-unsynced"}
-        placed = desk.place(OrderIn.model_validate(body), body_hash(body), None)
+        placed = _place_nowait(desk, "c-unsynced")
         _wait(lambda: desk.index.knows(placed.order_id) and not desk.host.alive)
 
         def disk_error() -> None:
