@@ -96,7 +96,7 @@ def _kpi_table(report: ReplayReport) -> Table:
 
 def _explain_table(result: dict[str, Any]) -> None:
     console = stdout_console()
-    console.print(f"[bold]order {result['order_id']}[/bold]: {result.get('outcome', '')}")
+    console.print(f"[bold]order {result['order_id']}[/bold]: {result['outcome']}")
     for r in result["rounds"]:
         o = r["order"]
         console.print(
@@ -116,6 +116,8 @@ def _explain_table(result: dict[str, Any]) -> None:
         console.print(f"  verdict: {r['verdict']}")
         if r.get("matches_log") is False:
             console.print("  [red]the logged award differs from this re-clear (run --verify)[/red]")
+    if result["verdict"] != (result["rounds"][-1]["verdict"] if result["rounds"] else None):
+        console.print(result["verdict"])  # the order's end, where its last round does not say it
 
 
 def replay(

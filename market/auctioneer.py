@@ -144,15 +144,19 @@ class Batcher:
             raise ValueError("max_batch must be >= 1 and window_s >= 0")
         self.window_s = window_s
         self.max_batch = max_batch
-        self._queue: list[tuple[float, int, Order, int]] = []  # heap: (ready at, seq, order, attempts)
+        self._queue: list[tuple[float, int, Order, int, bool]] = []  # heap: (ready at, seq, order, attempts, alone)
         self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, order: Order, attempts: int, now: float, delay_s: float = 0.0) -> None:
-        """Queues an order that may join a round from `now + delay_s` (a retry waits)."""
-        heapq.heappush(self._queue, (now + delay_s, next(self._seq), order, attempts))
+    def add(self, order: Order, attempts: int, now: float, delay_s: float = 0.0, alone: bool = False) -> None:
+        """Queues an order that may join a round from `now + delay_s` (a retry waits).
+
+        `alone` gives the order a round of its own: a shell that suspects it of failing
+        its rounds tries it where it can take no other order down with it.
+        """
+        heapq.heappush(self._queue, (now + delay_s, next(self._seq), order, attempts, alone))
 
     def _ready(self, now: float) -> int:
         return sum(1 for t, *_ in self._queue if t <= now)
@@ -180,8 +184,10 @@ class Batcher:
             if ready < self.max_batch and not flush and now < oldest + self.window_s:
                 break
             n = min(ready, self.max_batch)
-            batch = [heapq.heappop(self._queue) for _ in range(n)]
-            rounds.append([(o, a) for _, _, o, a in batch])
+            batch = [heapq.heappop(self._queue)]
+            while len(batch) < n and not batch[0][4] and not self._queue[0][4]:
+                batch.append(heapq.heappop(self._queue))
+            rounds.append([(o, a) for _, _, o, a, _ in batch])
         return rounds
 
 
@@ -357,6 +363,11 @@ class AuctioneerCore:
             where a round's time went (quoting against settling).
         keep_records: the most recent rounds whose timing is kept (a service runs for days).
         keep_ended: the most ended orders the ledger keeps (None: all; see `OrderLedger`).
+
+    Attributes:
+        in_hand: the ids of the orders whose round (or call to the bidders) the core is
+            working on, empty between them. A step that raises leaves it set, which tells a
+            shell whose orders were in the round that failed (`serve.keeper`).
     """
 
     def __init__(self, engine: MarketEngine, batch: BatchPolicy | None = None,
@@ -377,17 +388,18 @@ class AuctioneerCore:
         self.on_round = on_round
         self._open: dict[int, _Open] = {}
         self._flight: tuple[Any, ...] | None = None  # in_flight=2: the call whose quotes are not yet taken
+        self.in_hand: tuple[str, ...] = ()
 
     # -- intake ------------------------------------------------------------------------------
-    def submit(self, orders: Iterable[Order]) -> int:
-        """Accepts new orders; they join the next rounds."""
+    def submit(self, orders: Iterable[Order], alone: bool = False) -> int:
+        """Accepts new orders; they join the next rounds (`alone`: a round each)."""
         wall = self.clock()
         orders = list(orders)
         for o in orders:
             self.ledger.submit(o.order_id)
             self.engine.kpis.order_in(o.tier == "vip")
             self.engine.recorder.order_received(o, max(self.market.now(wall), o.created_s))
-            self.batcher.add(o, 0, wall)
+            self.batcher.add(o, 0, wall, alone=alone)
         return len(orders)
 
     @property
@@ -414,6 +426,7 @@ class AuctioneerCore:
                 self._sequential(b, mnow)
             return len(batches)
         opened = self.clock()
+        self._hand(batches)
         rounds = [self._open_round(b, mnow) for b in batches]
         if self.batch.in_flight > 1:
             if rounds or self._flight:
@@ -425,6 +438,7 @@ class AuctioneerCore:
             self._confirm_all(ex.confirmed)
             for rnd, b in zip(rounds, batches):
                 self._close(rnd, ex.quotes.get(rnd.round_id, []), b, mnow, opened)
+        self.in_hand = ()
         if self.bidders.unsettled and (not rounds or not self._more_due()):
             # nothing else to carry the settles: deliver the commits now (releases wait)
             self._confirm_all(self.bidders.flush(mnow, commits_only=True))
@@ -438,11 +452,13 @@ class AuctioneerCore:
         flight = self.bidders.send(rounds, mnow, self.engine.hold_ttl_s) if rounds else None
         if self._flight is not None:
             prev_rounds, prev_batches, prev_mnow, prev_opened, prev = self._flight
+            self._hand(prev_batches)
             ex = self.bidders.receive(prev)
             self._confirm_all(ex.confirmed)
             for rnd, b in zip(prev_rounds, prev_batches):
                 self._close(rnd, ex.quotes.get(rnd.round_id, []), b, prev_mnow, prev_opened)
         self._flight = (rounds, batches, mnow, opened, flight) if flight is not None else None
+        self.in_hand = ()
 
     def _more_due(self) -> bool:
         due = self.batcher.due_in(self.clock())
@@ -454,16 +470,22 @@ class AuctioneerCore:
             self.ledger.in_round(o.order_id, rnd.round_id)
         return rnd
 
+    def _hand(self, batches: list[list[tuple[Order, int]]]) -> None:
+        self.in_hand = tuple([o.order_id for b in batches for o, _ in b])
+
     def _sequential(self, batch: list[tuple[Order, int]], mnow: float) -> None:
         opened = self.clock()
+        self._hand([batch])
         rnd = self._open_round(batch, mnow)
         rec = RoundRecord(rnd.round_id, rnd.size, opened)
         out = self.engine.trade(rnd, mnow)
         rec.cleared = rec.confirmed = self.clock()
         self._account(out, batch, rec)
+        self.in_hand = ()
 
     def _close(self, rnd: Round, quotes: list[Quote], batch: list[tuple[Order, int]], mnow: float,
                opened: float) -> None:
+        self._hand([batch])
         rec = RoundRecord(rnd.round_id, rnd.size, opened)
         outcome, awards = self.engine.close_round(rnd, quotes)
         quoted = [q.agent_id for q in quotes]
@@ -476,10 +498,12 @@ class AuctioneerCore:
             op = self._open.pop(rid, None)
             if op is None:
                 continue
+            self._hand([op.batch])
             self.engine.confirm(op.outcome, op.awards, op.quoted, confirmed[rid], op.now)
             op.record.refused = len(confirmed[rid])
             op.record.confirmed = self.clock()
             self._account(op.outcome, op.batch, op.record)
+        self.in_hand = ()
 
     def _account(self, out: RoundOutcome, batch: list[tuple[Order, int]], rec: RoundRecord) -> None:
         """Moves every order of a settled round to awarded, back to the queue, or unfulfilled."""

@@ -358,6 +358,12 @@ class JournalRecorder:
         if profile is not None:
             self._profile = profile
 
+    def order_dropped(self, order_id: str, reason: str, rounds_failed: int, now: float) -> None:
+        """Journals that an accepted order ends unfulfilled without a round: the HTTP service
+        gives up an order whose rounds kept failing (`serve.keeper`), so it cannot keep
+        taking the service down."""
+        self.writer.append("order_dropped", order_id=order_id, reason=reason, rounds_failed=rounds_failed, now_s=now)
+
     # -- lifecycle ----------------------------------------------------------------------
     def flush(self) -> None:
         """Syncs the journal (per its fsync policy)."""

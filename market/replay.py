@@ -91,6 +91,7 @@ TIMING_KEYS = ("p50_clear_ms", "p99_clear_ms")
 _REBUILT_ROUNDS = 1024  # rounds kept for their retries: a retry comes within minutes of the market clock
 CHUNK_ROUNDS = 128  # rounds read ahead and re-cleared as columns together: NumPy's fixed cost per call, shared
 _NOTHING_TO_REPLAY = frozenset(("hold_committed", "hold_released"))  # counted, nothing more
+_HEARD = frozenset(("order_received", "order_dropped", "run_started"))  # records with an event (`ReadStep.events`)
 _BY_COLUMNS = "auction/greedy/first_score"  # the mechanism whose one-order rounds clear as columns
 
 
@@ -250,7 +251,8 @@ class ReadStep:
     Attributes:
         kinds: per record read since the previous step, in order, its type.
         events: what callers hear of those records, in order: per order received
-            ``(order, received_s)``, per run started its header.
+            ``(order, received_s)`` (None when it was received before), per order
+            dropped a `Dropped`, per run started its header.
         round: the round as logged; None at the journal's end and at an error.
         rec: its ``round_cleared`` record.
         head: its ``round_opened`` record.
@@ -286,15 +288,20 @@ class JournalReplay:
         path: The journal's first file.
         progress: Called as ``progress(orders_received, expected_orders or None)``
             every few hundred records.
-        on_order: Called with every ``(Order, received_s)`` as it is read.
+        on_order: Called with every ``(Order, received_s)`` as it is read, once per order:
+            a restarted service journals again the orders it takes up, and those are
+            not new orders.
+        on_dropped: Called with ``(order_id, reason)`` of every ``order_dropped`` record.
     """
 
     def __init__(self, path: str | os.PathLike[str], progress: Progress | None = None,
-                 on_order: Callable[[Order, float], None] | None = None) -> None:
+                 on_order: Callable[[Order, float], None] | None = None,
+                 on_dropped: Callable[[str, str], None] | None = None) -> None:
         self.path = Path(path)
         self.reader = JournalReader(self.path, defer_warnings=True)
         self.progress = progress
         self.on_order = on_order
+        self.on_dropped = on_dropped
         self.header: RunHeader | None = None
         self.orders: dict[str, Order] = {}
         self.counts: Counter[str] = Counter()
@@ -354,7 +361,7 @@ class JournalReplay:
                 if self._records % 256 == 0:
                     progress(self.orders_received, self.header.expected_orders if self.header else None)
                 self._records += 1
-                if kind == "order_received" or kind == "run_started":
+                if kind in _HEARD:
                     event = next(events, None)  # none for a record that failed to read: an error follows
                     if event is not None:
                         self._heard(event)
@@ -389,12 +396,18 @@ class JournalReplay:
         for r in step.refused:
             self.refused_awards.update(((r.round_id, oid), r.refused_by.get(oid, [])) for oid in r.order_ids)
 
-    def _heard(self, event: tuple[Order, float] | RunHeader) -> None:
-        """An order received (counted, and told to ``on_order``), or a run started."""
+    def _heard(self, event: tuple[Order, float] | Dropped | RunHeader | None) -> None:
+        """An order received (counted, and told to ``on_order``), one dropped, or a run started."""
         if type(event) is tuple:
             self.orders_received += 1
             if self.on_order is not None:
                 self.on_order(*event)
+            return
+        if event is None:  # an order received again (`_other`)
+            return
+        if isinstance(event, Dropped):
+            if self.on_dropped is not None:
+                self.on_dropped(event.order_id, event.reason)
             return
         assert isinstance(event, RunHeader)
         if self.header is not None:  # a new segment
@@ -458,8 +471,11 @@ class JournalReplay:
         """
         if kind == "order_received":
             order = order_from_record(rec)
+            again = order.order_id in self.orders  # a restarted service resumed it: not a new order
             self.orders[order.order_id] = order
-            events.append((order, rec["received_s"]))
+            events.append(None if again else (order, rec["received_s"]))
+        elif kind == "order_dropped":
+            events.append(Dropped(str(rec["order_id"]), str(rec["reason"])))
         elif kind == "round_opened":
             if "sources" in rec:
                 self._sources = _sites(rec["sources"])
@@ -531,6 +547,14 @@ class JournalReplay:
             del self._built[next(iter(self._built))]
         self._built[key] = (header, rnd)
         return rnd
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """An ``order_dropped`` record: the HTTP service gave the order up without a round."""
+
+    order_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -751,6 +775,11 @@ class OutcomeKpis:
         """Counts an order received."""
         self.orders += 1
         self.vip_orders += int(vip)
+
+    def drop(self, order_id: str, reason: str) -> None:
+        """An order the service gave up without a round (``order_dropped``): unfulfilled, for `reason`."""
+        if order_id not in self.won:
+            self.last_reason[order_id] = reason
 
     def add_round(self, round_id: int, orders: tuple[Order, ...], opened_s: float, res: LoggedResult,
                   header: RunHeader) -> None:
@@ -1054,7 +1083,12 @@ def _replay(path: str | os.PathLike[str], profile: ProfileCfg | None, profile_na
                 k.order_in(vip)
         received[int(now // 60)] += 1
 
-    journal = JournalReplay(path, progress=progress, on_order=on_order)
+    def on_dropped(order_id: str, reason: str) -> None:
+        for k in (logged, replayed, alt):
+            if k is not None:
+                k.drop(order_id, reason)
+
+    journal = JournalReplay(path, progress=progress, on_order=on_order, on_dropped=on_dropped)
     alt_mechs: dict[str, Mechanism] = {}
     n_rounds = verified = bad = 0
     first: Mismatch | None = None
@@ -1391,15 +1425,20 @@ def explain(path: str | os.PathLike[str], order_id: str, *, profile: ProfileCfg 
     Raises:
         ReplayError: The order is not in the journal.
     """
-    journal = JournalReplay(path)
+    dropped: dict[str, str] = {}
+    journal = JournalReplay(path, on_dropped=dropped.__setitem__)
     rounds = []
     for rr in journal.rounds(only_order=order_id):
         assert journal.header is not None
         rounds.append(explain_round(rr, journal.header, order_id, profile, payment))
     if order_id not in journal.orders:
         raise ReplayError(f"order '{order_id}' is not in the journal {path} ({journal.orders_received} orders)")
+    if order_id in dropped:
+        return {"order_id": order_id, "rounds": rounds, "outcome": f"unfulfilled ({dropped[order_id]})",
+                "verdict": "the service gave it up without a round: the rounds that held it kept failing"}
     if not rounds:
-        return {"order_id": order_id, "rounds": [], "verdict": "received but never cleared in this journal"}
+        return {"order_id": order_id, "rounds": [], "outcome": "never cleared",
+                "verdict": "received but never cleared in this journal"}
     if profile is None and payment is None:  # refusals are facts of the logged awards only
         for r in rounds:
             if r["winner"] and (r["round_id"], order_id) in journal.refused_awards:

@@ -38,11 +38,16 @@ from market.config import FleetCfg, load_profile
 from market.engine import Bidders, LocalBidders, MarketEngine
 from market.recorder import NullRecorder, Recorder
 from market.geo import CityGrid
+from market.journal import JournalError
 from market.types import Order
 from policies.registry import make_policy
 from runtime.ray_bidders import RayBidders
 
 logger = logging.getLogger("bidhive.auctioneer")
+
+#: Failures of the machine rather than of a round's orders: a disk that is full or gone
+#: (OSError), or a journal that stopped after one (JournalError). No order is blamed for them.
+MACHINE_FAULTS = (OSError, JournalError)
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,12 @@ class AuctioneerHost:
         self.spec = spec
         self.core = build_core(spec, handles, recorder=recorder, on_end=on_end, market=market, on_round=on_round)
         self.name = spec.name or f"region-{spec.region_index}"
-        self._inbox: collections.deque[list[Order]] = collections.deque()
+        self._inbox: collections.deque[tuple[list[Order], bool]] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[AuctioneerCore], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._stop = False
         self._error: str | None = None
+        self._blamed: tuple[str, ...] = ()
         self._submitted = self._accepted = 0
         self._thread: threading.Thread | None = None
         if start:
@@ -148,19 +154,20 @@ class AuctioneerHost:
                     self._calls.clear()
                 for fn, fut in calls:
                     _run_call(fn, core, fut)
-                for orders in batches:
-                    core.submit(orders)
+                for orders, alone in batches:
+                    core.submit(orders, alone)
                     self._accepted += len(orders)
                 if core.due_in() == 0.0:
                     core.step()
         except Exception as err:  # noqa: BLE001 - reported by status() and wait_idle()
             logger.exception("auctioneer %s: round loop died", self.name)
+            self._blamed = () if isinstance(err, MACHINE_FAULTS) else core.in_hand
             self._error = f"{type(err).__name__}: {err}"
 
-    def submit(self, orders: list[Order]) -> int:
-        """Queues orders for the next rounds; returns how many."""
+    def submit(self, orders: list[Order], alone: bool = False) -> int:
+        """Queues orders for the next rounds (`alone`: a round each); returns how many."""
         with self._wake:
-            self._inbox.append(list(orders))
+            self._inbox.append((list(orders), alone))
             self._submitted += len(orders)
             self._wake.notify()
         return len(orders)
@@ -187,6 +194,12 @@ class AuctioneerHost:
         if self._thread is None:
             return "not started"
         return None if self._thread.is_alive() else "stopped"
+
+    @property
+    def blamed(self) -> tuple[str, ...]:
+        """The orders of the round that the loop died in, when that round may be why: empty
+        while it runs, and when it died of the machine (`MACHINE_FAULTS`) or between rounds."""
+        return self._blamed
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
         """Blocks until every submitted order has ended and every commit is confirmed."""

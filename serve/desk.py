@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,13 @@ COUNTERS = {
 }
 MISS_REASONS = ("timed_out", "failed", "invalid")
 
+#: A resumed order that was in the round a desk died in this many times is given up
+#: (``order_dropped``, reason `ROUND_FAILED`) instead of traded again: it is the likeliest
+#: cause, and trading it again would take the new desk down too. Until then it is traded
+#: in a round of its own, so that it cannot take other orders down with it.
+DROP_AFTER_FAILED_ROUNDS = 2
+ROUND_FAILED = "round_failed"
+
 
 class DeskError(Exception):
     """A request the desk refuses; `status` is the HTTP code, `detail` says why."""
@@ -85,12 +92,18 @@ class OrderDesk:
         cfg: the service settings.
         handles: bidder actor per agent id; None runs the agents in this process.
         wall: wall clock in Unix seconds (injectable for tests).
+        failed_rounds: per order id, how many rounds that died with it the desks before
+            this one saw (`serve.keeper`); see `DROP_AFTER_FAILED_ROUNDS`.
+
+    Attributes:
+        failed_rounds: those counts for the orders this desk trades again.
     """
 
     def __init__(self, cfg: ServeCfg, handles: dict[str, Any] | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, failed_rounds: Mapping[str, int] | None = None) -> None:
         self.cfg = cfg
         self.wall = wall
+        self.failed_rounds: dict[str, int] = dict(failed_rounds or {})
         self.fleet_cfg = load_fleet(cfg.fleet)
         journal = Path(cfg.journal)
         journal.parent.mkdir(parents=True, exist_ok=True)
@@ -174,14 +187,33 @@ class OrderDesk:
         return journaled if self.index.segments and journaled in load_profiles() else self.cfg.profile
 
     def _resume(self) -> None:
-        """Trades again the orders an earlier run accepted and did not end."""
+        """Trades again the orders an earlier run accepted and did not end. Those that the
+        rounds which failed point at (`failed_rounds`) are dropped, or traded alone."""
+        failed = self.failed_rounds
+        self._drop([v.order_id for v in self.index.unfinished()
+                    if failed.get(v.order_id, 0) >= DROP_AFTER_FAILED_ROUNDS])
         again = self.index.unfinished()
+        self.failed_rounds = {v.order_id: failed[v.order_id] for v in again if v.order_id in failed}
         for view in again:
             self.recorder.tag_order(view.order_id, idempotency_key=view.key, body_hash=view.body_hash)
             self._open += 1
         if again:
             logger.warning("resuming %d orders accepted before the restart", len(again))
-            self.host.submit([order_from_record({**v.order, "order_id": v.order_id}) for v in again])
+        for alone in (False, True):
+            orders = [order_from_record({**v.order, "order_id": v.order_id})
+                      for v in again if (v.order_id in self.failed_rounds) == alone]
+            if orders:
+                self.host.submit(orders, alone)
+
+    def _drop(self, order_ids: list[str]) -> None:
+        """Ends these resumed orders unfulfilled (`ROUND_FAILED`), journaled and synced."""
+        for oid in order_ids:
+            n = self.failed_rounds[oid]
+            logger.error("order %s was in %d rounds that failed: dropped, unfulfilled (%s)", oid, n, ROUND_FAILED)
+            self.recorder.order_dropped(oid, ROUND_FAILED, n, self.market_now())
+        if order_ids:
+            self._open += len(order_ids)  # as if resumed, so that `_ended` counts them out
+            self._ended(order_ids)
 
     # -- the journal's records -------------------------------------------------------------
     def _on_rotate(self, file_index: int, seq: int, finished_bytes: int) -> None:

@@ -8,6 +8,12 @@ a new fleet and desk on the same journal, exactly as a restart of the whole serv
 The new desk answers for the orders the old one ended and trades again the ones it left
 open. While it starts (seconds), requests get the dead desk's 503 with ``Retry-After``.
 
+An order whose round always fails (a poison order) would take every new desk down in
+turn. So the keeper counts, per order, the rounds that died with it in them (not those
+that died of the machine: a full disk is nobody's order), and the new desk trades those
+orders in rounds of their own, then gives up one whose round died twice: it ends
+unfulfilled, reason ``round_failed`` (`serve.desk.DROP_AFTER_FAILED_ROUNDS`).
+
 Why not Serve's own health check, which would replace the replica: on the embedded
 cluster the replica itself listens on the service's one port (direct ingress), and Serve
 2.60 gave a replacement replica no port (`NoAvailablePortError`) while the old one was
@@ -66,20 +72,23 @@ class DeskKeeper:
         self._thread = threading.Thread(target=self._watch, name="desk-keeper", daemon=True)
         self._thread.start()
 
-    def _start(self) -> tuple[OrderDesk, str | None]:
+    def _start(self, failed_rounds: dict[str, int] | None = None) -> tuple[OrderDesk, str | None]:
         handles, state = self._fleet(self.cfg) if self._fleet is not None else (None, None)
         try:
-            return OrderDesk(self.cfg, handles), state
+            return OrderDesk(self.cfg, handles, failed_rounds=failed_rounds), state
         except Exception:  # an interrupt ends the process, and the actors with their owner
             _stop_fleet(handles, state)
             raise
 
     def _watch(self) -> None:
         retry_s = RETRY_FIRST_S
+        failed_rounds: dict[str, int] | None = None  # the dead desk's, once counted
         while not self._quit.wait(self._period_s):
             failure = self.desk.host.failure
             if failure is None:
                 continue
+            if failed_rounds is None:
+                failed_rounds = _count_failed_round(self.desk)
             if time.monotonic() - self._started_at >= STABLE_S:
                 retry_s = RETRY_FIRST_S
             else:  # it died soon after a start: do not restart it in a tight loop
@@ -89,17 +98,18 @@ class DeskKeeper:
                 retry_s = min(2.0 * retry_s, RETRY_MAX_S)
             logger.error("the round loop died (%s): restarting the desk on %s", failure, self.cfg.journal)
             try:
-                self._restart()
+                self._restart(failed_rounds)
+                failed_rounds = None
             except Exception:  # noqa: BLE001 - logged; the dead desk keeps answering 503 meanwhile
                 logger.exception("the desk did not restart; trying again")
                 self._started_at = time.monotonic()  # so the next try waits (above)
 
-    def _restart(self) -> None:
+    def _restart(self, failed_rounds: dict[str, int]) -> None:
         with self._swap:
             if self._running:  # a retry after a failed start finds the old desk stopped already
                 self._running = False
                 _stop_desk(self.desk, self._state_dir)
-        desk, state = self._start()
+        desk, state = self._start(failed_rounds)
         with self._swap:
             if self._quit.is_set():  # `close` ran while this desk started: nobody else stops it
                 _stop_desk(desk, state)
@@ -121,6 +131,16 @@ class DeskKeeper:
             if self._running:
                 self._running = False
                 _stop_desk(self.desk, self._state_dir)
+
+
+def _count_failed_round(desk: OrderDesk) -> dict[str, int]:
+    """The dead desk's counts of failed rounds per order, with the round it died in added."""
+    counts = dict(desk.failed_rounds)
+    for oid in desk.host.blamed:
+        counts[oid] = counts.get(oid, 0) + 1
+    if desk.host.blamed:
+        logger.error("the round that failed held %d orders: %s", len(desk.host.blamed), ", ".join(desk.host.blamed[:8]))
+    return counts
 
 
 def _stop_desk(desk: OrderDesk, state_dir: str | None) -> None:

@@ -7,8 +7,8 @@ was told exists outside the journal.
 
 An order is ``awarded`` once the round that chose it has journaled its hold commits
 (the service answers only then), ``unfulfilled`` once a round left it unserved on its
-last allowed attempt (an award whose commit was refused counts as unserved), and
-``pending`` otherwise.
+last allowed attempt (an award whose commit was refused counts as unserved) or the
+service dropped it (``order_dropped``: its rounds kept failing), and ``pending`` otherwise.
 
 A service runs for days, so the index keeps what it holds bounded: an ended order stays a
 live view for the next `HOT_ENDED` ended orders (the records of its round come within a
@@ -316,6 +316,17 @@ class OrderIndex:
             if self._unserved(view, COMMIT_REFUSED):
                 ended.append(oid)
         return ended
+
+    def _order_dropped(self, rec: dict[str, Any]) -> list[str]:
+        """An accepted order the service gave up without a round (its rounds kept failing)."""
+        oid = rec["order_id"]
+        view = self.orders.get(oid)
+        if view is None or view.ended:
+            return []
+        view.status, view.reason, view._round, view._chosen = UNFULFILLED, str(rec["reason"]), None, None
+        view.events.append({"event": "unfulfilled", "reason": view.reason, "at_s": rec["now_s"],
+                            "rounds_failed": int(rec["rounds_failed"])})
+        return [oid]
 
     def _profile_changed(self, rec: dict[str, Any]) -> None:
         self.profile = str(rec.get("name") or "custom")

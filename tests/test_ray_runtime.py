@@ -115,6 +115,17 @@ def test_batcher_closes_on_size_or_window() -> None:
     assert b.take(2.1, flush=True) == [] and len(b.take(2.6, flush=True)) == 1
 
 
+def test_an_order_queued_alone_gets_a_round_of_its_own_in_queue_order() -> None:
+    orders = orders_at(6, 1)
+    b = Batcher(window_s=0.0, max_batch=4)
+    for k, o in enumerate(orders):
+        b.add(o, 0, now=0.0, alone=k in (2, 3))
+    rounds = b.take(0.0, max_rounds=10)
+    assert [[o.order_id for o, _ in r] for r in rounds] == [
+        [orders[0].order_id, orders[1].order_id], [orders[2].order_id], [orders[3].order_id],
+        [orders[4].order_id, orders[5].order_id]]
+
+
 def test_ledger_allows_exactly_one_terminal_state() -> None:
     led = OrderLedger()
     led.submit("a")
@@ -687,3 +698,23 @@ def test_bidders_run_at_normal_priority(bidders: dict[str, Any]) -> None:
     other busy process on the machine must not take the cores ahead of them."""
     pids = [s["pid"] for s in ray.get([h.state.remote() for h in bidders.values()])]
     assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids} == {0}
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_round_that_raises_leaves_its_own_orders_in_hand(bidders: dict[str, Any], in_flight: int) -> None:
+    """A shell learns whose round failed (`AuctioneerCore.in_hand`), also with rounds
+    pipelined: the keeper trades those orders alone, then drops the one that fails alone."""
+    core = make_core(bidders, max_batch=2, k=2, in_flight=in_flight)
+    orders = orders_at(12, 3)
+    bad = orders[5].order_id
+    real = core.engine.close_round
+
+    def close_round(rnd: Round, quotes: list[Quote]) -> Any:
+        if any(o.order_id == bad for o in rnd.orders):
+            raise RuntimeError("injected fault")
+        return real(rnd, quotes)
+    core.engine.close_round = close_round  # type: ignore[method-assign]
+    core.submit(orders)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        core.run_until_idle(60)
+    assert core.in_hand == (orders[4].order_id, bad)  # its round of two, not the call's other round

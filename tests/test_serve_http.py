@@ -434,6 +434,48 @@ def test_a_desk_whose_round_loop_dies_is_restarted_and_resumes_its_orders(svc: S
     assert len(again_fleet) == 9 and set(again_fleet).isdisjoint(fleet)  # a new fleet, the old one gone
 
 
+def test_a_poison_order_is_given_up_and_the_service_trades_on(svc: Service) -> None:
+    """An order whose round always raises (here: clearing any round that holds it) kills
+    the round loop twice: with its first round, then alone. The next desk gives it up
+    (unfulfilled, `round_failed`) instead of dying a third time, and trades on."""
+    restarts = svc.client.get("/healthz").json()["desk_restarts"]
+
+    def poison_clearing(_: Any) -> bool:
+        from market.engine import MarketEngine
+
+        real = MarketEngine.close_round
+
+        def close_round(self: Any, rnd: Any, quotes: Any) -> Any:
+            if any(o.customer_id == "c-poison" for o in rnd.orders):
+                raise RuntimeError("injected fault: this order breaks its round")
+            return real(self, rnd, quotes)
+        close_round.real = real  # type: ignore[attr-defined]
+        MarketEngine.close_round = close_round  # type: ignore[method-assign]
+        return True
+
+    def cure_clearing(_: Any) -> bool:
+        from market.engine import MarketEngine
+
+        MarketEngine.close_round = MarketEngine.close_round.real  # type: ignore[attr-defined]
+        return True
+
+    assert _in_replica(poison_clearing)
+    try:
+        taken = svc.post(_order(0, customer_id="c-poison"), key="poison-1")
+        assert taken.status_code == 202, taken.text  # journaled before its round died
+        oid = taken.json()["order_id"]
+        final = _final(svc, oid, wait_s=120).json()
+        assert (final["status"], final["reason"]) == ("unfulfilled", "round_failed"), final
+        assert svc.client.get("/healthz").json()["desk_restarts"] == restarts + 2
+        again = svc.post(_order(0, customer_id="c-poison"), key="poison-1")
+        assert again.status_code == 200 and {k: final[k] for k in again.json()} == again.json()
+        assert svc.post(_order(4002)).status_code == 200  # the service trades on
+        metrics = svc.client.get("/metrics", headers=AUTH).text
+        assert 'bidhive_orders_ended_total{reason="round_failed",status="unfulfilled"} 1' in metrics
+    finally:
+        assert _in_replica(cure_clearing)
+
+
 # -- restart (last: it replaces the module's cluster) --------------------------------------
 def test_restart_of_serve_and_ray_keeps_answers(svc: Service) -> None:
     first = svc.post(_order(7), key="restart-7")

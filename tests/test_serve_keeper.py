@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from market.engine import MarketEngine
 from market.journal_recorder import JournalRecorder
+from market.replay import explain, replay, verify
+from market.round import Round
 from runtime import gc_pauses
 from serve import keeper as keeper_module
 from serve.desk import DeskError, OrderDesk, Placed
@@ -64,6 +67,8 @@ def test_a_dead_round_loop_gets_a_new_desk_that_ends_its_orders_and_keys(
     finally:
         keeper.close()
     assert keeper.desk.recorder.writer.closed
+    kpis = replay(tmp_path / "j.bhj").logged.report()
+    assert kpis["orders"] == 2  # the new desk journaled the one it took up again: still one order
 
 
 def test_a_restart_that_fails_is_tried_again_and_the_old_desk_closes_once(
@@ -78,11 +83,11 @@ def test_a_restart_that_fails_is_tried_again_and_the_old_desk_closes_once(
         closes.append(desk)
         real_close(desk)
 
-    def start() -> Any:
+    def start(*args: Any) -> Any:
         err = next(starts, None)
         if err is not None:
             raise err
-        return real_start()
+        return real_start(*args)
 
     monkeypatch.setattr(OrderDesk, "close", close)
     monkeypatch.setattr(keeper, "_start", start)
@@ -172,3 +177,73 @@ def test_no_202_for_an_order_the_journal_could_not_sync(tmp_path: Path, monkeypa
     finally:
         monkeypatch.undo()
         desk.close()
+
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, customer_id: str, error: Exception) -> list[int]:
+    """Every round holding this customer's order raises `error`, as a bug that one order
+    triggers would (or a disk that fails just then). Returns the sizes of those rounds."""
+    real, failed = MarketEngine.trade, []
+
+    def trade(self: MarketEngine, rnd: Round, now: float) -> Any:
+        if any(o.customer_id == customer_id for o in rnd.orders):
+            failed.append(rnd.size)
+            raise error
+        return real(self, rnd, now)
+    monkeypatch.setattr(MarketEngine, "trade", trade)
+    return failed
+
+
+def test_an_order_whose_round_always_fails_is_dropped_alone_and_the_others_trade_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keeper_module, "RETRY_FIRST_S", 0.05)
+    failed = _poison(monkeypatch, "c-poison", RuntimeError("injected fault: this order breaks its round"))
+    cfg = _cfg(tmp_path / "j.bhj")
+    cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"window_ms": 300.0})})  # one first round
+    keeper = DeskKeeper(cfg, watch_period_s=0.02)
+    try:
+        placed = {c: _place_nowait(keeper.desk, c, key=f"k-{c}") for c in ("c-a", "c-poison", "c-b")}
+        _wait(lambda: keeper.restarts == 2)
+        assert failed == [3, 1]  # died with all three in its round, then with the poison alone
+        desk, ids = keeper.desk, {c: p.order_id for c, p in placed.items()}
+        _wait(lambda: all((desk.order(i) or {}).get("status") in ("awarded", "unfulfilled") for i in ids.values()))
+        poison = desk.order(ids["c-poison"])
+        assert (poison["status"], poison["reason"]) == ("unfulfilled", "round_failed")
+        assert poison["events"][-1] == {"event": "unfulfilled", "reason": "round_failed",
+                                        "at_s": poison["events"][-1]["at_s"], "rounds_failed": 2}
+        for c in ("c-a", "c-b"):  # traded alone after the first death, and ended by rounds of their own
+            assert desk.order(ids[c])["reason"] != "round_failed"
+        again = _place(desk, 0, key="k-c-poison", customer_id="c-poison")  # its key answers what it got
+        assert again == {k: poison[k] for k in again}
+        assert _place(desk, 1)["status"] in ("awarded", "unfulfilled") and desk.host.alive
+        assert desk.metrics.counter("orders_ended_total", status="unfulfilled", reason="round_failed") == 1
+        assert keeper.restarts == 2 and failed == [3, 1]
+    finally:
+        keeper.close()
+    restarted = OrderDesk(cfg)  # a whole-service restart: the journal says it ended, so it is not traded again
+    try:
+        assert restarted.order(ids["c-poison"])["reason"] == "round_failed"
+        assert restarted.index.unfinished() == [] and failed == [3, 1]
+    finally:
+        restarted.close()
+    journal = tmp_path / "j.bhj"
+    assert verify(journal) is None  # its order_dropped record aside, the journal re-clears as written
+    kpis = replay(journal).logged.report()
+    assert kpis["orders"] == 4  # three placed, one after: the orders each restart took up again are not new ones
+    assert kpis["unfulfilled"].get("round_failed") == 1
+    assert explain(journal, ids["c-poison"])["outcome"] == "unfulfilled (round_failed)"
+
+
+def test_a_round_that_dies_of_the_machine_blames_no_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keeper_module, "RETRY_FIRST_S", 0.05)
+    failed = _poison(monkeypatch, "c-innocent", OSError(28, "No space left on device"))
+    keeper = DeskKeeper(_cfg(tmp_path / "j.bhj"), watch_period_s=0.02)
+    try:
+        placed = _place_nowait(keeper.desk, "c-innocent")
+        _wait(lambda: keeper.restarts == 3)  # more deaths with it than it takes to drop an order
+        assert len(failed) >= 3 and keeper.desk.failed_rounds == {}
+        monkeypatch.undo()  # the disk is back: the next desk trades it
+        _wait(lambda: (keeper.desk.order(placed.order_id) or {}).get("status") in ("awarded", "unfulfilled"))
+        assert keeper.desk.order(placed.order_id)["reason"] != "round_failed"
+    finally:
+        keeper.close()
