@@ -153,8 +153,9 @@ class Batcher:
     def add(self, order: Order, attempts: int, now: float, delay_s: float = 0.0, alone: bool = False) -> None:
         """Queues an order that may join a round from `now + delay_s` (a retry waits).
 
-        `alone` gives the order a round of its own: a shell that suspects it of failing
-        its rounds tries it where it can take no other order down with it.
+        `alone` gives the order a round, and a call to the bidders, of its own: a shell
+        that suspects it of failing its rounds tries it where it can take no other order
+        down with it.
         """
         heapq.heappush(self._queue, (now + delay_s, next(self._seq), order, attempts, alone))
 
@@ -183,11 +184,15 @@ class Batcher:
             oldest = self._queue[0][0]
             if ready < self.max_batch and not flush and now < oldest + self.window_s:
                 break
+            if rounds and self._queue[0][4]:
+                break  # an order traded alone goes in a call of its own
             n = min(ready, self.max_batch)
             batch = [heapq.heappop(self._queue)]
             while len(batch) < n and not batch[0][4] and not self._queue[0][4]:
                 batch.append(heapq.heappop(self._queue))
             rounds.append([(o, a) for _, _, o, a, _ in batch])
+            if batch[0][4]:
+                break
         return rounds
 
 
@@ -389,6 +394,7 @@ class AuctioneerCore:
         self._open: dict[int, _Open] = {}
         self._flight: tuple[Any, ...] | None = None  # in_flight=2: the call whose quotes are not yet taken
         self.in_hand: tuple[str, ...] = ()
+        self._alone: set[str] = set()  # open orders submitted alone: their retries go alone too
 
     # -- intake ------------------------------------------------------------------------------
     def submit(self, orders: Iterable[Order], alone: bool = False) -> int:
@@ -400,6 +406,8 @@ class AuctioneerCore:
             self.engine.kpis.order_in(o.tier == "vip")
             self.engine.recorder.order_received(o, max(self.market.now(wall), o.created_s))
             self.batcher.add(o, 0, wall, alone=alone)
+        if alone:
+            self._alone.update(o.order_id for o in orders)
         return len(orders)
 
     @property
@@ -426,8 +434,11 @@ class AuctioneerCore:
                 self._sequential(b, mnow)
             return len(batches)
         opened = self.clock()
-        self._hand(batches)
-        rounds = [self._open_round(b, mnow) for b in batches]
+        rounds = []
+        for b in batches:
+            self._hand([b])
+            rounds.append(self._open_round(b, mnow))
+        self._hand(batches)  # the call carries them all
         if self.batch.in_flight > 1:
             if rounds or self._flight:
                 self._overlapped(rounds, batches, mnow, opened)
@@ -525,7 +536,9 @@ class AuctioneerCore:
                 self.engine.kpis.gave_up(reason)
                 ended.append(order.order_id)
             else:
-                self.batcher.add(order, attempts + 1, wall, self.batch.retry_after_s)
+                self.batcher.add(order, attempts + 1, wall, self.batch.retry_after_s, order.order_id in self._alone)
+        if self._alone:
+            self._alone.difference_update(ended)
         self.records.append(rec)
         if self.on_round is not None:
             self.on_round(rec)

@@ -362,6 +362,8 @@ class JournalRecorder:
         """Journals that an accepted order ends unfulfilled without a round: the HTTP service
         gives up an order whose rounds kept failing (`serve.keeper`), so it cannot keep
         taking the service down."""
+        if not self._started:
+            self._require_start("order_dropped")
         self.writer.append("order_dropped", order_id=order_id, reason=reason, rounds_failed=rounds_failed, now_s=now)
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -262,7 +262,8 @@ class ReadStep:
         torn: at the end or an error, the reader's torn-tail warnings, to give when its turn comes.
         refused: per ``hold_released`` record read since the previous step that has
             ``refused``, a `Refused`: awards of an earlier round whose commit did not
-            take, to take back from the KPIs before this step's round.
+            take, to take back from the KPIs before this step's round; and at a
+            ``run_started``, those of the previous run's rounds that have no hold record.
     """
 
     kinds: list[str]
@@ -313,8 +314,9 @@ class JournalReplay:
         self._records = 0
         self.segments = 1
         #: ``(round_id, order_id)`` of every award whose commit was refused, as settled so far,
-        #: with the bidders that refused it (empty where the journal does not say)
-        self.refused_awards: dict[tuple[int, str], list[str]] = {}
+        #: with the bidders that refused it (empty where the journal does not say; None where
+        #: nobody refused: the run stopped before it journaled the commit)
+        self.refused_awards: dict[tuple[int, str], list[str] | None] = {}
 
     def rounds(self, only_order: str | None = None) -> Iterator[ReplayRound]:
         """Every cleared round in journal order (with ``only_order``: those holding that order)."""
@@ -394,7 +396,8 @@ class JournalReplay:
 
     def _refused(self, step: ReadStep) -> None:
         for r in step.refused:
-            self.refused_awards.update(((r.round_id, oid), r.refused_by.get(oid, [])) for oid in r.order_ids)
+            self.refused_awards.update(((r.round_id, oid), None if r.never_committed else r.refused_by.get(oid, []))
+                                       for oid in r.order_ids)
 
     def _heard(self, event: tuple[Order, float] | Dropped | RunHeader | None) -> None:
         """An order received (counted, and told to ``on_order``), one dropped, or a run started."""
@@ -421,16 +424,20 @@ class JournalReplay:
         kinds: list[str] = []
         events: list[Any] = []
         refused: list[Refused] = []
+        unsettled: dict[int, tuple[list[str], Any]] = {}  # this segment's rounds cleared, no hold record yet
         cleared = 0
         try:
             for rec in self.reader:
                 kind = rec["type"]
                 kinds.append(kind)
                 if kind in _NOTHING_TO_REPLAY:
+                    unsettled.pop(rec.get("round_id"), None)  # type: ignore[arg-type]
                     if "refused" in rec:
                         refused.append(_refusal(rec))
                     continue
                 if kind != "round_cleared":
+                    if kind == "run_started" and unsettled:
+                        refused.extend(_never_committed(unsettled))
                     try:
                         header = self._other(rec, kind, header, opened, events)
                     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -446,6 +453,7 @@ class JournalReplay:
                     raise ReplayError(f"round {rec.get('round_id')} (seq {rec['seq']}) was cleared but never opened")
                 if only_order is not None and only_order not in head["orders"]:
                     continue
+                unsettled[rec["round_id"]] = (head["orders"], rec.get("award_i"))
                 rebuild = shard is None or cleared % shard[1] == shard[0]
                 cleared += 1
                 try:
@@ -559,17 +567,37 @@ class Dropped:
 
 @dataclass(frozen=True)
 class Refused:
-    """A ``hold_released`` record's refused awards (journal schema 2; ``refused_by`` from 3).
+    """A ``hold_released`` record's refused awards (journal schema 2; ``refused_by`` from 3),
+    or those of a round whose run stopped before it journaled the commits.
 
     Attributes:
         round_id: the round whose awards did not take.
         order_ids: those awards' orders.
         refused_by: order id -> the bidders that refused its commit (empty: not journaled).
+        never_committed: no bidder refused: the run stopped before it journaled the
+            commits (`_never_committed`).
     """
 
     round_id: int
     order_ids: list[str]
     refused_by: dict[str, list[str]]
+    never_committed: bool = False
+
+
+def _never_committed(unsettled: dict[int, tuple[list[str], Any]]) -> list[Refused]:
+    """The awards of rounds a run cleared and stopped before journaling their commits (the
+    HTTP service's round loop died, or it was stopped): they never took, so the next run
+    traded those orders again. Read at the next ``run_started``; empties `unsettled`."""
+    out = []
+    for round_id, (orders, award_i) in unsettled.items():
+        try:
+            awarded = [orders[o] for o in np.flatnonzero(np.asarray(award_i)[0] >= 0).tolist()]
+        except (IndexError, TypeError, ValueError):
+            continue  # a malformed round_cleared: replay says so when it reaches that round
+        if awarded:
+            out.append(Refused(round_id, awarded, {}, never_committed=True))
+    unsettled.clear()
+    return out
 
 
 def _refusal(rec: dict[str, Any]) -> Refused:
@@ -777,9 +805,13 @@ class OutcomeKpis:
         self.vip_orders += int(vip)
 
     def drop(self, order_id: str, reason: str) -> None:
-        """An order the service gave up without a round (``order_dropped``): unfulfilled, for `reason`."""
-        if order_id not in self.won:
-            self.last_reason[order_id] = reason
+        """An order the service gave up without a round (``order_dropped``): unfulfilled, for
+        `reason`. An award it holds was never committed (the round loop died first: a
+        commit would have ended the order), so it is taken back."""
+        got = self.won.get(order_id)
+        if got is not None:
+            self.refuse(got[0], [order_id])
+        self.last_reason[order_id] = reason
 
     def add_round(self, round_id: int, orders: tuple[Order, ...], opened_s: float, res: LoggedResult,
                   header: RunHeader) -> None:
@@ -1433,22 +1465,24 @@ def explain(path: str | os.PathLike[str], order_id: str, *, profile: ProfileCfg 
         rounds.append(explain_round(rr, journal.header, order_id, profile, payment))
     if order_id not in journal.orders:
         raise ReplayError(f"order '{order_id}' is not in the journal {path} ({journal.orders_received} orders)")
+    if profile is None and payment is None:  # refusals are facts of the logged awards only
+        for r in rounds:
+            if r["winner"] and (r["round_id"], order_id) in journal.refused_awards:
+                by = journal.refused_awards[(r["round_id"], order_id)]
+                r["commit_refused" if by is not None else "not_committed"] = True
+                r["verdict"] += ("; the run stopped before its commit was journaled" if by is None else
+                                 f"; {' and '.join(by)} then refused its commit" if by else
+                                 "; its winners' commit was then refused") + ", so the award did not take"
     if order_id in dropped:
         return {"order_id": order_id, "rounds": rounds, "outcome": f"unfulfilled ({dropped[order_id]})",
                 "verdict": "the service gave it up without a round: the rounds that held it kept failing"}
     if not rounds:
         return {"order_id": order_id, "rounds": [], "outcome": "never cleared",
                 "verdict": "received but never cleared in this journal"}
-    if profile is None and payment is None:  # refusals are facts of the logged awards only
-        for r in rounds:
-            if r["winner"] and (r["round_id"], order_id) in journal.refused_awards:
-                by = journal.refused_awards[(r["round_id"], order_id)]
-                r["commit_refused"] = True
-                r["verdict"] += (f"; {' and '.join(by)} then refused its commit" if by else
-                                 "; its winners' commit was then refused") + ", so the award did not take"
     last = rounds[-1]
     if last["winner"]:
-        outcome = f"unserved ({COMMIT_REFUSED})" if last.get("commit_refused") else "awarded"
+        outcome = (f"unserved ({COMMIT_REFUSED})" if last.get("commit_refused") else
+                   "not committed (the run stopped)" if last.get("not_committed") else "awarded")
     else:
         outcome = f"unserved ({last['reason']})"
     return {"order_id": order_id, "rounds": rounds, "verdict": last["verdict"], "outcome": outcome}

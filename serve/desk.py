@@ -60,10 +60,11 @@ COUNTERS = {
 }
 MISS_REASONS = ("timed_out", "failed", "invalid")
 
-#: A resumed order that was in the round a desk died in this many times is given up
-#: (``order_dropped``, reason `ROUND_FAILED`) instead of traded again: it is the likeliest
-#: cause, and trading it again would take the new desk down too. Until then it is traded
-#: in a round of its own, so that it cannot take other orders down with it.
+#: A resumed order that was in the round a desk died in this many times, the last of them
+#: a round of its own (`serve.keeper`), is given up (``order_dropped``, reason
+#: `ROUND_FAILED`) instead of traded again: it is the cause, and trading it again would
+#: take the new desk down too. Until then it is traded in a round of its own, so that it
+#: cannot take other orders down with it.
 DROP_AFTER_FAILED_ROUNDS = 2
 ROUND_FAILED = "round_failed"
 

@@ -11,8 +11,9 @@ open. While it starts (seconds), requests get the dead desk's 503 with ``Retry-A
 An order whose round always fails (a poison order) would take every new desk down in
 turn. So the keeper counts, per order, the rounds that died with it in them (not those
 that died of the machine: a full disk is nobody's order), and the new desk trades those
-orders in rounds of their own, then gives up one whose round died twice: it ends
-unfulfilled, reason ``round_failed`` (`serve.desk.DROP_AFTER_FAILED_ROUNDS`).
+orders in rounds of their own, then gives up one whose own round died too: it ends
+unfulfilled, reason ``round_failed`` (`serve.desk.DROP_AFTER_FAILED_ROUNDS`). The counts
+live in the replica's memory: a restart of the whole service starts them again.
 
 Why not Serve's own health check, which would replace the replica: on the embedded
 cluster the replica itself listens on the service's one port (direct ingress), and Serve
@@ -134,12 +135,17 @@ class DeskKeeper:
 
 
 def _count_failed_round(desk: OrderDesk) -> dict[str, int]:
-    """The dead desk's counts of failed rounds per order, with the round it died in added."""
-    counts = dict(desk.failed_rounds)
-    for oid in desk.host.blamed:
-        counts[oid] = counts.get(oid, 0) + 1
-    if desk.host.blamed:
-        logger.error("the round that failed held %d orders: %s", len(desk.host.blamed), ", ".join(desk.host.blamed[:8]))
+    """The dead desk's counts of failed rounds per order, with the round it died in added.
+
+    A round of several orders makes each of them a suspect (a count of 1) and no more:
+    only a round an order had to itself counts past that, so an order is given up only
+    once a round of its own has died too.
+    """
+    counts, blamed = dict(desk.failed_rounds), desk.host.blamed
+    for oid in blamed:
+        counts[oid] = counts.get(oid, 0) + 1 if len(blamed) == 1 else max(counts.get(oid, 0), 1)
+    if blamed:
+        logger.error("the round that failed held %d orders: %s", len(blamed), ", ".join(blamed[:8]))
     return counts
 
 

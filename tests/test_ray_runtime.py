@@ -37,7 +37,7 @@ from market.engine import COMMIT_REFUSED, LocalBidders, MarketEngine
 from market.round import Round, build_round
 from market.recorder import NullRecorder
 from market.simulator import SimSetup, Simulator
-from market.types import AwardLine, Category, Order, Quote
+from market.types import AwardLine, Category, Item, Order, Quote
 from policies.registry import make_policy
 from serve.order_index import OrderIndex
 
@@ -115,15 +115,26 @@ def test_batcher_closes_on_size_or_window() -> None:
     assert b.take(2.1, flush=True) == [] and len(b.take(2.6, flush=True)) == 1
 
 
-def test_an_order_queued_alone_gets_a_round_of_its_own_in_queue_order() -> None:
+def test_an_order_queued_alone_gets_a_round_and_a_call_of_its_own_in_queue_order() -> None:
     orders = orders_at(6, 1)
     b = Batcher(window_s=0.0, max_batch=4)
     for k, o in enumerate(orders):
         b.add(o, 0, now=0.0, alone=k in (2, 3))
-    rounds = b.take(0.0, max_rounds=10)
-    assert [[o.order_id for o, _ in r] for r in rounds] == [
-        [orders[0].order_id, orders[1].order_id], [orders[2].order_id], [orders[3].order_id],
-        [orders[4].order_id, orders[5].order_id]]
+    calls = [b.take(0.0, max_rounds=10) for _ in range(5)]
+    assert [[[o.order_id[-1] for o, _ in r] for r in call] for call in calls] == [
+        [["0", "1"]], [["2"]], [["3"]], [["4", "5"]], []]
+
+
+def test_the_retry_of_an_order_traded_alone_is_alone_too() -> None:
+    policy = make_policy("heuristic")
+    fleet = build_fleet(FLEET, SEED)
+    engine = MarketEngine(fleet, policy, load_profile("balanced"), LocalBidders(fleet.agents, policy.strategy), seed=SEED)
+    core = AuctioneerCore(engine, BatchPolicy(window_s=0.0, max_batch=8, retry_after_s=0.0, max_attempts=3))
+    nobody_stocks = [dataclasses.replace(o, items=(Item("no-such-sku", 1),)) for o in orders_at(2, 5)]
+    core.submit(nobody_stocks, alone=True)
+    assert core.run_until_idle(30)
+    assert [r.orders for r in core.records] == [1] * 6  # 2 orders x 3 attempts, never sharing a round
+    assert not core._alone  # forgotten once they ended
 
 
 def test_ledger_allows_exactly_one_terminal_state() -> None:

@@ -6,6 +6,7 @@ import logging
 import time
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -180,24 +181,28 @@ def test_no_202_for_an_order_the_journal_could_not_sync(tmp_path: Path, monkeypa
 
 
 
-def _poison(monkeypatch: pytest.MonkeyPatch, customer_id: str, error: Exception) -> list[int]:
+def _poison(monkeypatch: pytest.MonkeyPatch, customer_id: str, error: Exception, where: str = "trade") -> list[int]:
     """Every round holding this customer's order raises `error`, as a bug that one order
-    triggers would (or a disk that fails just then). Returns the sizes of those rounds."""
-    real, failed = MarketEngine.trade, []
+    triggers would (or a disk that fails just then), in `MarketEngine.<where>`: ``trade``
+    before the round is cleared, ``confirm`` once its awards are journaled (round_cleared)
+    and before its commits are. Returns the sizes of those rounds."""
+    real, failed = getattr(MarketEngine, where), []
 
-    def trade(self: MarketEngine, rnd: Round, now: float) -> Any:
+    def broken(self: MarketEngine, first: Any, *rest: Any) -> Any:
+        rnd: Round = first if where == "trade" else first.rnd
         if any(o.customer_id == customer_id for o in rnd.orders):
             failed.append(rnd.size)
             raise error
-        return real(self, rnd, now)
-    monkeypatch.setattr(MarketEngine, "trade", trade)
+        return real(self, first, *rest)
+    monkeypatch.setattr(MarketEngine, where, broken)
     return failed
 
 
+@pytest.mark.parametrize("where", ["trade", "confirm"])
 def test_an_order_whose_round_always_fails_is_dropped_alone_and_the_others_trade_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     monkeypatch.setattr(keeper_module, "RETRY_FIRST_S", 0.05)
-    failed = _poison(monkeypatch, "c-poison", RuntimeError("injected fault: this order breaks its round"))
+    failed = _poison(monkeypatch, "c-poison", RuntimeError("injected fault: this order breaks its round"), where)
     cfg = _cfg(tmp_path / "j.bhj")
     cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"window_ms": 300.0})})  # one first round
     keeper = DeskKeeper(cfg, watch_period_s=0.02)
@@ -215,7 +220,8 @@ def test_an_order_whose_round_always_fails_is_dropped_alone_and_the_others_trade
             assert desk.order(ids[c])["reason"] != "round_failed"
         again = _place(desk, 0, key="k-c-poison", customer_id="c-poison")  # its key answers what it got
         assert again == {k: poison[k] for k in again}
-        assert _place(desk, 1)["status"] in ("awarded", "unfulfilled") and desk.host.alive
+        new_order = _place(desk, 1)["order_id"]
+        assert desk.host.alive
         assert desk.metrics.counter("orders_ended_total", status="unfulfilled", reason="round_failed") == 1
         assert keeper.restarts == 2 and failed == [3, 1]
     finally:
@@ -224,6 +230,7 @@ def test_an_order_whose_round_always_fails_is_dropped_alone_and_the_others_trade
     try:
         assert restarted.order(ids["c-poison"])["reason"] == "round_failed"
         assert restarted.index.unfinished() == [] and failed == [3, 1]
+        restarted_answers = {i: restarted.order(i) for i in (*ids.values(), new_order)}
     finally:
         restarted.close()
     journal = tmp_path / "j.bhj"
@@ -231,7 +238,12 @@ def test_an_order_whose_round_always_fails_is_dropped_alone_and_the_others_trade
     kpis = replay(journal).logged.report()
     assert kpis["orders"] == 4  # three placed, one after: the orders each restart took up again are not new ones
     assert kpis["unfulfilled"].get("round_failed") == 1
+    answers = [restarted_answers[i] for i in (*ids.values(), new_order)]
+    assert kpis["fulfilled"] == sum(a["status"] == "awarded" for a in answers)  # as the service answered
+    assert kpis["duplicate_awards"] == 0  # an award whose commit never came does not count
     assert explain(journal, ids["c-poison"])["outcome"] == "unfulfilled (round_failed)"
+    first_try = explain(journal, ids["c-a"])["rounds"][0]
+    assert first_try.get("not_committed", False) == (where == "confirm" and bool(first_try["winner"]))
 
 
 def test_a_round_that_dies_of_the_machine_blames_no_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,3 +259,13 @@ def test_a_round_that_dies_of_the_machine_blames_no_order(tmp_path: Path, monkey
         assert keeper.desk.order(placed.order_id)["reason"] != "round_failed"
     finally:
         keeper.close()
+
+
+def test_only_a_round_of_its_own_counts_against_an_order_past_suspicion() -> None:
+    def dead(blamed: tuple[str, ...], counts: dict[str, int]) -> Any:
+        return SimpleNamespace(failed_rounds=counts, host=SimpleNamespace(blamed=blamed))
+    counts = keeper_module._count_failed_round(dead(("a", "b"), {}))
+    assert counts == {"a": 1, "b": 1}  # suspects
+    assert keeper_module._count_failed_round(dead(("a", "b"), counts)) == {"a": 1, "b": 1}  # shared again: still
+    assert keeper_module._count_failed_round(dead(("b",), counts)) == {"a": 1, "b": 2}  # its own round: dropped next
+    assert keeper_module._count_failed_round(dead((), counts)) == counts  # a death of the machine
