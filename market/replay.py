@@ -453,7 +453,8 @@ class JournalReplay:
                     raise ReplayError(f"round {rec.get('round_id')} (seq {rec['seq']}) was cleared but never opened")
                 if only_order is not None and only_order not in head["orders"]:
                     continue
-                unsettled[rec["round_id"]] = (head["orders"], rec.get("award_i"))
+                if rec.get("q_counts", (1,))[0]:  # a round nobody quoted has no hold record, and no award
+                    unsettled[rec["round_id"]] = (head["orders"], rec.get("award_i"))
                 rebuild = shard is None or cleared % shard[1] == shard[0]
                 cleared += 1
                 try:

@@ -93,8 +93,9 @@ class OrderDesk:
         cfg: the service settings.
         handles: bidder actor per agent id; None runs the agents in this process.
         wall: wall clock in Unix seconds (injectable for tests).
-        failed_rounds: per order id, how many rounds that died with it the desks before
-            this one saw (`serve.keeper`); see `DROP_AFTER_FAILED_ROUNDS`.
+        failed_rounds: per order id, the rounds with that order in them that killed the
+            round loops of the desks before this one (`serve.keeper` counts them); see
+            `DROP_AFTER_FAILED_ROUNDS`.
 
     Attributes:
         failed_rounds: those counts for the orders this desk trades again.
@@ -200,11 +201,13 @@ class OrderDesk:
             self._open += 1
         if again:
             logger.warning("resuming %d orders accepted before the restart", len(again))
-        for alone in (False, True):
-            orders = [order_from_record({**v.order, "order_id": v.order_id})
-                      for v in again if (v.order_id in self.failed_rounds) == alone]
-            if orders:
-                self.host.submit(orders, alone)
+        orders = {v.order_id: order_from_record({**v.order, "order_id": v.order_id}) for v in again}
+        others = [o for oid, o in orders.items() if oid not in self.failed_rounds]
+        suspects = [o for oid, o in orders.items() if oid in self.failed_rounds]
+        if others:
+            self.host.submit(others)
+        if suspects:
+            self.host.submit(suspects, alone=True)
 
     def _drop(self, order_ids: list[str]) -> None:
         """Ends these resumed orders unfulfilled (`ROUND_FAILED`), journaled and synced."""
