@@ -110,6 +110,10 @@ def assign_regions(orders: Sequence[Order], regions: Sequence[RegionCfg], grid: 
     return np.argmin(np.hypot(dx, dy), axis=0)  # the first box at distance 0 wins ties
 
 
+#: How many times `AuctioneerCore.drain` delivers what is left to settle before it gives up.
+DRAIN_FLUSHES = 3
+
+
 # -- batching ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -470,6 +474,21 @@ class AuctioneerCore:
                 self._close(rnd, ex.quotes.get(rnd.round_id, []), b, prev_mnow, prev_opened)
         self._flight = (rounds, batches, mnow, opened, flight) if flight is not None else None
         self.in_hand = ()
+
+    def drain(self) -> None:
+        """Settles what is in flight and opens no round: the quotes of a call on its way
+        are cleared, then every cleared round's commits and releases are delivered and
+        confirmed. A shell that stops after it leaves no award that the journal has not
+        committed (orders still queued stay open, for the next run to trade)."""
+        if not self.pipelined:  # sequential rounds settle within their step
+            return
+        mnow = self.market.now(self.clock())
+        if self._flight is not None:
+            self._overlapped([], [], mnow, self.clock())
+        for _ in range(DRAIN_FLUSHES):  # one does it unless a bidder fails to answer
+            if not self.bidders.unsettled:
+                break
+            self._confirm_all(self.bidders.flush(mnow, commits_only=False))
 
     def _more_due(self) -> bool:
         due = self.batcher.due_in(self.clock())

@@ -124,7 +124,7 @@ class AuctioneerHost:
         self._inbox: collections.deque[tuple[list[Order], bool]] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[AuctioneerCore], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
-        self._stop = False
+        self._stop = self._drain = False
         self._error: str | None = None
         self._blamed: tuple[str, ...] = ()
         self._submitted = self._accepted = 0
@@ -159,6 +159,8 @@ class AuctioneerHost:
                     self._accepted += len(orders)
                 if core.due_in() == 0.0:
                     core.step()
+            if self._drain:
+                core.drain()
         except Exception as err:  # noqa: BLE001 - reported by status() and wait_idle()
             logger.exception("auctioneer %s: round loop died", self.name)
             self._blamed = () if isinstance(err, MACHINE_FAULTS) else core.in_hand
@@ -213,9 +215,10 @@ class AuctioneerHost:
             time.sleep(0.01)
         return False
 
-    def stop(self) -> None:
-        """Stops the round loop after the current step."""
-        self._stop = True
+    def stop(self, drain: bool = False) -> None:
+        """Stops the round loop after the current step (`drain`: and settles the rounds in
+        flight, `AuctioneerCore.drain`)."""
+        self._stop, self._drain = True, drain
         with self._wake:
             self._wake.notify()
         if self._thread is not None:

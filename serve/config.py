@@ -20,6 +20,12 @@ DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
 MB = 1 << 20
 
 
+#: Where set, the snapshot dirs of the service's bidder fleets take this prefix
+#: (`serve.desk.spawn_fleet`): `bidhive serve` names one per run, so that it can remove the
+#: dir of a replica that Serve killed before the replica could (`serve.runner.stop_service`).
+FLEET_DIR_PREFIX_ENV = "BIDHIVE_FLEET_DIR_PREFIX"
+
+
 class BatchCfg(Strict):
     """How orders become rounds (see `market.auctioneer.BatchPolicy`)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -31,7 +32,7 @@ from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
-from serve.config import BatchCfg, ServeCfg
+from serve.config import FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
@@ -501,14 +502,16 @@ class OrderDesk:
             return m.render()
 
     def close(self) -> None:
-        """Stops the round loop and closes the journal (waiting clients get no answer).
+        """Stops the round loop and closes the journal. The rounds in flight are settled
+        first, so their orders end and their clients get answers; orders still queued get
+        none and stay open, for the next start to trade.
 
         A rotating journal whose last file has grown past a sixteenth of a full one starts
         its next file first, so the index is checkpointed as it ends and the next start
         reads no record. Below that, reading the file costs a start about a second at most
         (16 MB at the default size), and stops do not pile up small files. A crash leaves
         the last rotation's checkpoint and one file to read."""
-        self.host.stop()
+        self.host.stop(drain=True)
         try:
             limit = self.cfg.journal_rotate_bytes
             if limit is not None:
@@ -530,7 +533,8 @@ def spawn_fleet(cfg: ServeCfg) -> tuple[dict[str, Any], str]:
     from agents.actor import default_state_root, fleet_specs
     from runtime.ray_bidders import spawn_bidders
 
-    state = tempfile.mkdtemp(prefix="bidhive-serve-", dir=default_state_root())
+    prefix = os.environ.get(FLEET_DIR_PREFIX_ENV) or "bidhive-serve-"
+    state = tempfile.mkdtemp(prefix=prefix, dir=default_state_root())
     try:
         specs = fleet_specs(load_fleet(cfg.fleet), cfg.seed, cfg.policy)
         return spawn_bidders(specs, state_dir=state), state

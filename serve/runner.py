@@ -10,6 +10,8 @@ import logging
 import os
 import random
 import re
+import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -19,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from runtime.local_ray import LocalRay
-from serve.config import Listen, ServeCfg
+from serve.config import FLEET_DIR_PREFIX_ENV, Listen, ServeCfg
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -140,7 +142,8 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
     from runtime.ray_bidders import RAY_BIDDER_ENV
 
     embedded = os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
-    env = {**RAY_BIDDER_ENV, **SERVE_ENV, **(direct_ingress_env(listen.port) if embedded else {})}
+    env = {**RAY_BIDDER_ENV, **SERVE_ENV, **(direct_ingress_env(listen.port) if embedded else {}),
+           FLEET_DIR_PREFIX_ENV: f"bidhive-serve-{secrets.token_hex(4)}-"}  # this run's (`stop_service`)
     cluster = start_local_ray(extra_env=env)
     try:
         from ray import serve
@@ -167,7 +170,12 @@ def stop_service(cluster: LocalRay) -> None:
     its own shutdown call by killing itself, which Ray reports on the terminal as a failed
     task ("(raylet) Task ServeController.graceful_shutdown failed...") on every stop. A
     cluster joined through `RAY_ADDRESS` outlives us, so there Serve is shut down whole.
+
+    Under load, the replica's stop can take all of its grace period draining requests,
+    and Serve then kills it before it has removed its fleet's snapshot dir, which is
+    therefore removed here too (embedded cluster: the replica ran on this machine).
     """
+    fleet_dirs = os.environ.get(FLEET_DIR_PREFIX_ENV) if cluster.embedded else None
     try:
         from ray import serve
 
@@ -184,6 +192,11 @@ def stop_service(cluster: LocalRay) -> None:
             logger.warning("the app did not stop by itself (%s); stopping Ray", err)
     finally:
         cluster.shutdown()
+        if fleet_dirs:
+            from agents.actor import default_state_root
+
+            for left in Path(default_state_root()).glob(f"{fleet_dirs}*"):
+                shutil.rmtree(left, ignore_errors=True)
 
 
 def curl_example(url: str, token: bool = False) -> str:

@@ -729,3 +729,27 @@ def test_a_round_that_raises_leaves_its_own_orders_in_hand(bidders: dict[str, An
     with pytest.raises(RuntimeError, match="injected fault"):
         core.run_until_idle(60)
     assert core.in_hand == (orders[4].order_id, bad)  # its round of two, not the call's other round
+
+
+def test_drain_settles_every_round_in_flight_and_opens_none(bidders: dict[str, Any], tmp_path: Path) -> None:
+    """What a service's stop runs (`OrderDesk.close`): no award is left without its commits
+    journaled, so the next start does not trade an awarded order again."""
+    core = make_core(bidders, in_flight=2, k=2, max_batch=4, journal=tmp_path / "j.bhj")
+    core.submit(orders_at(24, 9))
+    for _ in range(2):
+        core.step()
+    assert core._flight is not None and core.bidders.unsettled and len(core.batcher)  # mid-flight
+    queued = len(core.batcher)
+    core.drain()
+    assert core._flight is None and not core._open and not core.bidders.unsettled
+    assert len(core.batcher) >= queued  # nothing queued was opened (a retry may have joined it)
+    core.engine.recorder.close()
+    cleared, settled = set(), set()
+    for rec in read_journal(tmp_path / "j.bhj"):
+        if rec["type"] == "round_cleared" and (np.asarray(rec["award_i"])[0] >= 0).any():
+            cleared.add(rec["round_id"])
+        elif rec["type"] in ("hold_committed", "hold_released"):
+            settled.add(rec["round_id"])
+    assert cleared and cleared <= settled
+    queued = {entry[2].order_id for entry in core.batcher._queue}
+    assert all(st.status in TERMINAL or oid in queued for oid, st in core.ledger.orders.items())  # none mid-round

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agents.actor import default_state_root
 from market.config import CONFIG_DIR
 from market.journal import JournalWriter
 from serve.runner import EXAMPLE_ORDER, spare_port
@@ -55,14 +56,38 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fleet_dirs() -> set[str]:
+    """The bidder fleets' snapshot dirs of every service on this machine."""
+    return {p.name for p in Path(default_state_root()).glob("bidhive-serve-*")}
+
+
+def _keep_ordering(url: str, clients: int, until: threading.Event) -> list[threading.Thread]:
+    """`clients` closed-loop clients placing orders until `until` is set (errors ignored)."""
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=5) as c:
+            while not until.is_set():
+                try:
+                    c.post("/orders", json=EXAMPLE_ORDER)
+                except httpx.HTTPError:
+                    time.sleep(0.05)
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return threads
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("bidders, stop", [("local", "sigterm"), ("ray", "ctrl-c")])
-def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: str, short_tmp: Path) -> None:
+@pytest.mark.parametrize("bidders, stop, load", [("local", "sigterm", 0), ("ray", "ctrl-c", 0), ("ray", "ctrl-c", 8)])
+def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: str, load: int, short_tmp: Path) -> None:
     """SIGTERM to the command, or a terminal's Ctrl-C (SIGINT to the whole foreground process
     group, Ray's own processes included): exit 0, no process of the service left, and the
-    embedded Ray's temp dir gone."""
+    embedded Ray's temp dir and the fleet's snapshot dir gone; also when `load` clients keep
+    placing orders through the stop, which takes the replica's whole grace period, after
+    which Serve kills it before it has cleaned up."""
     port = spare_port()
+    fleet_dirs = _fleet_dirs()
     proc = _start_serve(short_tmp, "--bidders", bidders, "--port", str(port))
+    stop_load, clients = threading.Event(), []
     try:
         assert proc.stdout is not None
         lines = []
@@ -75,6 +100,8 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         r = httpx.post(f"http://127.0.0.1:{port}/orders", json=EXAMPLE_ORDER, headers={"Idempotency-Key": "readme"},
                        timeout=30)
         assert r.status_code == 200 and r.json()["status"] in ("awarded", "unfulfilled"), r.text
+        clients = _keep_ordering(f"http://127.0.0.1:{port}", load, stop_load)
+        time.sleep(1.0 if load else 0.0)
         if stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
@@ -83,9 +110,13 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         said = proc.stdout.read()
         assert "bidhive stopped" in said and "failed" not in said, said  # Serve's own shutdown noise too
     finally:
+        stop_load.set()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    for t in clients:
+        t.join(10)
     _assert_nothing_left(proc, short_tmp)
+    assert _fleet_dirs() <= fleet_dirs, "the fleet's snapshot dir outlived the service"
 
 
 @pytest.mark.slow
