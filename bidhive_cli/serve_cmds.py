@@ -28,6 +28,27 @@ def _preflight(journal: str) -> None:
         raise UserError(f"journal {path}: {err.strerror or err}") from None
 
 
+#: How long `bidhive serve` waits for a port that only closing connections hold (TCP's
+#: TIME_WAIT lasts a minute on Linux).
+PORT_WAIT_S = 70.0
+
+
+def _claim_port(host: str, port: int) -> None:
+    """Fails in one line, before Ray starts, on a port another process listens on; waits
+    for one that only the closing connections of a service stopped moments ago hold."""
+    from serve.runner import listening, port_free, wait_port_free
+
+    if port_free(host, port):
+        return
+    if listening(host, port):
+        raise UserError(f"{host}:{port} is in use; pick another with --port")
+    typer.echo(f"bidhive: {host}:{port} is held by the closing connections of a service stopped moments ago; "
+               f"waiting for them (up to {PORT_WAIT_S:.0f} s)", err=True)
+    if not wait_port_free(host, port, PORT_WAIT_S):
+        raise UserError(f"{host}:{port} is still held by connections, though nothing listens there; "
+                        "pick another with --port")
+
+
 def serve(
     config: Annotated[Optional[Path], typer.Option(help="Serve config (default: configs/serve.yaml).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -39,14 +60,13 @@ def serve(
 ) -> None:
     """Serve the order API on an embedded local Ray (or RAY_ADDRESS) until Ctrl-C."""
     from serve.config import load_serve_cfg
-    from serve.runner import ServiceStartError, port_free, run_service
+    from serve.runner import ServiceStartError, run_service
 
     cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
     if cfg.policy.startswith("rl:") and not Path(cfg.policy[3:]).is_file():
         raise UserError(f"policy file {cfg.policy[3:]} not found")
     _preflight(cfg.journal)
-    if not port_free(listen.host, listen.port):
-        raise UserError(f"{listen.host}:{listen.port} is in use; pick another with --port")
+    _claim_port(listen.host, listen.port)
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -107,6 +107,28 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on `host:port`."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_port_free(host: str, port: int, timeout_s: float) -> bool:
+    """Waits until `host:port` can be bound; False after `timeout_s`.
+
+    Why wait: a service stopped under load closes its clients' connections itself, and
+    each then stays in TCP's TIME_WAIT for a minute, holding the port. Serve binds its
+    direct-ingress port without SO_REUSEADDR, so no new service could listen there before.
+    """
+    end = time.monotonic() + timeout_s
+    while not port_free(host, port):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 class ServiceStartError(RuntimeError):
     """Serve could not start the app's replica (the message says why, in one line)."""
 

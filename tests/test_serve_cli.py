@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -217,3 +218,53 @@ def test_a_service_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path, monk
         main()
     assert out.value.code == 1
     assert capsys.readouterr().err == "bidhive: the service did not start: why\n"
+
+
+def _serve_in_process(port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[int]]:
+    """`bidhive serve --port PORT` run in this process, with the service itself stubbed:
+    its exit code, and the ports it was started on."""
+    import serve.runner
+    from bidhive_cli.main import main
+
+    started: list[int] = []
+    monkeypatch.setattr(serve.runner, "run_service", lambda cfg, listen, **_: started.append(listen.port))
+    monkeypatch.setattr(sys, "argv", ["bidhive", "serve", "--bidders", "local", "--port", str(port),
+                                     "--journal", str(tmp_path / "j.bhj")])
+    try:
+        main()
+    except SystemExit as out:
+        return int(out.code or 0), started
+    return 0, started
+
+
+def test_a_port_another_process_listens_on_is_one_line_and_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    port = spare_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        code, started = _serve_in_process(port, tmp_path, monkeypatch)
+    assert (code, started) == (2, [])
+    assert capsys.readouterr().err == f"bidhive: 127.0.0.1:{port} is in use; pick another with --port\n"
+
+
+def test_a_port_held_only_by_closing_connections_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """After a stop under load the port sits in TCP's TIME_WAIT for a minute (nothing
+    listens): the command waits for it, then starts, instead of calling it in use."""
+    import bidhive_cli.serve_cmds
+
+    port = spare_port()
+    held = held_by_a_connection(port)
+    held.__enter__()
+    threading.Timer(1.0, held.__exit__, (None, None, None)).start()  # the connections close
+    code, started = _serve_in_process(port, tmp_path, monkeypatch)
+    assert (code, started) == (0, [port])
+    assert "is held by the closing connections of a service stopped moments ago" in capsys.readouterr().err
+
+    monkeypatch.setattr(bidhive_cli.serve_cmds, "PORT_WAIT_S", 0.5)
+    with held_by_a_connection(port):  # never freed in time
+        code, started = _serve_in_process(port, tmp_path, monkeypatch)
+    assert (code, started) == (2, [])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"bidhive: 127.0.0.1:{port} is still held by connections, though nothing listens there; pick another with --port")
