@@ -108,10 +108,14 @@ def port_free(host: str, port: int) -> bool:
 
 
 def listening(host: str, port: int) -> bool:
-    """Whether something accepts connections on `host:port`."""
+    """Whether something accepts connections on `host:port` (or it cannot be told: an
+    address this IPv4 probe cannot reach counts as taken, as `port_free` counts it)."""
     with socket.socket() as s:
         s.settimeout(1.0)
-        return s.connect_ex((host, port)) == 0
+        try:
+            return s.connect_ex((host, port)) == 0
+        except OSError:
+            return True
 
 
 def wait_port_free(host: str, port: int, timeout_s: float) -> bool:
