@@ -66,6 +66,7 @@ import httpx
 import numpy as np
 
 from bench.stats import machine
+from serve.config import FLEET_DIR_PREFIX
 from serve.metrics import LATENCY_BUCKETS_MS
 from serve.runner import spare_port
 
@@ -539,10 +540,10 @@ def open_phase(workdir: Path, service: Service, plan: Plan, name: str, rate: flo
 
 
 def _state_root_entries() -> set[str]:
-    """Bidder snapshot dirs (`bidhive-serve-*`) now present."""
+    """Bidder snapshot dirs (`FLEET_DIR_PREFIX*`) now present."""
     from agents.actor import default_state_root
 
-    return {str(p) for p in Path(default_state_root()).glob("bidhive-serve-*")}
+    return {str(p) for p in Path(default_state_root()).glob(f"{FLEET_DIR_PREFIX}*")}
 
 
 def own_snapshot_dirs(before: set[str]) -> list[str]:

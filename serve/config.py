@@ -24,6 +24,7 @@ MB = 1 << 20
 #: (`serve.desk.spawn_fleet`): `bidhive serve` names one per run, so that it can remove the
 #: dir of a replica that Serve killed before the replica could (`serve.runner.stop_service`).
 FLEET_DIR_PREFIX_ENV = "BIDHIVE_FLEET_DIR_PREFIX"
+FLEET_DIR_PREFIX = "bidhive-serve-"  # every service's fleet dirs start so; a run's own prefix too
 
 
 class BatchCfg(Strict):

@@ -32,7 +32,7 @@ from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
-from serve.config import FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
+from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
@@ -533,7 +533,7 @@ def spawn_fleet(cfg: ServeCfg) -> tuple[dict[str, Any], str]:
     from agents.actor import default_state_root, fleet_specs
     from runtime.ray_bidders import spawn_bidders
 
-    prefix = os.environ.get(FLEET_DIR_PREFIX_ENV) or "bidhive-serve-"
+    prefix = os.environ.get(FLEET_DIR_PREFIX_ENV) or FLEET_DIR_PREFIX
     state = tempfile.mkdtemp(prefix=prefix, dir=default_state_root())
     try:
         specs = fleet_specs(load_fleet(cfg.fleet), cfg.seed, cfg.policy)

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from runtime.local_ray import LocalRay
-from serve.config import FLEET_DIR_PREFIX_ENV, Listen, ServeCfg
+from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, Listen, ServeCfg
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -169,7 +169,7 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
 
     embedded = os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
     env = {**RAY_BIDDER_ENV, **SERVE_ENV, **(direct_ingress_env(listen.port) if embedded else {}),
-           FLEET_DIR_PREFIX_ENV: f"bidhive-serve-{secrets.token_hex(4)}-"}  # this run's (`stop_service`)
+           FLEET_DIR_PREFIX_ENV: f"{FLEET_DIR_PREFIX}{secrets.token_hex(4)}-"}  # this run's (`stop_service`)
     cluster = start_local_ray(extra_env=env)
     try:
         from ray import serve

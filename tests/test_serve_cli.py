@@ -19,6 +19,7 @@ import pytest
 from agents.actor import default_state_root
 from market.config import CONFIG_DIR
 from market.journal import JournalWriter
+from serve.config import FLEET_DIR_PREFIX
 from serve.runner import EXAMPLE_ORDER, spare_port
 from tests.factories import held_by_a_connection
 
@@ -59,7 +60,7 @@ def short_tmp() -> Iterator[Path]:
 
 def _fleet_dirs() -> set[str]:
     """The bidder fleets' snapshot dirs of every service on this machine."""
-    return {p.name for p in Path(default_state_root()).glob("bidhive-serve-*")}
+    return {p.name for p in Path(default_state_root()).glob(f"{FLEET_DIR_PREFIX}*")}
 
 
 def _keep_ordering(url: str, clients: int, until: threading.Event) -> list[threading.Thread]:
