@@ -215,6 +215,7 @@ class BidderHost:
         self.committed = CommitMemory(COMMIT_MEMORY)
         self.store = SnapshotStore(self.state_dir, spec.agent_id) if self.state_dir else None
         self.agent = self._load() or spec.build()
+        self.carried = self._take_over_carried(spec)
         self.fault = fault if not (fault and fault.mode == "crash" and self._reconstructed()) else None
         self.violations: list[str] = []
         self.calls = 0
@@ -253,6 +254,30 @@ class BidderHost:
         logger.warning("%s: restored from snapshot (%d units held, %d committed)",
                        self.spec.agent_id, agent.holds.units, agent.committed_units)
         return agent
+
+    def _take_over_carried(self, spec: AgentSpec) -> bool:
+        """Makes a snapshot carried over from an earlier run of the service (`serve.fleet_state`)
+        this run's state.
+
+        The work that run committed stays (riders out, stock sold, picks queued). Its
+        holds and remembered commit outcomes go: its rounds are over, and this run
+        numbers its own from the start again. The bidding strategy is this run's (`spec`:
+        the saved fleet matched its resources and seed). Saved before the marker goes, so
+        a crash in between only does this again; a later restart of this actor finds no
+        marker and resumes this run's state as usual.
+        """
+        marker = self.store.carried_marker if self.store is not None else None
+        if marker is None or not marker.exists():
+            return False
+        if self.restored:
+            self.spec, self.strategy = spec, resolve_strategy(spec.strategy)
+            held = self.agent.forget_rounds()
+            self.committed = CommitMemory(COMMIT_MEMORY)
+            self._snapshot()
+            logger.warning("%s: carried over from the previous run (%d units committed; %d held units dropped)",
+                           self.spec.agent_id, self.agent.committed_units, held)
+        marker.unlink(missing_ok=True)
+        return self.restored
 
     def _snapshot(self) -> None:
         if self.store is not None:
@@ -436,7 +461,7 @@ class BidderHost:
         """Capacity facts for tests and drills."""
         a = self.agent
         return {
-            "agent_id": a.agent_id, "kind": a.kind.value, "pid": os.getpid(), "restored": self.restored,
+            "agent_id": a.agent_id, "kind": a.kind.value, "pid": os.getpid(), "restored": self.restored, "carried": self.carried,
             "capacity_total": a.capacity_total(), "capacity_free": a.capacity_free(),
             "held_units": a.holds.units, "open_holds": len(a.holds), "committed_units": a.committed_units,
             "violations": list(self.violations), "calls": self.calls, "node_id": self._node_id(),
@@ -458,7 +483,7 @@ class BidderHost:
         self.agent = spec.build()
         self.violations = []
         self.fault = None
-        self.restored = False
+        self.restored = self.carried = False
         self.committed = CommitMemory(COMMIT_MEMORY)
         self._snapshot()  # a restart from here rebuilds this spec's state, not the constructor's
         return spec.agent_id

@@ -317,5 +317,22 @@ class Agent(ABC):
     def _on_release(self, payload: Any) -> None:
         """Frees a hold's payload (stock for warehouses); default nothing."""
 
+    def forget_rounds(self) -> int:
+        """Drops what only an earlier run's rounds meant: their holds (a warehouse's held
+        stock freed) and the bookings a cancel of their lines would look up; returns the
+        units that were held.
+
+        A service restarted on this agent's state (`agents.actor`, carried snapshots)
+        numbers its rounds from the start again and can no longer commit or cancel an
+        earlier round, so keeping either would only let a new round hit an old entry.
+        The committed work itself stays: it is what the resource is still doing.
+        """
+        held = self.holds.units
+        for hold in self.holds.release_all():
+            self._on_release(hold.payload)
+        self._booked = {}
+        self._peeked = None
+        return held
+
 
 __all__ = ["Agent", "AgentEnv", "HoldError", "agent_seed"]

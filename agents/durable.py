@@ -22,6 +22,9 @@ Files, in the run's state dir:
   save number, length, CRC32) and the pickled snapshot; the newest intact one is the state.
 - ``{agent}.{gen}.log``: the log of generation ``gen``, frames of a 4-byte length and a
   pickled list of changes, the first frame being the heap (and the bookings) the log starts from.
+- ``{agent}.carried``: an empty marker, present while the snapshot beside it comes from an
+  earlier run of the service (`serve.fleet_state`) and has not been taken over yet
+  (`agents.actor.BidderHost`).
 
 The snapshot names its log generation and how many of its bytes it covers, so a change
 appended for a commit whose snapshot was never written (a crash between the two) is not
@@ -178,6 +181,11 @@ class SnapshotStore:
     def slot_path(self, slot: int) -> Path:
         """Where saves of this parity go."""
         return self.directory / f"{self.agent_id}.{slot}.snap"
+
+    @property
+    def carried_marker(self) -> Path:
+        """The marker of a snapshot carried over from an earlier run, not yet taken over."""
+        return self.directory / f"{self.agent_id}.carried"
 
     def exists(self) -> bool:
         """Whether a snapshot was written."""

@@ -71,6 +71,11 @@ class HoldBook:
             self._units -= hold.units
         return hold
 
+    def release_all(self) -> list[Hold]:
+        """Drops every hold and returns them, so their payloads can be freed."""
+        holds, self._holds, self._units = list(self._holds.values()), {}, 0
+        return holds
+
     def expire(self, now: float) -> list[Hold]:
         """Drops holds past their time-to-live and returns them so payloads can be freed."""
         if not self._holds:  # the usual case, asked once per bidder per round

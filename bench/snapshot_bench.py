@@ -18,8 +18,15 @@ in a service that has run for a while: a few thousand), this times:
   once per ``COMPACT_RATIO`` x N changes).
 
 Each figure is the median of `REPS` saves, in µs, in the state dir bidders use
-(`agents.actor.default_state_root`, tmpfs where there is one). Run
-``python -m bench.snapshot_bench`` or ``bidhive bench snapshot``.
+(`agents.actor.default_state_root`, tmpfs where there is one).
+
+``stop_and_start``: what a stop and the next start add for the fleet's state
+(`serve.fleet_state`), for the whole metro fleet with N pending jobs per bidder: the
+stop's copy of every snapshot beside the journal (on disk, synced), the start's copy
+back into a new state dir, and each bidder's take-over (its load, the old holds dropped,
+a save), summed over the fleet (the service starts them in parallel processes).
+
+Run ``python -m bench.snapshot_bench`` or ``bidhive bench snapshot``.
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ from agents.base import Agent
 from agents.durable import CommitMemory, SnapshotStore, freeze
 from bench.stats import machine
 from market.config import load_fleet
+from market.journal import JournalWriter
+from serve.fleet_state import carry_fleet, fleet_fingerprint, save_fleet, saved_fleet_path
 
 REPS = 300
 BEFORE_COMMIT_MEMORY = 4096  # the commit outcomes the scheme before kept, as a dict
@@ -123,16 +132,51 @@ def _one(directory: Path, kind: str, pending: int, reps: int) -> dict[str, Any]:
     return out
 
 
+def _stop_and_start(journal_dir: Path, pending: int) -> dict[str, Any]:
+    """The metro fleet, each bidder with `pending` jobs saved, through a stop and a start."""
+    specs = fleet_specs(load_fleet("metro"), 0, "heuristic")
+    run_dir = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
+    new_dir = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
+    try:
+        for spec in specs:
+            host = BidderHost(spec, str(run_dir))
+            host.agent = _agent(spec, pending)
+            host._snapshot()
+            host.store.close()
+        journal = journal_dir / f"j-{pending}.bhj"
+        with JournalWriter(journal, fsync="never") as writer:
+            writer.append("run_started", shell="bench")
+        fingerprint = fleet_fingerprint(load_fleet("metro"), 0)
+        t0 = time.perf_counter()
+        save_fleet(run_dir, journal, fingerprint)
+        t1 = time.perf_counter()
+        origin = carry_fleet(journal, fingerprint, new_dir)
+        t2 = time.perf_counter()
+        carried = [BidderHost(spec, str(new_dir)) for spec in specs]
+        t3 = time.perf_counter()
+        assert origin.carried and all(h.carried and len(h.agent._completions) == pending for h in carried)
+        saved_bytes = sum(f.stat().st_size for f in saved_fleet_path(journal).iterdir())
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(new_dir, ignore_errors=True)
+    return {"bidders": len(specs), "saved_mb": round(saved_bytes / 1e6, 2), "stop_save_ms": round((t1 - t0) * 1e3, 1),
+            "start_copy_ms": round((t2 - t1) * 1e3, 1), "take_over_ms_all_bidders": round((t3 - t2) * 1e3, 1)}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
-    """Save times by kind and number of pending jobs."""
+    """Save times by kind and number of pending jobs; a stop and a start of a whole fleet."""
     reps = 30 if quick else REPS
     directory = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
+    journal_dir = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-"))  # on disk, as a journal is
     try:
         results = {kind: {str(n): _one(directory, kind, n, reps) for n in PENDING} for kind in ("rider_pool", "warehouse")}
+        restarts = {str(n): _stop_and_start(journal_dir, n) for n in (PENDING[:2] if quick else PENDING)}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(journal_dir, ignore_errors=True)
     return {"benchmark": "snapshot", "machine": machine(), "state_dir": default_state_root(), "reps": reps,
-            "commit_memory": {"before": BEFORE_COMMIT_MEMORY, "now": COMMIT_MEMORY}, "by_kind_and_pending_jobs": results}
+            "commit_memory": {"before": BEFORE_COMMIT_MEMORY, "now": COMMIT_MEMORY}, "by_kind_and_pending_jobs": results,
+            "stop_and_start_by_pending_jobs": restarts}
 
 
 if __name__ == "__main__":

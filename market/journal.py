@@ -61,6 +61,7 @@ __all__ = [
     "journal_head",
     "read_journal",
     "rotated_path",
+    "sync_dir",
 ]
 
 MAGIC = b"BHJRNL1\n"
@@ -729,7 +730,7 @@ class JournalWriter:
                 size = len(MAGIC)
                 if self.fsync != "never":
                     _datasync(file.fileno())
-                    _sync_dir(path.parent)
+                    sync_dir(path.parent)
         except BaseException:
             with contextlib.suppress(OSError):  # its own flush may fail the same way: the first error stands
                 file.close()
@@ -781,7 +782,7 @@ def _datasync(fd: int) -> None:
     (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
-def _sync_dir(directory: Path) -> None:
+def sync_dir(directory: Path) -> None:
     """Sync a directory so a newly created file's name survives a power loss."""
     if os.name != "posix":  # pragma: no cover
         return

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from market.auctioneer import AuctioneerCore, RoundRecord
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
@@ -33,6 +33,7 @@ from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
+from serve.fleet_state import FleetOrigin, carry_fleet, fleet_fingerprint
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
@@ -528,16 +529,27 @@ def ended_kept_live(batch: BatchCfg) -> int:
     return max(HOT_ENDED, 2 * batch.max_batch * batch.max_rounds_per_call * batch.in_flight)
 
 
-def spawn_fleet(cfg: ServeCfg) -> tuple[dict[str, Any], str]:
-    """Starts one bidder actor per resource of the fleet; returns the handles and the snapshot dir."""
+class SpawnedFleet(NamedTuple):
+    """A service's bidder actors, their snapshot dir, and where their state came from."""
+
+    handles: dict[str, Any]
+    state_dir: str
+    origin: FleetOrigin
+
+
+def spawn_fleet(cfg: ServeCfg) -> SpawnedFleet:
+    """Starts one bidder actor per resource of the fleet, on the state saved at the last
+    stop where the journal ends with it (`serve.fleet_state`), else new."""
     from agents.actor import default_state_root, fleet_specs
     from runtime.ray_bidders import spawn_bidders
 
     prefix = os.environ.get(FLEET_DIR_PREFIX_ENV) or FLEET_DIR_PREFIX
     state = tempfile.mkdtemp(prefix=prefix, dir=default_state_root())
     try:
-        specs = fleet_specs(load_fleet(cfg.fleet), cfg.seed, cfg.policy)
-        return spawn_bidders(specs, state_dir=state), state
+        fleet = load_fleet(cfg.fleet)
+        origin = carry_fleet(Path(cfg.journal), fleet_fingerprint(fleet, cfg.seed), state)
+        logger.info("bidder fleet: %s", origin.why)
+        return SpawnedFleet(spawn_bidders(fleet_specs(fleet, cfg.seed, cfg.policy), state_dir=state), state, origin)
     except BaseException:
         shutil.rmtree(state, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import google_crc32c
 import msgpack
 
-from market.journal import FRAME_HEADER, JournalCorrupt, JournalReader, journal_head, rotated_path
+from market.journal import FRAME_HEADER, JournalCorrupt, JournalReader, journal_head, rotated_path, sync_dir
 from serve.order_archive import ArchiveState
 from serve.order_index import IndexState, OrderIndex, OrderView
 
@@ -137,11 +137,7 @@ def write_checkpoint(path: Path, cut: Cut, state: IndexState) -> int:
         os.fsync(file.fileno())
         size = file.tell()
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_dir(path.parent)
     return size
 
 

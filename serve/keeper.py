@@ -3,8 +3,9 @@
 A round loop dies on an exception inside a round: a bug, or a journal that cannot be
 written. Its orders then wait for nothing, and their idempotency keys stay in flight
 (409) until someone restarts the service. The keeper does that restart itself, inside the
-replica: it closes the dead desk (its journal synced), stops its bidder fleet, and starts
-a new fleet and desk on the same journal, exactly as a restart of the whole service would.
+replica: it closes the dead desk (its journal synced), stops its bidder fleet (its state
+saved beside the journal), and starts a fleet on that state and a desk on the same
+journal, exactly as a restart of the whole service would.
 The new desk answers for the orders the old one ended and trades again the ones it left
 open. While it starts (seconds), requests get the dead desk's 503 with ``Retry-After``.
 
@@ -29,13 +30,18 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from runtime import gc_pauses
 from serve.config import ServeCfg
-from serve.desk import OrderDesk, spawn_fleet
+from serve.desk import OrderDesk, SpawnedFleet, spawn_fleet
+from serve.fleet_state import FleetOrigin, fleet_fingerprint, save_fleet
 
 logger = logging.getLogger("bidhive.serve")
+
+#: A fleet run inside the replica keeps no snapshots, so nothing outlives a stop.
+IN_PROCESS = FleetOrigin(False, "the bidders run inside the service (bidders: local): their state starts new at each start")
 
 #: How often the keeper looks at the round loop; how long a desk must have run for its
 #: death to be restarted at once; the waits before restarting one that died sooner, and
@@ -54,12 +60,16 @@ class DeskKeeper:
 
     Args:
         cfg: the service settings (the same for every desk it starts).
-        fleet: starts the bidder fleet (handles, state dir); None runs the agents in-process.
+        fleet: starts the bidder fleet; None runs the agents in-process.
         watch_period_s: how often the watchdog thread looks at the round loop.
+
+    Attributes:
+        fleet_origin: where the current fleet's state came from: the one saved when the
+            last desk or service stopped (`serve.fleet_state`), or new, and why.
     """
 
     def __init__(self, cfg: ServeCfg,
-                 fleet: Callable[[ServeCfg], tuple[dict[str, Any], str]] | None = spawn_fleet,
+                 fleet: Callable[[ServeCfg], SpawnedFleet] | None = spawn_fleet,
                  watch_period_s: float = WATCH_PERIOD_S) -> None:
         self.cfg = cfg
         self._fleet = fleet if cfg.bidders == "ray" else None
@@ -74,7 +84,10 @@ class DeskKeeper:
         self._thread.start()
 
     def _start(self, failed_rounds: dict[str, int] | None = None) -> tuple[OrderDesk, str | None]:
-        handles, state = self._fleet(self.cfg) if self._fleet is not None else (None, None)
+        if self._fleet is None:
+            handles, state, self.fleet_origin = None, None, IN_PROCESS
+        else:
+            handles, state, self.fleet_origin = self._fleet(self.cfg)
         try:
             return OrderDesk(self.cfg, handles, failed_rounds=failed_rounds), state
         except Exception:  # an interrupt ends the process, and the actors with their owner
@@ -150,16 +163,31 @@ def _count_failed_round(desk: OrderDesk) -> dict[str, int]:
 
 
 def _stop_desk(desk: OrderDesk, state_dir: str | None) -> None:
+    """Closes the desk, stops its fleet and, where the desk closed cleanly, saves the fleet's
+    state beside the journal for the next start (`serve.fleet_state`)."""
+    closed = False
     try:
         desk.close()
+        closed = True
     except Exception:  # noqa: BLE001 - the journal lock is released whatever close raised
         logger.exception("the desk did not close cleanly")
     kill = getattr(desk.host.core.bidders, "kill_all", None)  # Ray bidders (and their channels)
     try:
         if kill is not None:
             kill()
+        if closed and state_dir:
+            _save_fleet(desk, state_dir)
     finally:
         _stop_fleet(None, state_dir)
+
+
+def _save_fleet(desk: OrderDesk, state_dir: str) -> None:
+    """The stopped fleet's snapshots, beside the closed journal; a failure costs only the carry-over."""
+    try:
+        saved = save_fleet(state_dir, Path(desk.cfg.journal), fleet_fingerprint(desk.fleet_cfg, desk.cfg.seed))
+        logger.info("saved the state of %d bidders beside the journal for the next start", saved)
+    except OSError:
+        logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")
 
 
 def _stop_fleet(handles: dict[str, Any] | None, state_dir: str | None) -> None:

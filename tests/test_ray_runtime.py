@@ -250,6 +250,48 @@ def test_a_line_committed_before_a_restart_can_still_be_cancelled(tmp_path: Path
     assert not BidderHost(RIDERS_W, str(tmp_path)).agent._completions  # and the cancel was saved
 
 
+def test_a_snapshot_carried_into_a_new_run_keeps_the_work_and_drops_the_old_rounds(tmp_path: Path) -> None:
+    """A restart of the service on its saved fleet (`serve.fleet_state`): the bidder keeps the
+    rider it committed, drops what only the old run's rounds meant (a hold, the booking a
+    cancel looks up, the remembered commit outcomes), bids with the new run's strategy, and
+    a later restart of the same actor resumes the new run's state as usual."""
+    host = BidderHost(RIDERS_W, str(tmp_path))
+    free = host.agent.capacity_free()
+    rnd, q = quote_round(host, 1)
+    k = commit_first(host, rnd, q)
+    quote_round(host, 2)
+    host._snapshot()  # a save with round 2's hold still open, as at a stop mid-round
+    assert host.agent.holds.units > 0 and host.agent._booked
+    host.store.carried_marker.touch()
+    carried = BidderHost(dataclasses.replace(RIDERS_W, strategy="static"), str(tmp_path))
+    agent = carried.agent
+    assert carried.carried and carried.restored and not host.store.carried_marker.exists()
+    assert agent.committed_units == 1 and agent.capacity_free() == free - 1  # the rider is still out
+    assert agent.holds.units == 0 and not agent._booked and carried.commit_status([1]) == {1: None}
+    assert carried.spec.strategy == "static" and carried.strategy.name == "cost"  # was the heuristic
+    assert carried.settle([Settle(1, None, rnd.opened_s + 0.1, cancel=(k,))])[0].cancelled == 0
+    quote_round(carried, 1)  # the new run's round 1: no old hold in its way
+    again = BidderHost(RIDERS_W, str(tmp_path))  # Ray restarts this actor later in the new run
+    assert again.restored and not again.carried and again.spec.strategy == "static"
+    assert again.agent.committed_units == 1 and again.agent.capacity_free() == free - 1
+
+
+def test_a_carried_warehouse_frees_the_stock_its_old_holds_took(tmp_path: Path) -> None:
+    """A warehouse's held stock belongs to the old run's holds and comes back; its stock stays."""
+    spec = fleet_specs(FLEET, SEED, "heuristic")[0]
+    host = BidderHost(spec, str(tmp_path))
+    fleet = build_fleet(FLEET, SEED)
+    orders = orders_at(12, 3)
+    rnd = build_round(1, orders[-1].created_s, orders, fleet.sources, fleet.env.grid, fleet.env.catalogue.index)
+    assert host.quote(rnd, rnd.opened_s, 5.0) is not None and host.agent.held_stock.sum() > 0
+    host.agent.stock[:5] -= 1  # stock sold by the old run
+    host._snapshot()
+    host.store.carried_marker.touch()
+    carried = BidderHost(spec, str(tmp_path)).agent
+    assert carried.held_stock.sum() == 0 and carried.holds.units == 0
+    assert np.array_equal(carried.stock, host.agent.stock)
+
+
 def test_pipelined_core_matches_sequential_rounds_in_process() -> None:
     """The auctioneer core over in-process bidders: same awards as the engine's own rounds."""
     policy = make_policy("heuristic")

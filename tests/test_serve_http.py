@@ -431,7 +431,8 @@ def test_a_desk_whose_round_loop_dies_is_restarted_and_resumes_its_orders(svc: S
     assert {k: final[k] for k in again.json()} == again.json()
     assert svc.post(_order(4001)).status_code == 200  # the new desk trades as usual
     again_fleet = _bidder_pids(svc)
-    assert len(again_fleet) == 9 and set(again_fleet).isdisjoint(fleet)  # a new fleet, the old one gone
+    assert len(again_fleet) == 9 and set(again_fleet).isdisjoint(fleet)  # new bidder processes, the old ones gone
+    print("fleet_state after a desk restart:", health.json()["fleet_state"])
 
 
 def test_a_poison_order_is_given_up_and_the_service_trades_on(svc: Service) -> None:
@@ -477,15 +478,27 @@ def test_a_poison_order_is_given_up_and_the_service_trades_on(svc: Service) -> N
 
 
 # -- restart (last: it replaces the module's cluster) --------------------------------------
+def _committed_units(svc: Service) -> dict[str, int]:
+    """Per bidder, the units it has committed since its state began (a new fleet starts at 0)."""
+    states = _in_replica(lambda ingress: ingress.desk.host.core.bidders.states())
+    return {agent_id: state["committed_units"] for agent_id, state in states.items()}
+
+
 def test_restart_of_serve_and_ray_keeps_answers(svc: Service) -> None:
+    """A stop and a start on the same journal: the answers and keys, the operator's profile,
+    and the bidders' live state (what they committed is still theirs) carry over."""
     first = svc.post(_order(7), key="restart-7")
     assert first.status_code == 200
     oid = first.json()["order_id"]
     before = svc.client.get(f"/orders/{oid}", headers=AUTH).json()
     assert svc.client.put("/strategy", json={"profile": "cost_first"}, headers=AUTH).status_code == 200
     segment = svc.client.get("/healthz").json()["segment"]
+    committed = _committed_units(svc)
+    assert sum(committed.values()) >= 2  # this module's orders, source and leg each
     svc.stop()
     svc.start()
+    assert _committed_units(svc) == committed  # not a new fleet: what was committed is still out
+    assert svc.client.get("/healthz").json()["fleet_state"]["from"] == "last_stop"
     after = svc.client.get(f"/orders/{oid}", headers=AUTH).json()
     assert after["award"] == before["award"] and after["status"] == before["status"]
     again = svc.post(_order(7), key="restart-7")

@@ -1,0 +1,88 @@
+"""The bidder fleet's state across a stop (`serve.fleet_state`): saved beside the journal, taken
+up only where the journal ends with it. No Ray: the bidders are `BidderHost`s on state dirs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agents.actor import BidderHost, fleet_specs
+from market.config import load_fleet
+from market.journal import JournalWriter
+from serve.fleet_state import carry_fleet, fleet_fingerprint, save_fleet, saved_fleet_path
+from tests.test_ray_runtime import FLEET, RIDERS_W, SEED, commit_first, quote_round
+
+FINGERPRINT = fleet_fingerprint(FLEET, SEED)
+
+
+def _stopped_run(tmp_path: Path) -> tuple[Path, Path, BidderHost]:
+    """A journal with a record, and a run dir whose rider pool committed one order and holds a round."""
+    journal = tmp_path / "j.bhj"
+    with JournalWriter(journal) as writer:
+        writer.append("run_started", shell="test")
+    run = tmp_path / "run-1"
+    run.mkdir()
+    host = BidderHost(RIDERS_W, str(run))
+    rnd, q = quote_round(host, 1)
+    commit_first(host, rnd, q)
+    return journal, run, host
+
+
+def test_a_clean_stop_is_taken_up_by_the_next_start(tmp_path: Path) -> None:
+    journal, run, host = _stopped_run(tmp_path)
+    assert save_fleet(run, journal, FINGERPRINT) == 1
+    new_run = tmp_path / "run-2"
+    new_run.mkdir()
+    origin = carry_fleet(journal, FINGERPRINT, new_run)
+    assert origin.carried and origin.facts()["from"] == "last_stop", origin
+    resumed = BidderHost(RIDERS_W, str(new_run))
+    assert resumed.carried and resumed.agent.committed_units == 1
+    assert resumed.agent.capacity_free() == host.agent.capacity_free()  # the rider is still out
+    assert not (new_run / "riders-w.carried").exists()
+    (tmp_path / "run-3").mkdir()
+    assert carry_fleet(journal, FINGERPRINT, tmp_path / "run-3").carried  # nothing written since
+    assert not carry_fleet(journal, FINGERPRINT, tmp_path / "no-such-dir").carried  # cannot copy: a new fleet
+
+
+@pytest.mark.parametrize("change, why", [
+    ("journal", "the journal has moved on"),
+    ("fleet", "the fleet or its seed changed"),
+    ("manifest", "manifest is unreadable"),
+    ("none_saved", "no fleet saved"),
+])
+def test_a_saved_fleet_the_journal_has_moved_on_from_is_not_taken_up(tmp_path: Path, change: str, why: str) -> None:
+    """After a crash the journal holds records the saved fleet never saw (the later run's
+    `run_started` at least); another fleet or seed is another world: a new fleet, saying why."""
+    journal, run, _ = _stopped_run(tmp_path)
+    save_fleet(run, journal, FINGERPRINT)
+    fingerprint = FINGERPRINT
+    if change == "journal":
+        with JournalWriter(journal) as writer:
+            writer.append("run_started", shell="test")
+    elif change == "fleet":
+        fingerprint = fleet_fingerprint(load_fleet("district"), SEED)
+        assert fleet_fingerprint(FLEET, SEED + 1) != FINGERPRINT
+    elif change == "manifest":
+        (saved_fleet_path(journal) / "manifest.json").write_text("{")
+    else:
+        saved_fleet_path(journal).rename(tmp_path / "elsewhere")
+    new_run = tmp_path / "run-2"
+    new_run.mkdir()
+    origin = carry_fleet(journal, fingerprint, new_run)
+    assert not origin.carried and why in origin.why, origin
+    assert not any(new_run.iterdir())
+    assert not BidderHost(RIDERS_W, str(new_run)).restored
+
+
+def test_a_save_replaces_the_last_one_whole(tmp_path: Path) -> None:
+    """A bidder that was in the last save and is not in this one is not carried."""
+    journal, run, _ = _stopped_run(tmp_path)
+    other = tmp_path / "run-0"
+    other.mkdir()
+    warehouse = fleet_specs(FLEET, SEED, "heuristic")[0]
+    BidderHost(warehouse, str(other))._snapshot()
+    assert save_fleet(other, journal, FINGERPRINT) == 1
+    assert save_fleet(run, journal, FINGERPRINT) == 1
+    saved = saved_fleet_path(journal)
+    assert sorted(p.name.split(".")[0] for p in saved.glob("*.snap")) == ["riders-w"]
+    assert not saved.with_name(saved.name + ".new").exists() and not saved.with_name(saved.name + ".old").exists()
