@@ -239,18 +239,19 @@ class BidderHost:
             return None
         try:
             snap = store.load()
+            spec = pickle.loads(snap["spec"]) if snap.get("version") == SNAPSHOT_VERSION else None
+            if spec is None or spec.agent_id != self.spec.agent_id:
+                logger.warning("%s: the snapshot in %s is not this agent's; starting fresh", self.spec.agent_id,
+                               store.directory)
+                return None
+            agent = thaw(snap["agent"], spec.env(), spec.agent)
         except Exception as err:  # noqa: BLE001 - a torn or foreign file: start fresh, loudly
             logger.warning("%s: unreadable snapshot in %s (%s); starting fresh", self.spec.agent_id, store.directory, err)
-            return None
-        spec = pickle.loads(snap["spec"]) if snap.get("version") == SNAPSHOT_VERSION else None
-        if spec is None or spec.agent_id != self.spec.agent_id:
-            logger.warning("%s: the snapshot in %s is not this agent's; starting fresh", self.spec.agent_id, store.directory)
             return None
         self.restored = True
         self.committed = snap["committed"]
         self.spec = spec
         self.strategy = resolve_strategy(self.spec.strategy)
-        agent = thaw(snap["agent"], self.spec.env(), self.spec.agent)
         logger.warning("%s: restored from snapshot (%d units held, %d committed)",
                        self.spec.agent_id, agent.holds.units, agent.committed_units)
         return agent

@@ -529,6 +529,19 @@ def ended_kept_live(batch: BatchCfg) -> int:
     return max(HOT_ENDED, 2 * batch.max_batch * batch.max_rounds_per_call * batch.in_flight)
 
 
+def _carried_as_told(origin: FleetOrigin, handles: dict[str, Any]) -> FleetOrigin:
+    """The origin as the bidders themselves report it: one whose carried snapshot did not
+    load started new (its actor logged why), and the answer says so."""
+    import ray
+
+    states = ray.get([h.state.remote() for h in handles.values()], timeout=60)
+    new = sorted(set(origin.agents) - {s["agent_id"] for s in states if s["carried"]})
+    if not new:
+        return origin
+    return FleetOrigin(False, f"{origin.why}; but {', '.join(new)} could not load theirs and started new",
+                       origin.agents)
+
+
 class SpawnedFleet(NamedTuple):
     """A service's bidder actors, their snapshot dir, and where their state came from."""
 
@@ -548,8 +561,11 @@ def spawn_fleet(cfg: ServeCfg) -> SpawnedFleet:
     try:
         fleet = load_fleet(cfg.fleet)
         origin = carry_fleet(Path(cfg.journal), fleet_fingerprint(fleet, cfg.seed), state)
+        handles = spawn_bidders(fleet_specs(fleet, cfg.seed, cfg.policy), state_dir=state)
+        if origin.carried:
+            origin = _carried_as_told(origin, handles)
         logger.info("bidder fleet: %s", origin.why)
-        return SpawnedFleet(spawn_bidders(fleet_specs(fleet, cfg.seed, cfg.policy), state_dir=state), state, origin)
+        return SpawnedFleet(handles, state, origin)
     except BaseException:
         shutil.rmtree(state, ignore_errors=True)
         raise

@@ -11,15 +11,18 @@ them carried, and each bidder takes its state over without the old run's holds
 (`agents.actor.BidderHost`).
 
 A saved fleet is taken up only where it is exactly the state the journal ends with: the
-same journal, nothing written to it since, the same fleet and seed. A bidder saves before
+same journal, nothing written to it since, the same fleet and seed, and the same agents'
+code (a snapshot unpickles into the classes of the code reading it). A bidder saves before
 it acknowledges a commit and the journal records the commit after the acknowledgement, so
 at a clean stop the snapshots hold every commit the journal holds. After a crash, or a
 stop cut short, the journal has moved on from the saved fleet (the later run's
-``run_started`` at least), and the start takes a new fleet, saying why. The bidding
-policy may change between runs: the bidders bid with the new one.
+``run_started`` at least), and the start takes a new fleet, saying why. A save is only
+written once each bidder's snapshot loads from the copy. The bidding policy may change
+between runs: the bidders bid with the new one.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,16 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import agents
+import market.packing
+from agents.actor import SNAPSHOT_VERSION
+from agents.durable import SnapshotStore
 from market.config import FleetCfg
 from market.journal import journal_files, journal_head, sync_dir
 
 logger = logging.getLogger("bidhive.serve")
 
-__all__ = ["FleetOrigin", "carry_fleet", "fleet_fingerprint", "journal_extent", "save_fleet", "saved_fleet_path"]
+__all__ = ["FleetOrigin", "FleetSaveError", "agents_code", "carry_fleet", "fleet_fingerprint", "journal_extent", "save_fleet", "saved_fleet_path"]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _SNAPSHOT_FILES = ("*.snap", "*.log")
+COPY_TRIES, COPY_RETRY_S = 5, 0.2
+
+
+class FleetSaveError(RuntimeError):
+    """The stopped fleet's snapshots could not be copied whole."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,12 @@ class FleetOrigin:
     Attributes:
         carried: the bidders resumed the state saved at the last stop.
         why: one line saying which, and why not when not.
+        agents: the bidders whose snapshots were carried.
     """
 
     carried: bool
     why: str
+    agents: tuple[str, ...] = ()
 
     def facts(self) -> dict[str, Any]:
         return {"from": "last_stop" if self.carried else "new", "why": self.why}
@@ -64,9 +78,24 @@ def saved_fleet_path(journal: Path) -> Path:
 
 
 def fleet_fingerprint(fleet: FleetCfg, seed: int) -> str:
-    """What a saved fleet must match: the resources as configured and the seed they were built with."""
-    blob = json.dumps({"fleet": fleet.model_dump(mode="json"), "seed": seed}, sort_keys=True)
+    """What a saved fleet must match: the resources as configured, the seed they were built
+    with, and the code that wrote the snapshots (`agents_code`)."""
+    blob = json.dumps({"fleet": fleet.model_dump(mode="json"), "seed": seed, "snapshot": SNAPSHOT_VERSION,
+                       "code": agents_code()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def agents_code() -> str:
+    """A hash of the agents' code and of what packs their state. A snapshot unpickles into the
+    classes of the code that reads it, skipping their constructors, so a state saved by other
+    code could lack what that code expects; an upgrade starts a new fleet instead."""
+    digest = hashlib.sha256()
+    for module in (agents, market.packing):
+        files = sorted(Path(module.__file__).parent.glob("*.py")) if module is agents else [Path(module.__file__)]
+        for file in files:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def journal_extent(journal: Path) -> dict[str, Any] | None:
@@ -82,16 +111,17 @@ def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
     """Copies a stopped fleet's snapshots beside its (closed) journal, replacing an older save;
     returns how many bidders were saved.
 
-    The copy is complete before it takes the place of the old one, so a crash part way
-    leaves the old save (which the journal has moved on from) or none, never half of one.
+    The copy is complete, and each agent's snapshot loads from it, before it takes the
+    place of the old one, so a crash part way leaves the old save (which the journal has
+    moved on from) or none, never half of one.
+
+    Raises:
+        FleetSaveError: a snapshot did not load from its copy (nothing is saved).
+        OSError: the copy failed (nothing is saved).
     """
     source, target = Path(state_dir), saved_fleet_path(journal)
     staging = target.with_name(target.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    files = [f for pattern in _SNAPSHOT_FILES for f in source.glob(pattern)]
-    for file in files:
-        shutil.copy2(file, staging / file.name)
+    _copy_whole(source, staging)
     manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "journal": journal_extent(journal),
                 "saved_unix": time.time()}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -106,11 +136,44 @@ def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
     return len(_agent_ids(target))
 
 
+def _copy_whole(source: Path, staging: Path) -> None:
+    """Copies a state dir's snapshots and checks that each agent's loads from the copy.
+
+    A bidder still finishing a save (a call the stop did not wait for) can leave a copy whose
+    newest slot names a log the copy missed; loading it would then start that bidder new.
+    Such a copy is taken again, and after `COPY_TRIES` the save is given up (the next start
+    takes a new fleet, and says so) rather than keeping a state that does not load.
+    """
+    for attempt in range(COPY_TRIES):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for pattern in _SNAPSHOT_FILES:
+            for file in source.glob(pattern):
+                shutil.copy2(file, staging / file.name)
+        unreadable = [a for a in _agent_ids(staging) if not _loads(staging, a)]
+        if not unreadable:
+            return
+        time.sleep(COPY_RETRY_S * (attempt + 1))
+    shutil.rmtree(staging, ignore_errors=True)
+    raise FleetSaveError(f"the snapshots of {', '.join(unreadable)} did not load from a copy after {COPY_TRIES} tries")
+
+
+def _loads(directory: Path, agent_id: str) -> bool:
+    try:
+        SnapshotStore(directory, agent_id).load()
+    except Exception:  # noqa: BLE001 - whatever the reason, this copy is not the state
+        return False
+    return True
+
+
 def carry_fleet(journal: Path, fingerprint: str, state_dir: str | Path) -> FleetOrigin:
     """Copies the fleet saved at the last stop into a new fleet's state dir, marked carried,
     when it is the state the journal ends with; else leaves the dir empty. Says which."""
     saved = saved_fleet_path(journal)
-    why_not = _mismatch(saved, journal, fingerprint)
+    try:
+        why_not = _mismatch(saved, journal, fingerprint)
+    except Exception as err:  # noqa: BLE001 - a journal this cannot read: the desk's start will say more
+        why_not = f"the journal could not be read ({err})"
     if why_not is not None:
         return FleetOrigin(False, why_not)
     agents, target = _agent_ids(saved), Path(state_dir)
@@ -125,7 +188,7 @@ def carry_fleet(journal: Path, fingerprint: str, state_dir: str | Path) -> Fleet
             file.unlink(missing_ok=True)
         return FleetOrigin(False, f"the saved fleet could not be copied ({err})")
     return FleetOrigin(True, f"the state saved at the last stop ({len(agents)} bidders had one; a bidder "
-                             "that had committed nothing yet starts new, as it was)")
+                             "that had committed nothing yet starts new, as it was)", tuple(agents))
 
 
 def _mismatch(saved: Path, journal: Path, fingerprint: str) -> str | None:
@@ -139,7 +202,7 @@ def _mismatch(saved: Path, journal: Path, fingerprint: str) -> str | None:
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         return "the saved fleet has another format"
     if manifest.get("fingerprint") != fingerprint:
-        return "the fleet or its seed changed since it was saved"
+        return "the fleet, its seed or the agents' code changed since it was saved"
     if manifest.get("journal") != journal_extent(journal):
         return "the journal has moved on since the fleet was saved (the last stop did not save it)"
     return None

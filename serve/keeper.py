@@ -175,7 +175,7 @@ def _stop_desk(desk: OrderDesk, state_dir: str | None) -> None:
     try:
         if kill is not None:
             kill()
-        if closed and state_dir:
+        if closed and not desk.host.alive and state_dir:  # a loop still running may still commit
             _save_fleet(desk, state_dir)
     finally:
         _stop_fleet(None, state_dir)
@@ -186,7 +186,7 @@ def _save_fleet(desk: OrderDesk, state_dir: str) -> None:
     try:
         saved = save_fleet(state_dir, Path(desk.cfg.journal), fleet_fingerprint(desk.fleet_cfg, desk.cfg.seed))
         logger.info("saved the state of %d bidders beside the journal for the next start", saved)
-    except OSError:
+    except Exception:  # noqa: BLE001 - the stop goes on: only the carry-over is lost
         logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")
 
 

@@ -9,7 +9,8 @@ import pytest
 from agents.actor import BidderHost, fleet_specs
 from market.config import load_fleet
 from market.journal import JournalWriter
-from serve.fleet_state import carry_fleet, fleet_fingerprint, save_fleet, saved_fleet_path
+from serve import fleet_state
+from serve.fleet_state import FleetSaveError, carry_fleet, fleet_fingerprint, save_fleet, saved_fleet_path
 from tests.test_ray_runtime import FLEET, RIDERS_W, SEED, commit_first, quote_round
 
 FINGERPRINT = fleet_fingerprint(FLEET, SEED)
@@ -46,11 +47,13 @@ def test_a_clean_stop_is_taken_up_by_the_next_start(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change, why", [
     ("journal", "the journal has moved on"),
-    ("fleet", "the fleet or its seed changed"),
+    ("fleet", "the fleet, its seed or the agents' code changed"),
+    ("code", "the fleet, its seed or the agents' code changed"),
     ("manifest", "manifest is unreadable"),
     ("none_saved", "no fleet saved"),
 ])
-def test_a_saved_fleet_the_journal_has_moved_on_from_is_not_taken_up(tmp_path: Path, change: str, why: str) -> None:
+def test_a_saved_fleet_the_journal_has_moved_on_from_is_not_taken_up(tmp_path: Path, change: str, why: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """After a crash the journal holds records the saved fleet never saw (the later run's
     `run_started` at least); another fleet or seed is another world: a new fleet, saying why."""
     journal, run, _ = _stopped_run(tmp_path)
@@ -62,6 +65,9 @@ def test_a_saved_fleet_the_journal_has_moved_on_from_is_not_taken_up(tmp_path: P
     elif change == "fleet":
         fingerprint = fleet_fingerprint(load_fleet("district"), SEED)
         assert fleet_fingerprint(FLEET, SEED + 1) != FINGERPRINT
+    elif change == "code":  # an upgrade: the snapshots would unpickle into other classes
+        monkeypatch.setattr(fleet_state, "agents_code", lambda: "other code")
+        fingerprint = fleet_fingerprint(FLEET, SEED)
     elif change == "manifest":
         (saved_fleet_path(journal) / "manifest.json").write_text("{")
     else:
@@ -86,3 +92,28 @@ def test_a_save_replaces_the_last_one_whole(tmp_path: Path) -> None:
     saved = saved_fleet_path(journal)
     assert sorted(p.name.split(".")[0] for p in saved.glob("*.snap")) == ["riders-w"]
     assert not saved.with_name(saved.name + ".new").exists() and not saved.with_name(saved.name + ".old").exists()
+
+
+def test_a_copy_that_does_not_load_is_not_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bidder still writing while the stop copies (its newest slot names a log the copy
+    missed): the copy is taken again, and given up if it never loads; the last save stays."""
+    journal, run, host = _stopped_run(tmp_path)
+    save_fleet(run, journal, FINGERPRINT)
+    manifest = (saved_fleet_path(journal) / "manifest.json").read_text()
+    for log in run.glob("*.log"):
+        log.unlink()  # as if the copy listed the files before the bidder started a new log
+    monkeypatch.setattr(fleet_state, "COPY_RETRY_S", 0.0)
+    with pytest.raises(FleetSaveError, match="riders-w"):
+        save_fleet(run, journal, FINGERPRINT)
+    assert (saved_fleet_path(journal) / "manifest.json").read_text() == manifest
+    assert not saved_fleet_path(journal).with_name("j.bhj.fleet.new").exists()
+
+
+def test_a_snapshot_this_code_cannot_unpickle_starts_the_bidder_new(tmp_path: Path) -> None:
+    """A snapshot from other code (here: a spec that no longer unpickles) is one warning and
+    a new agent, not an actor that fails to start at every try."""
+    host = BidderHost(RIDERS_W, str(tmp_path))
+    host._spec_blob = b"not a pickle"
+    host._snapshot()
+    again = BidderHost(RIDERS_W, str(tmp_path))
+    assert not again.restored and again.agent.committed_units == 0

@@ -432,7 +432,7 @@ def test_a_desk_whose_round_loop_dies_is_restarted_and_resumes_its_orders(svc: S
     assert svc.post(_order(4001)).status_code == 200  # the new desk trades as usual
     again_fleet = _bidder_pids(svc)
     assert len(again_fleet) == 9 and set(again_fleet).isdisjoint(fleet)  # new bidder processes, the old ones gone
-    print("fleet_state after a desk restart:", health.json()["fleet_state"])
+    assert health.json()["fleet_state"]["from"] == "last_stop"  # on the old processes' saved state
 
 
 def test_a_poison_order_is_given_up_and_the_service_trades_on(svc: Service) -> None:
