@@ -252,8 +252,9 @@ class BidderHost:
         self.committed = snap["committed"]
         self.spec = spec
         self.strategy = resolve_strategy(self.spec.strategy)
-        logger.warning("%s: restored from snapshot (%d units held, %d committed)",
-                       self.spec.agent_id, agent.holds.units, agent.committed_units)
+        if not store.carried_marker.exists():  # a carried state is expected: its take-over logs it
+            logger.warning("%s: restored from snapshot (%d units held, %d committed)",
+                           self.spec.agent_id, agent.holds.units, agent.committed_units)
         return agent
 
     def _take_over_carried(self, spec: AgentSpec) -> bool:
@@ -275,8 +276,8 @@ class BidderHost:
             held = self.agent.forget_rounds()
             self.committed = CommitMemory(COMMIT_MEMORY)
             self._snapshot()
-            logger.warning("%s: carried over from the previous run (%d units committed; %d held units dropped)",
-                           self.spec.agent_id, self.agent.committed_units, held)
+            logger.info("%s: carried over from the previous run (%d units committed; %d held units dropped)",
+                        self.spec.agent_id, self.agent.committed_units, held)
         marker.unlink(missing_ok=True)
         return self.restored
 

@@ -245,7 +245,7 @@ class BidhiveIngress:
         """200 when the auctioneer runs and bidders answer; 503 otherwise."""
         ok, facts = await asyncio.to_thread(self.desk.health)
         facts["desk_restarts"] = self.keeper.restarts
-        facts["fleet_state"] = self.keeper.fleet_origin.facts()
+        facts["fleet_state"] = self.desk.fleet_origin.facts()
         return JSONResponse(facts, status_code=200 if ok else 503)
 
     @api.get("/metrics", response_class=PlainTextResponse, dependencies=_AUTH)

@@ -25,15 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from agents.actor import AgentSpec, fleet_specs
+from agents.base import Agent
 from market.auctioneer import AuctioneerCore, RoundRecord
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
+from market.engine import LocalBidders
 from market.journal import journal_head
 from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
-from serve.fleet_state import FleetOrigin, carry_fleet, fleet_fingerprint
+from serve.fleet_state import FleetOrigin, as_taken, carry_fleet, carry_into, fleet_fingerprint, save_agents
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
@@ -98,15 +101,20 @@ class OrderDesk:
         failed_rounds: per order id, the rounds with that order in them that killed the
             round loops of the desks before this one (`serve.keeper` counts them); see
             `DROP_AFTER_FAILED_ROUNDS`.
+        fleet_origin: where the bidder actors' state came from (`spawn_fleet`); agents
+            run in this process take up the state saved at the last stop here instead.
 
     Attributes:
         failed_rounds: those counts for the orders this desk trades again.
+        fleet_origin: where the bidders' state came from (`serve.fleet_state`).
     """
 
     def __init__(self, cfg: ServeCfg, handles: dict[str, Any] | None = None,
-                 wall: Callable[[], float] = time.time, failed_rounds: Mapping[str, int] | None = None) -> None:
+                 wall: Callable[[], float] = time.time, failed_rounds: Mapping[str, int] | None = None,
+                 fleet_origin: FleetOrigin | None = None) -> None:
         self.cfg = cfg
         self.wall = wall
+        self.fleet_origin = fleet_origin or FleetOrigin(False, "the bidders' state was not looked for")
         self.failed_rounds: dict[str, int] = dict(failed_rounds or {})
         self.fleet_cfg = load_fleet(cfg.fleet)
         journal = Path(cfg.journal)
@@ -146,6 +154,9 @@ class OrderDesk:
                               keep_ended=HOT_ENDED)  # the index answers for ended orders
         self.host = AuctioneerHost(spec, handles, start=False, recorder=self.recorder, on_end=self._ended,
                                    on_round=self._round_settled)
+        if handles is None:  # before `run_started`: the saved state must be what the journal ends with
+            self.fleet_origin = carry_into(self._agents(), self._specs(), journal, self._fingerprint())
+            logger.info("bidders in the service: %s", self.fleet_origin.why)
         self.recorder.run_started(self._run_info())
         self.segment = self.index.segments
         self._resume()
@@ -521,6 +532,30 @@ class OrderDesk:
             logger.exception("the journal could not start a new file at shutdown")
         self.recorder.close()
         self.checkpoints.close()
+        if self._local and not self.host.alive:
+            self._save_local_fleet()
+
+    def _save_local_fleet(self) -> None:
+        """The agents run in this process, saved beside the closed journal as a bidder fleet's
+        are (`serve.fleet_state`); a failure costs only the carry-over."""
+        try:
+            saved = save_agents(self._agents(), self._specs(), Path(self.cfg.journal), self._fingerprint())
+            logger.info("saved the state of %d bidders beside the journal for the next start", saved)
+        except Exception:  # noqa: BLE001 - the stop goes on
+            logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")
+
+    @property
+    def _local(self) -> bool:
+        return isinstance(self.host.core.bidders, LocalBidders)
+
+    def _agents(self) -> list[Agent]:
+        return self.host.core.engine.fleet.agents
+
+    def _specs(self) -> list[AgentSpec]:
+        return fleet_specs(self.fleet_cfg, self.cfg.seed, self.cfg.policy)
+
+    def _fingerprint(self) -> str:
+        return fleet_fingerprint(self.fleet_cfg, self.cfg.seed)
 
 
 def ended_kept_live(batch: BatchCfg) -> int:
@@ -535,11 +570,7 @@ def _carried_as_told(origin: FleetOrigin, handles: dict[str, Any]) -> FleetOrigi
     import ray
 
     states = ray.get([h.state.remote() for h in handles.values()], timeout=60)
-    new = sorted(set(origin.agents) - {s["agent_id"] for s in states if s["carried"]})
-    if not new:
-        return origin
-    return FleetOrigin(False, f"{origin.why}; but {', '.join(new)} could not load theirs and started new",
-                       origin.agents)
+    return as_taken(origin, {s["agent_id"] for s in states if s["carried"]})
 
 
 class SpawnedFleet(NamedTuple):
@@ -553,7 +584,7 @@ class SpawnedFleet(NamedTuple):
 def spawn_fleet(cfg: ServeCfg) -> SpawnedFleet:
     """Starts one bidder actor per resource of the fleet, on the state saved at the last
     stop where the journal ends with it (`serve.fleet_state`), else new."""
-    from agents.actor import default_state_root, fleet_specs
+    from agents.actor import default_state_root
     from runtime.ray_bidders import spawn_bidders
 
     prefix = os.environ.get(FLEET_DIR_PREFIX_ENV) or FLEET_DIR_PREFIX

@@ -8,7 +8,9 @@ snapshots (`agents.durable`) to ``J.fleet/`` beside the journal's first file, wi
 ``manifest.json`` naming the fleet (`fleet_fingerprint`) and the journal as it was then
 (`journal_extent`). The next start copies them into its own fleet's state dir and marks
 them carried, and each bidder takes its state over without the old run's holds
-(`agents.actor.BidderHost`).
+(`agents.actor.BidderHost`). Agents that run inside the service (``bidders: local``) are
+saved and taken over through the same files and the same `BidderHost` code
+(`save_agents`, `carry_into`).
 
 A saved fleet is taken up only where it is exactly the state the journal ends with: the
 same journal, nothing written to it since, the same fleet and seed, and the same agents'
@@ -28,21 +30,24 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import agents
 import market.packing
-from agents.actor import SNAPSHOT_VERSION
+from agents.actor import SNAPSHOT_VERSION, AgentSpec, BidderHost, default_state_root
+from agents.base import Agent
 from agents.durable import SnapshotStore
 from market.config import FleetCfg
 from market.journal import journal_files, journal_head, sync_dir
 
 logger = logging.getLogger("bidhive.serve")
 
-__all__ = ["FleetOrigin", "FleetSaveError", "agents_code", "carry_fleet", "fleet_fingerprint", "journal_extent", "save_fleet", "saved_fleet_path"]
+__all__ = ["FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "fleet_fingerprint", "journal_extent", "save_agents", "save_fleet", "saved_fleet_path"]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -189,6 +194,48 @@ def carry_fleet(journal: Path, fingerprint: str, state_dir: str | Path) -> Fleet
         return FleetOrigin(False, f"the saved fleet could not be copied ({err})")
     return FleetOrigin(True, f"the state saved at the last stop ({len(agents)} bidders had one; a bidder "
                              "that had committed nothing yet starts new, as it was)", tuple(agents))
+
+
+def save_agents(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Path, fingerprint: str) -> int:
+    """`save_fleet` for agents that ran inside the service (``bidders: local``): each is
+    saved as its bidder actor would save it, then the lot is saved beside the journal."""
+    by_id = {spec.agent_id: spec for spec in specs}
+    with tempfile.TemporaryDirectory(prefix="bidhive-local-fleet-", dir=default_state_root()) as tmp:
+        for agent in agents:
+            host = BidderHost(by_id[agent.agent_id], tmp)
+            host.agent = agent
+            host._snapshot()
+            host.store.close()  # type: ignore[union-attr] - it has a state dir
+        return save_fleet(tmp, journal, fingerprint)
+
+
+def carry_into(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Path, fingerprint: str) -> FleetOrigin:
+    """`carry_fleet` for agents that run inside the service: each agent object (the engine
+    holds them) takes over its saved state as its bidder actor would (`BidderHost`)."""
+    by_id = {spec.agent_id: spec for spec in specs}
+    with tempfile.TemporaryDirectory(prefix="bidhive-local-fleet-", dir=default_state_root()) as tmp:
+        origin = carry_fleet(journal, fingerprint, tmp)
+        if not origin.carried:
+            return origin
+        taken = set()
+        for agent in agents:
+            if agent.agent_id in origin.agents:
+                host = BidderHost(by_id[agent.agent_id], tmp)
+                if host.carried:
+                    agent.__dict__.update({k: v for k, v in host.agent.__dict__.items() if k not in ("env", "cfg")})
+                    taken.add(agent.agent_id)
+                if host.store is not None:
+                    host.store.close()
+    return as_taken(origin, taken)
+
+
+def as_taken(origin: FleetOrigin, taken: set[str]) -> FleetOrigin:
+    """The origin as the bidders took it: one whose saved state did not load started new."""
+    new = sorted(set(origin.agents) - taken)
+    if not new:
+        return origin
+    return FleetOrigin(False, f"{origin.why}; but {', '.join(new)} could not load theirs and started new",
+                       origin.agents)
 
 
 def _mismatch(saved: Path, journal: Path, fingerprint: str) -> str | None:

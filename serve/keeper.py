@@ -36,12 +36,9 @@ from typing import Any
 from runtime import gc_pauses
 from serve.config import ServeCfg
 from serve.desk import OrderDesk, SpawnedFleet, spawn_fleet
-from serve.fleet_state import FleetOrigin, fleet_fingerprint, save_fleet
+from serve.fleet_state import fleet_fingerprint, save_fleet
 
 logger = logging.getLogger("bidhive.serve")
-
-#: A fleet run inside the replica keeps no snapshots, so nothing outlives a stop.
-IN_PROCESS = FleetOrigin(False, "the bidders run inside the service (bidders: local): their state starts new at each start")
 
 #: How often the keeper looks at the round loop; how long a desk must have run for its
 #: death to be restarted at once; the waits before restarting one that died sooner, and
@@ -62,10 +59,6 @@ class DeskKeeper:
         cfg: the service settings (the same for every desk it starts).
         fleet: starts the bidder fleet; None runs the agents in-process.
         watch_period_s: how often the watchdog thread looks at the round loop.
-
-    Attributes:
-        fleet_origin: where the current fleet's state came from: the one saved when the
-            last desk or service stopped (`serve.fleet_state`), or new, and why.
     """
 
     def __init__(self, cfg: ServeCfg,
@@ -84,12 +77,9 @@ class DeskKeeper:
         self._thread.start()
 
     def _start(self, failed_rounds: dict[str, int] | None = None) -> tuple[OrderDesk, str | None]:
-        if self._fleet is None:
-            handles, state, self.fleet_origin = None, None, IN_PROCESS
-        else:
-            handles, state, self.fleet_origin = self._fleet(self.cfg)
+        handles, state, origin = self._fleet(self.cfg) if self._fleet is not None else (None, None, None)
         try:
-            return OrderDesk(self.cfg, handles, failed_rounds=failed_rounds), state
+            return OrderDesk(self.cfg, handles, failed_rounds=failed_rounds, fleet_origin=origin), state
         except Exception:  # an interrupt ends the process, and the actors with their owner
             _stop_fleet(handles, state)
             raise

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -167,6 +168,48 @@ def test_a_restart_keeps_keys_and_resumes_orders_that_had_not_ended(tmp_path: Pa
         assert err.value.status == 422
     finally:
         desk.close()
+
+
+def _physical(desk: OrderDesk) -> dict[str, tuple[Any, ...]]:
+    """Per bidder, what it is doing: its committed units, its free capacity, its pending jobs,
+    and a warehouse's stock and the stock its holds take."""
+    return {a.agent_id: (a.committed_units, a.capacity_free(), len(a._completions),
+                         getattr(a, "stock", np.zeros(0)).tolist(), int(getattr(a, "held_stock", np.zeros(0)).sum()))
+            for a in desk._agents()}
+
+
+def test_a_restart_resumes_the_bidders_where_the_stop_left_them(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bidders in the service's process (`bidders: local`): a clean stop saves them and the
+    next start resumes them, riders out and stock sold as they were; a stop that could not
+    save leaves a journal that has moved on, and the start after it takes a new fleet."""
+    journal = tmp_path / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    assert not desk.fleet_origin.carried and "no fleet saved" in desk.fleet_origin.why
+    answers = [_place(desk, i, destination={"lat": 31.2304 + 0.003 * i, "lon": 121.4737}) for i in range(10)]
+    assert sum(a["status"] == "awarded" for a in answers) >= 5
+    before = _physical(desk)
+    desk.close()
+    assert (journal.parent / "j.bhj.fleet" / "manifest.json").exists()
+    desk = OrderDesk(_cfg(journal))
+    try:
+        assert desk.fleet_origin.carried, desk.fleet_origin
+        assert _physical(desk) == before
+        assert sum(v[0] for v in before.values()) >= 10  # a source and a leg per award
+        _place(desk, 99)
+    finally:
+        monkeypatch.setattr("serve.desk.save_agents", _raises)
+        desk.close()  # as a crash would: nothing saved after this run's records
+    desk = OrderDesk(_cfg(journal))
+    try:
+        assert not desk.fleet_origin.carried and "moved on" in desk.fleet_origin.why
+        assert all(v[0] == 0 for v in _physical(desk).values())
+    finally:
+        desk.close()
+
+
+def _raises(*_: Any) -> None:
+    raise OSError("injected: the disk is full")
 
 
 def test_a_desk_takes_the_journal_before_it_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
