@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import agents
+import agents as agents_package
 import market.packing
 from agents.actor import SNAPSHOT_VERSION, AgentSpec, BidderHost, default_state_root
 from agents.base import Agent
@@ -47,7 +47,10 @@ from market.journal import journal_files, journal_head, sync_dir
 
 logger = logging.getLogger("bidhive.serve")
 
-__all__ = ["FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "fleet_fingerprint", "journal_extent", "save_agents", "save_fleet", "saved_fleet_path"]
+__all__ = [
+    "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "fleet_fingerprint",
+    "journal_extent", "save_agents", "save_fleet", "saved_fleet_path",
+]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -74,6 +77,7 @@ class FleetOrigin:
     agents: tuple[str, ...] = ()
 
     def facts(self) -> dict[str, Any]:
+        """What ``/healthz`` shows."""
         return {"from": "last_stop" if self.carried else "new", "why": self.why}
 
 
@@ -96,8 +100,9 @@ def agents_code() -> str:
     classes of the code that reads it, skipping their constructors, so a state saved by other
     code could lack what that code expects; an upgrade starts a new fleet instead."""
     digest = hashlib.sha256()
-    for module in (agents, market.packing):
-        files = sorted(Path(module.__file__).parent.glob("*.py")) if module is agents else [Path(module.__file__)]
+    for module in (agents_package, market.packing):
+        path = Path(str(module.__file__))
+        files = sorted(path.parent.glob("*.py")) if module is agents_package else [path]
         for file in files:
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -244,6 +245,17 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def fleet_line(url: str) -> str:
+    """A line on where the bidders' state came from, as ``/healthz`` says (none if it cannot)."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5.0) as answer:
+            state = json.loads(answer.read())["fleet_state"]
+        resumed = state["from"] == "last_stop"
+        return f"\nBidders: {'resumed' if resumed else 'new'} ({state['why']})"
+    except (OSError, ValueError, KeyError, TypeError):  # a degraded service answers 503: no line then
+        return ""
+
+
 def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = print,
                 stop: threading.Event | None = None) -> None:
     """Runs the service until `stop` is set (by default: until SIGINT or SIGTERM)."""
@@ -260,7 +272,7 @@ def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = prin
         token = bool(cfg.token or os.environ.get("BIDHIVE_TOKEN"))
         say(f"bidhive is serving on {url} ({cfg.bidders} bidders, journal {cfg.journal}, "
             f"ready in {time.perf_counter() - started:.1f} s). Place an order:\n  {curl_example(url, token)}\n"
-            f"API docs: {url}/docs   Stop: Ctrl-C")
+            f"API docs: {url}/docs   Stop: Ctrl-C{fleet_line(url)}")
         while not stop.wait(0.5):
             pass
     finally:

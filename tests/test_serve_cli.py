@@ -112,6 +112,7 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         assert proc.wait(timeout=90) == 0
         said = proc.stdout.read()
         assert "bidhive stopped" in said and "failed" not in said, said  # Serve's own shutdown noise too
+        assert "Bidders: new (no fleet saved beside the journal)" in said, said
     finally:
         stop_load.set()
         if proc.poll() is None:
