@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.actor import capacity_violations
 from market.engine import LocalBidders
 from market.journal import MAGIC, journal_files, read_journal
 from market.journal_recorder import JournalRecorder
@@ -206,6 +207,29 @@ def test_a_restart_resumes_the_bidders_where_the_stop_left_them(tmp_path: Path,
         assert all(v[0] == 0 for v in _physical(desk).values())
     finally:
         desk.close()
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=4))
+def test_no_commit_is_lost_or_doubled_across_stops_and_starts(tmp_path_factory: pytest.TempPathFactory,
+                                                              sessions: list[int]) -> None:
+    """Any pattern of stops and starts between orders (`sessions`: the orders of each run):
+    the bidders hold each award's two commits exactly once (committed units = 2 x the awards
+    so far; nothing is refused or cancelled here), and no bidder is past its capacity."""
+    journal = tmp_path_factory.mktemp("restarts") / "j.bhj"
+    awarded = 0
+    for run, orders in enumerate(sessions):
+        desk = OrderDesk(_cfg(journal))
+        try:
+            assert desk.fleet_origin.carried == (run > 0), desk.fleet_origin
+            for i in range(orders):
+                answer = _place(desk, 10 * run + i, destination={"lat": 31.2304 + 0.002 * i, "lon": 121.4737})
+                awarded += answer["status"] == "awarded"
+            agents = desk._agents()
+            assert sum(a.committed_units for a in agents) == 2 * awarded
+            assert not [v for a in agents for v in capacity_violations(a, desk.market_now())]
+        finally:
+            desk.close()
 
 
 def _raises(*_: Any) -> None:
