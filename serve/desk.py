@@ -36,7 +36,9 @@ from market.replay import order_from_record
 from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
-from serve.fleet_state import FleetOrigin, as_taken, carry_fleet, carry_into, fleet_fingerprint, save_agents
+from serve.fleet_state import (
+    FleetOrigin, as_taken, carry_fleet, carry_into, fleet_fingerprint, save_agents, save_fleet,
+)
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
@@ -532,14 +534,20 @@ class OrderDesk:
             logger.exception("the journal could not start a new file at shutdown")
         self.recorder.close()
         self.checkpoints.close()
-        if self._local and not self.host.alive:
-            self._save_local_fleet()
+        if self._local:
+            self.save_fleet()
 
-    def _save_local_fleet(self) -> None:
-        """The agents run in this process, saved beside the closed journal as a bidder fleet's
-        are (`serve.fleet_state`); a failure costs only the carry-over."""
+    def save_fleet(self, state_dir: str | None = None) -> None:
+        """Saves the bidders' state beside the closed journal for the next start
+        (`serve.fleet_state`): the bidder actors' snapshots in `state_dir` (once the actors
+        are stopped), or the agents run in this process. Only once the round loop has
+        ended, which may still commit otherwise; a failure costs only the carry-over."""
+        if self.host.alive or (state_dir is None and not self._local):
+            return
+        journal, fingerprint = Path(self.cfg.journal), self._fingerprint()
         try:
-            saved = save_agents(self._agents(), self._specs(), Path(self.cfg.journal), self._fingerprint())
+            saved = save_fleet(state_dir, journal, fingerprint) if state_dir else \
+                save_agents(self._agents(), self._specs(), journal, fingerprint)
             logger.info("saved the state of %d bidders beside the journal for the next start", saved)
         except Exception:  # noqa: BLE001 - the stop goes on
             logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")

@@ -30,13 +30,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from runtime import gc_pauses
 from serve.config import ServeCfg
 from serve.desk import OrderDesk, SpawnedFleet, spawn_fleet
-from serve.fleet_state import fleet_fingerprint, save_fleet
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -165,19 +163,10 @@ def _stop_desk(desk: OrderDesk, state_dir: str | None) -> None:
     try:
         if kill is not None:
             kill()
-        if closed and not desk.host.alive and state_dir:  # a loop still running may still commit
-            _save_fleet(desk, state_dir)
+        if closed and state_dir:
+            desk.save_fleet(state_dir)
     finally:
         _stop_fleet(None, state_dir)
-
-
-def _save_fleet(desk: OrderDesk, state_dir: str) -> None:
-    """The stopped fleet's snapshots, beside the closed journal; a failure costs only the carry-over."""
-    try:
-        saved = save_fleet(state_dir, Path(desk.cfg.journal), fleet_fingerprint(desk.fleet_cfg, desk.cfg.seed))
-        logger.info("saved the state of %d bidders beside the journal for the next start", saved)
-    except Exception:  # noqa: BLE001 - the stop goes on: only the carry-over is lost
-        logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")
 
 
 def _stop_fleet(handles: dict[str, Any] | None, state_dir: str | None) -> None:
