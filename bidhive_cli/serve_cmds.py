@@ -4,11 +4,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from bidhive_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from serve.config import ServeCfg
 
 
 def _preflight(journal: str) -> None:
@@ -49,6 +52,21 @@ def _claim_port(host: str, port: int) -> None:
                         "pick another with --port")
 
 
+def _check_names(cfg: ServeCfg) -> None:
+    """The fleet, policy and profile the service would load, checked before Ray starts: a
+    misspelt name is one line at once, not a service that fails to start a minute later."""
+    from market.config import load_fleet, load_profile
+    from policies.registry import make_policy
+
+    load_fleet(cfg.fleet)
+    load_profile(cfg.profile)
+    if cfg.policy.startswith("rl:"):
+        if not Path(cfg.policy[3:]).is_file():
+            raise UserError(f"policy file {cfg.policy[3:]} not found")
+    else:
+        make_policy(cfg.policy)
+
+
 def serve(
     config: Annotated[Optional[Path], typer.Option(help="Serve config (default: configs/serve.yaml).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -63,8 +81,7 @@ def serve(
     from serve.runner import ServiceStartError, run_service
 
     cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
-    if cfg.policy.startswith("rl:") and not Path(cfg.policy[3:]).is_file():
-        raise UserError(f"policy file {cfg.policy[3:]} not found")
+    _check_names(cfg)
     _preflight(cfg.journal)
     _claim_port(listen.host, listen.port)
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()

@@ -223,17 +223,22 @@ def available(folder: str) -> list[str]:
 
 def load_fleet(name_or_path: str = "default") -> FleetCfg:
     """Loads a fleet by name (configs/fleets/NAME.yaml) or path."""
-    path = _resolve(name_or_path, "fleets")
+    path = _resolve_known(name_or_path, "fleets", "fleet")
     return parse_model(FleetCfg, _read_yaml(path), str(path))
 
 
 def load_scenario(name_or_path: str) -> ScenarioCfg:
     """Loads a scenario by name (configs/scenarios/NAME.yaml) or path."""
-    path = _resolve(name_or_path, "scenarios")
-    if not path.is_file() and not Path(name_or_path).suffix:
-        known = ", ".join(available("scenarios"))
-        raise ConfigError(f"unknown scenario '{name_or_path}' (known: {known})")
+    path = _resolve_known(name_or_path, "scenarios", "scenario")
     return parse_model(ScenarioCfg, _read_yaml(path), str(path))
+
+
+def _resolve_known(name_or_path: str, folder: str, what: str) -> Path:
+    """`_resolve`, with the shipped names in the error when a bare name is not one of them."""
+    path = _resolve(name_or_path, folder)
+    if not path.is_file() and not Path(name_or_path).suffix:
+        raise ConfigError(f"unknown {what} '{name_or_path}' (known: {', '.join(available(folder))})")
+    return path
 
 
 def load_profiles(path: str | Path | None = None) -> dict[str, ProfileCfg]:

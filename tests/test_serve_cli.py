@@ -161,6 +161,8 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
     (["--config", "no-such.yaml"], "no-such.yaml: file not found"),
     (["--port", "0"], "--port"),
     (["--bidders", "threads"], "bidders"),
+    (["--fleet", "nope"], "unknown fleet 'nope' (known: default, district, metro)"),  # before Ray starts
+    (["--policy", "cheapest"], "unknown policy 'cheapest'"),
 ])
 def test_bad_serve_arguments_are_one_line_and_exit_2(args: list[str], says: str) -> None:
     run = subprocess.run([str(BIN), "serve", *args], capture_output=True, text=True, timeout=60)
