@@ -54,6 +54,8 @@ def train(
         raise UserError(f"unknown kind '{kind}' (known: {', '.join(k.value for k in Kind)})") from None
     if peers is not None and not (peers.startswith("rl:") and Path(peers[3:]).is_file()):
         raise UserError(f"--peers must be rl:PATH to an existing policy.zip, got '{peers}'")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the run")
     if out.exists() and (out / "policy.zip").exists():
         raise UserError(f"{out} already holds a trained policy: give a new --out folder")
     from policies.train import TrainArgs, train as run_training
@@ -68,6 +70,24 @@ def train(
     (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     typer.echo(json.dumps({k: card[k] for k in ("algo", "scenario", "seed", "timesteps", "learn_wall_s", "wall_s")}, sort_keys=True))
     typer.echo(f"wrote {out / 'policy.zip'}, {out / 'card.json'}, {out / 'learning_curve.png'}")
+
+
+def _usable(policy: Path) -> None:
+    """A policy file the rl row can bid with. The live bidders fall back to the heuristic on
+    one that is not (`policies.rl.RLPolicy`); an evaluation of that fallback would report
+    the heuristic under the policy's name, so here it is an error."""
+    import logging
+
+    from policies.rl import RLPolicy
+
+    quiet = logging.getLogger("bidhive.rl")
+    was_disabled, quiet.disabled = quiet.disabled, True  # the warning would repeat what the error says
+    try:
+        loaded = RLPolicy(policy)
+    finally:
+        quiet.disabled = was_disabled
+    if not loaded.loaded:
+        raise UserError(f"{policy} is not a policy the rl row can use ({loaded.fallback_reason})")
 
 
 def evaluate(
@@ -87,6 +107,7 @@ def evaluate(
 
     if not policy.is_file():
         raise UserError(f"{policy}: file not found")
+    _usable(policy)
     if scenario:
         load_scenario(scenario)
     chosen = tuple(r.strip() for r in rows.split(",") if r.strip())

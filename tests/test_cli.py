@@ -41,6 +41,8 @@ def test_simulate_table() -> None:
         (("simulate", "--scenario", "peak", "--payment", "third"), "unknown payment rule 'third'"),
         (("simulate", "--scenario", "peak", "--bogus"), "No such option"),
         (("bench", "nope"), "unknown benchmark 'nope'"),
+        (("evaluate", "--policy", "README.md"), "README.md is not a policy the rl row can use (not an SB3 zip)"),
+        (("train", "--scenario", "peak", "--out", "README.md"), "--out README.md is a file"),
     ],
 )
 def test_bad_input_is_one_readable_line(args: tuple[str, ...], expected: str) -> None:
