@@ -49,7 +49,7 @@ logger = logging.getLogger("bidhive.serve")
 
 __all__ = [
     "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "fleet_fingerprint",
-    "journal_extent", "save_agents", "save_fleet", "saved_fleet_path",
+    "journal_extent", "save_after_kill", "save_agents", "save_fleet", "saved_fleet_path",
 ]
 
 MANIFEST = "manifest.json"
@@ -144,6 +144,22 @@ def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
     shutil.rmtree(old, ignore_errors=True)
     sync_dir(target.parent)
     return len(_agent_ids(target))
+
+
+def save_after_kill(state_dir: str | Path, journal: Path, fingerprint: str) -> bool:
+    """`save_fleet` for a service whose replica was killed before it could save (Serve's
+    grace period spent on requests under load), run by the process that started it once
+    every bidder is gone; returns whether it saved. Nothing is done where the replica's
+    own save got through (the saved fleet matches the journal already).
+
+    The bidders saved before each acknowledgement, so their state holds every commit the
+    journal holds. Commits the journal lost with the replica's unwritten buffer stay with
+    their bidders until those jobs end: capacity idle for a while, never sold twice.
+    """
+    if _mismatch(saved_fleet_path(journal), journal, fingerprint) is None:
+        return False
+    save_fleet(state_dir, journal, fingerprint)
+    return True
 
 
 def _copy_whole(source: Path, staging: Path) -> None:

@@ -189,7 +189,7 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
     return cluster
 
 
-def stop_service(cluster: LocalRay) -> None:
+def stop_service(cluster: LocalRay, cfg: ServeCfg | None = None) -> None:
     """Shuts Serve down (the replica closes the journal, kills its bidders), then Ray.
 
     On the embedded cluster, deleting the app is enough: the replica shuts down gracefully
@@ -199,8 +199,10 @@ def stop_service(cluster: LocalRay) -> None:
     cluster joined through `RAY_ADDRESS` outlives us, so there Serve is shut down whole.
 
     Under load, the replica's stop can take all of its grace period draining requests,
-    and Serve then kills it before it has removed its fleet's snapshot dir, which is
-    therefore removed here too (embedded cluster: the replica ran on this machine).
+    and Serve then kills it before it has saved its bidders' state beside the journal and
+    removed their snapshot dir. So here (embedded cluster: the replica ran on this
+    machine), once Ray and the bidders are gone, a dir left behind is saved for the next
+    start (`serve.fleet_state.save_after_kill`, given the service's `cfg`), then removed.
     """
     fleet_dirs = os.environ.get(FLEET_DIR_PREFIX_ENV) if cluster.embedded else None
     try:
@@ -222,8 +224,23 @@ def stop_service(cluster: LocalRay) -> None:
         if fleet_dirs:
             from agents.actor import default_state_root
 
-            for left in Path(default_state_root()).glob(f"{fleet_dirs}*"):
-                shutil.rmtree(left, ignore_errors=True)
+            left = list(Path(default_state_root()).glob(f"{fleet_dirs}*"))
+            if cfg is not None and cfg.bidders == "ray" and len(left) == 1:
+                _save_left_fleet(left[0], cfg)
+            for dir_left in left:
+                shutil.rmtree(dir_left, ignore_errors=True)
+
+
+def _save_left_fleet(state_dir: Path, cfg: ServeCfg) -> None:
+    """The fleet a killed replica left, saved for the next start; a failure costs only that."""
+    from market.config import load_fleet
+    from serve.fleet_state import fleet_fingerprint, save_after_kill
+
+    try:
+        if save_after_kill(state_dir, Path(cfg.journal), fleet_fingerprint(load_fleet(cfg.fleet), cfg.seed)):
+            logger.warning("the service was stopped before it saved its bidders' state: saved it now")
+    except Exception:  # noqa: BLE001 - the stop goes on; the next start takes a new fleet
+        logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")
 
 
 def curl_example(url: str, token: bool = False) -> str:
@@ -276,5 +293,5 @@ def run_service(cfg: ServeCfg, listen: Listen, say: Callable[[str], None] = prin
         while not stop.wait(0.5):
             pass
     finally:
-        stop_service(cluster)
+        stop_service(cluster, cfg)
         say("bidhive stopped")

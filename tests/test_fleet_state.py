@@ -117,3 +117,21 @@ def test_a_snapshot_this_code_cannot_unpickle_starts_the_bidder_new(tmp_path: Pa
     host._snapshot()
     again = BidderHost(RIDERS_W, str(tmp_path))
     assert not again.restored and again.agent.committed_units == 0
+
+
+def test_a_fleet_left_by_a_killed_replica_is_saved_by_the_runner(tmp_path: Path) -> None:
+    """Serve killed the replica under load before it saved: `bidhive serve` saves the run's
+    snapshot dir once Ray is down, so the next start resumes it; where the replica's own
+    save got through, that save stands."""
+    from serve.config import ServeCfg
+    from serve.runner import _save_left_fleet
+
+    journal, run, _ = _stopped_run(tmp_path)
+    cfg = ServeCfg(fleet="default", bidders="ray", journal=str(journal), seed=SEED)
+    fingerprint = fleet_fingerprint(load_fleet("default"), SEED)
+    _save_left_fleet(run, cfg)
+    (tmp_path / "next").mkdir()
+    assert carry_fleet(journal, fingerprint, tmp_path / "next").agents == ("riders-w",)
+    saved_at = (saved_fleet_path(journal) / "manifest.json").read_text()
+    assert not fleet_state.save_after_kill(run, journal, fingerprint)  # it matches the journal already
+    assert (saved_fleet_path(journal) / "manifest.json").read_text() == saved_at

@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from agents.actor import default_state_root
-from market.config import CONFIG_DIR
+from market.config import CONFIG_DIR, load_fleet
 from market.journal import JournalWriter
 from serve.config import FLEET_DIR_PREFIX
+from serve.fleet_state import carry_fleet, fleet_fingerprint
 from serve.runner import EXAMPLE_ORDER, spare_port
 from tests.factories import held_by_a_connection
 
@@ -121,8 +122,10 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         t.join(10)
     _assert_nothing_left(proc, short_tmp)
     assert _fleet_dirs() <= fleet_dirs, "the fleet's snapshot dir outlived the service"
-    if bidders == "ray" and not load:  # a clean stop saves the fleet's state for the next start
-        assert (short_tmp / "j.bhj.fleet" / "manifest.json").exists()
+    if bidders == "ray":  # the stop saved the bidders' state for the next start (under load: the runner did)
+        with tempfile.TemporaryDirectory() as into:
+            origin = carry_fleet(short_tmp / "j.bhj", fleet_fingerprint(load_fleet("default"), 0), into)
+            assert origin.carried and origin.agents, origin
 
 
 @pytest.mark.slow
