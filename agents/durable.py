@@ -46,7 +46,7 @@ from agents.base import Agent, AgentEnv
 from market.config import AgentCfg
 from market.packing import pack, unpack
 
-__all__ = ["CommitMemory", "SnapshotStore", "freeze", "thaw"]
+__all__ = ["NOT_STATE", "CommitMemory", "SnapshotStore", "freeze", "thaw"]
 
 _FRAME = struct.Struct("<I")
 _SLOT_HEAD = struct.Struct("<8sQQI")  # magic, save number, snapshot length, its CRC32
@@ -59,7 +59,7 @@ MIN_COMPACT_CHANGES = 4096
 
 #: Agent attributes a snapshot leaves out: the spec rebuilds the first two, and the
 #: third is the store's own record of changes since the last save.
-_LEFT_OUT = ("env", "cfg", "completion_log")
+NOT_STATE = ("env", "cfg", "completion_log")
 
 
 class CommitMemory:
@@ -104,7 +104,7 @@ def freeze(agent: Agent) -> Any:
     state = getattr(agent, "__dict__", None)
     if state is None or "env" not in state or "cfg" not in state:
         return agent  # an unusual agent: pickle it whole
-    skip = (*_LEFT_OUT, *type(agent).CACHES)
+    skip = (*NOT_STATE, *type(agent).CACHES)
     return type(agent), {k: pack(v) for k, v in state.items() if k not in skip}
 
 

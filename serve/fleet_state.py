@@ -41,7 +41,7 @@ import agents as agents_package
 import market.packing
 from agents.actor import SNAPSHOT_VERSION, AgentSpec, BidderHost, default_state_root
 from agents.base import Agent
-from agents.durable import SnapshotStore
+from agents.durable import NOT_STATE, SnapshotStore
 from market.config import FleetCfg
 from market.journal import journal_files, journal_head, sync_dir
 
@@ -242,8 +242,8 @@ def carry_into(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Pat
         for agent in agents:
             if agent.agent_id in origin.agents:
                 host = BidderHost(by_id[agent.agent_id], tmp)
-                if host.carried:
-                    agent.__dict__.update({k: v for k, v in host.agent.__dict__.items() if k not in ("env", "cfg")})
+                if host.carried:  # not its store's change log either: nothing here would ever empty it
+                    agent.__dict__.update({k: v for k, v in host.agent.__dict__.items() if k not in NOT_STATE})
                     taken.add(agent.agent_id)
                 if host.store is not None:
                     host.store.close()

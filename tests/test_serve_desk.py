@@ -196,6 +196,7 @@ def test_a_restart_resumes_the_bidders_where_the_stop_left_them(tmp_path: Path,
     try:
         assert desk.fleet_origin.carried, desk.fleet_origin
         assert _physical(desk) == before
+        assert all(a.completion_log is None for a in desk._agents())  # no store logs their jobs here
         assert sum(v[0] for v in before.values()) >= 10  # a source and a leg per award
         _place(desk, 99)
     finally:
