@@ -37,7 +37,7 @@ from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
 from serve.fleet_state import (
-    FleetOrigin, as_taken, carry_fleet, carry_into, fleet_fingerprint, save_agents, save_fleet,
+    FleetOrigin, as_taken, carry_fleet, carry_into, claim_state_dir, fleet_fingerprint, save_agents, save_fleet,
 )
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
@@ -560,7 +560,9 @@ class OrderDesk:
         return self.host.core.engine.fleet.agents
 
     def _specs(self) -> list[AgentSpec]:
-        return fleet_specs(self.fleet_cfg, self.cfg.seed, self.cfg.policy)
+        # the agents' own specs, with a strategy that loads nothing: the in-process bidders
+        # bid through LocalBidders' strategy, and a carried spec's strategy is never used
+        return fleet_specs(self.fleet_cfg, self.cfg.seed, "cost")
 
     def _fingerprint(self) -> str:
         return fleet_fingerprint(self.fleet_cfg, self.cfg.seed)
@@ -595,11 +597,13 @@ def spawn_fleet(cfg: ServeCfg) -> SpawnedFleet:
     from agents.actor import default_state_root
     from runtime.ray_bidders import spawn_bidders
 
-    prefix = os.environ.get(FLEET_DIR_PREFIX_ENV) or FLEET_DIR_PREFIX
-    state = tempfile.mkdtemp(prefix=prefix, dir=default_state_root())
+    run_prefix = os.environ.get(FLEET_DIR_PREFIX_ENV)
+    state = tempfile.mkdtemp(prefix=run_prefix or FLEET_DIR_PREFIX, dir=default_state_root())
     try:
         fleet = load_fleet(cfg.fleet)
-        origin = carry_fleet(Path(cfg.journal), fleet_fingerprint(fleet, cfg.seed), state)
+        fingerprint = fleet_fingerprint(fleet, cfg.seed)
+        claim_state_dir(state, fingerprint, run_prefix)
+        origin = carry_fleet(Path(cfg.journal), fingerprint, state)
         handles = spawn_bidders(fleet_specs(fleet, cfg.seed, cfg.policy), state_dir=state)
         if origin.carried:
             origin = _carried_as_told(origin, handles)

@@ -18,8 +18,10 @@ code (a snapshot unpickles into the classes of the code reading it). A bidder sa
 it acknowledges a commit and the journal records the commit after the acknowledgement, so
 at a clean stop the snapshots hold every commit the journal holds. After a crash, or a
 stop cut short, the journal has moved on from the saved fleet (the later run's
-``run_started`` at least), and the start takes a new fleet, saying why. A save is only
-written once each bidder's snapshot loads from the copy. The bidding policy may change
+``run_started`` at least), and the start takes a new fleet, saying why. A stop that
+Serve cut short (the replica killed before its own save) is saved by `bidhive serve`
+once Ray is down (`save_after_kill`). A save is only written once each bidder's
+snapshot loads from the copy. The bidding policy may change
 between runs: the bidders bid with the new one.
 """
 from __future__ import annotations
@@ -44,15 +46,17 @@ from agents.base import Agent
 from agents.durable import NOT_STATE, SnapshotStore
 from market.config import FleetCfg
 from market.journal import journal_files, journal_head, sync_dir
+from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV
 
 logger = logging.getLogger("bidhive.serve")
 
 __all__ = [
-    "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "fleet_fingerprint",
+    "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "claim_state_dir", "carry_into", "fleet_fingerprint",
     "journal_extent", "save_after_kill", "save_agents", "save_fleet", "saved_fleet_path",
 ]
 
 MANIFEST = "manifest.json"
+OWNER = "fleet.json"  # in a running fleet's state dir: the fingerprint it started under
 MANIFEST_VERSION = 1
 _SNAPSHOT_FILES = ("*.snap", "*.log")
 COPY_TRIES, COPY_RETRY_S = 5, 0.2
@@ -146,16 +150,35 @@ def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
     return len(_agent_ids(target))
 
 
-def save_after_kill(state_dir: str | Path, journal: Path, fingerprint: str) -> bool:
+def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | None) -> None:
+    """Marks a new fleet's state dir with the fingerprint it was started under, and removes
+    the dirs that earlier fleets of the same run (`run_prefix`: one `bidhive serve`) left:
+    a fleet starts only once the one before it is gone, so theirs are stale, and the dir
+    `save_after_kill` finds at the stop is this fleet's."""
+    state = Path(state_dir)
+    if run_prefix:
+        for stale in state.parent.glob(f"{run_prefix}*"):
+            if stale != state:
+                shutil.rmtree(stale, ignore_errors=True)
+    (state / OWNER).write_text(json.dumps({"fingerprint": fingerprint}))
+
+
+def save_after_kill(state_dir: str | Path, journal: Path) -> bool:
     """`save_fleet` for a service whose replica was killed before it could save (Serve's
     grace period spent on requests under load), run by the process that started it once
     every bidder is gone; returns whether it saved. Nothing is done where the replica's
-    own save got through (the saved fleet matches the journal already).
+    own save got through (the saved fleet matches the journal already), or for a dir
+    that no fleet claimed (`claim_state_dir`: the fingerprint is the one it started under).
 
     The bidders saved before each acknowledgement, so their state holds every commit the
     journal holds. Commits the journal lost with the replica's unwritten buffer stay with
-    their bidders until those jobs end: capacity idle for a while, never sold twice.
+    their bidders: a rider busy until that job ends, a warehouse's stock short until it is
+    replenished; never sold twice.
     """
+    try:
+        fingerprint = json.loads((Path(state_dir) / OWNER).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
     if _mismatch(saved_fleet_path(journal), journal, fingerprint) is None:
         return False
     save_fleet(state_dir, journal, fingerprint)
@@ -221,7 +244,7 @@ def save_agents(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Pa
     """`save_fleet` for agents that ran inside the service (``bidders: local``): each is
     saved as its bidder actor would save it, then the lot is saved beside the journal."""
     by_id = {spec.agent_id: spec for spec in specs}
-    with tempfile.TemporaryDirectory(prefix="bidhive-local-fleet-", dir=default_state_root()) as tmp:
+    with _local_scratch() as tmp:
         for agent in agents:
             host = BidderHost(by_id[agent.agent_id], tmp)
             host.agent = agent
@@ -234,7 +257,7 @@ def carry_into(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Pat
     """`carry_fleet` for agents that run inside the service: each agent object (the engine
     holds them) takes over its saved state as its bidder actor would (`BidderHost`)."""
     by_id = {spec.agent_id: spec for spec in specs}
-    with tempfile.TemporaryDirectory(prefix="bidhive-local-fleet-", dir=default_state_root()) as tmp:
+    with _local_scratch() as tmp:
         origin = carry_fleet(journal, fingerprint, tmp)
         if not origin.carried:
             return origin
@@ -248,6 +271,13 @@ def carry_into(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Pat
                 if host.store is not None:
                     host.store.close()
     return as_taken(origin, taken)
+
+
+def _local_scratch() -> tempfile.TemporaryDirectory[str]:
+    """A scratch state dir for agents run in the service, named as the run's fleet dirs are,
+    so that `bidhive serve` removes one a killed replica left."""
+    prefix = (os.environ.get(FLEET_DIR_PREFIX_ENV) or FLEET_DIR_PREFIX) + "local-"
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=default_state_root())
 
 
 def as_taken(origin: FleetOrigin, taken: set[str]) -> FleetOrigin:

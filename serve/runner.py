@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -233,11 +234,10 @@ def stop_service(cluster: LocalRay, cfg: ServeCfg | None = None) -> None:
 
 def _save_left_fleet(state_dir: Path, cfg: ServeCfg) -> None:
     """The fleet a killed replica left, saved for the next start; a failure costs only that."""
-    from market.config import load_fleet
-    from serve.fleet_state import fleet_fingerprint, save_after_kill
+    from serve.fleet_state import save_after_kill
 
     try:
-        if save_after_kill(state_dir, Path(cfg.journal), fleet_fingerprint(load_fleet(cfg.fleet), cfg.seed)):
+        if save_after_kill(state_dir, Path(cfg.journal)):
             logger.warning("the service was stopped before it saved its bidders' state: saved it now")
     except Exception:  # noqa: BLE001 - the stop goes on; the next start takes a new fleet
         logger.exception("the bidders' state could not be saved: the next start begins with a new fleet")
@@ -264,12 +264,16 @@ def _stop_on_signals() -> threading.Event:
 
 def fleet_line(url: str) -> str:
     """A line on where the bidders' state came from, as ``/healthz`` says (none if it cannot)."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our own loopback service
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=5.0) as answer:
-            state = json.loads(answer.read())["fleet_state"]
-        resumed = state["from"] == "last_stop"
-        return f"\nBidders: {'resumed' if resumed else 'new'} ({state['why']})"
-    except (OSError, ValueError, KeyError, TypeError):  # a degraded service answers 503: no line then
+        try:
+            with direct.open(f"{url}/healthz", timeout=5.0) as answer:
+                body = answer.read()
+        except urllib.error.HTTPError as degraded:  # 503 still says where the bidders came from
+            body = degraded.read()
+        state = json.loads(body)["fleet_state"]
+        return f"\nBidders: {'resumed' if state['from'] == 'last_stop' else 'new'} ({state['why']})"
+    except (OSError, ValueError, KeyError, TypeError):
         return ""
 
 

@@ -10,7 +10,9 @@ from agents.actor import BidderHost, fleet_specs
 from market.config import load_fleet
 from market.journal import JournalWriter
 from serve import fleet_state
-from serve.fleet_state import FleetSaveError, carry_fleet, fleet_fingerprint, save_fleet, saved_fleet_path
+from serve.fleet_state import (
+    FleetSaveError, carry_fleet, claim_state_dir, fleet_fingerprint, save_fleet, saved_fleet_path,
+)
 from tests.test_ray_runtime import FLEET, RIDERS_W, SEED, commit_first, quote_round
 
 FINGERPRINT = fleet_fingerprint(FLEET, SEED)
@@ -130,8 +132,23 @@ def test_a_fleet_left_by_a_killed_replica_is_saved_by_the_runner(tmp_path: Path)
     cfg = ServeCfg(fleet="default", bidders="ray", journal=str(journal), seed=SEED)
     fingerprint = fleet_fingerprint(load_fleet("default"), SEED)
     _save_left_fleet(run, cfg)
+    assert not saved_fleet_path(journal).exists()  # a dir no fleet claimed: not saved
+    claim_state_dir(run, fingerprint, None)  # as `spawn_fleet` does at the start
+    _save_left_fleet(run, cfg)
     (tmp_path / "next").mkdir()
     assert carry_fleet(journal, fingerprint, tmp_path / "next").agents == ("riders-w",)
     saved_at = (saved_fleet_path(journal) / "manifest.json").read_text()
-    assert not fleet_state.save_after_kill(run, journal, fingerprint)  # it matches the journal already
+    assert not fleet_state.save_after_kill(run, journal)  # it matches the journal already
     assert (saved_fleet_path(journal) / "manifest.json").read_text() == saved_at
+
+
+def test_a_new_fleet_of_a_run_removes_the_dirs_its_predecessors_left(tmp_path: Path) -> None:
+    """A replica that Serve restarted left its fleet's dir: the next fleet of the same
+    `bidhive serve` run removes it, so the dir saved at the stop is the last fleet's; other
+    runs' dirs stay."""
+    root = tmp_path / "shm"
+    for name in ("bidhive-serve-aa-old", "bidhive-serve-aa-new", "bidhive-serve-bb-other"):
+        (root / name).mkdir(parents=True)
+    claim_state_dir(root / "bidhive-serve-aa-new", FINGERPRINT, "bidhive-serve-aa-")
+    assert sorted(p.name for p in root.iterdir()) == ["bidhive-serve-aa-new", "bidhive-serve-bb-other"]
+    assert (root / "bidhive-serve-aa-new" / "fleet.json").exists()
