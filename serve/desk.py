@@ -602,7 +602,7 @@ def spawn_fleet(cfg: ServeCfg) -> SpawnedFleet:
     try:
         fleet = load_fleet(cfg.fleet)
         fingerprint = fleet_fingerprint(fleet, cfg.seed)
-        claim_state_dir(state, fingerprint, run_prefix)
+        claim_state_dir(state, fingerprint, run_prefix, Path(cfg.journal))
         origin = carry_fleet(Path(cfg.journal), fingerprint, state)
         handles = spawn_bidders(fleet_specs(fleet, cfg.seed, cfg.policy), state_dir=state)
         if origin.carried:

@@ -150,16 +150,26 @@ def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
     return len(_agent_ids(target))
 
 
-def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | None) -> None:
-    """Marks a new fleet's state dir with the fingerprint it was started under, and removes
-    the dirs that earlier fleets of the same run (`run_prefix`: one `bidhive serve`) left:
-    a fleet starts only once the one before it is gone, so theirs are stale, and the dir
-    `save_after_kill` finds at the stop is this fleet's."""
+def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | None, journal: Path) -> None:
+    """Marks a new fleet's state dir with the fingerprint it was started under, and takes
+    up the dir an earlier fleet of the same run (`run_prefix`: one `bidhive serve`) left.
+
+    A fleet starts only once the one before it is gone: stopped by the keeper, which saves
+    and removes its dir, or dead with a replica that Serve restarts, which leaves it. Such a
+    dir is saved beside the journal as a killed replica's is (`save_after_kill`), so this
+    fleet carries it, and removed, so the dir `save_after_kill` finds at the stop is this
+    fleet's.
+    """
     state = Path(state_dir)
-    if run_prefix:
-        for stale in state.parent.glob(f"{run_prefix}*"):
-            if stale != state:
-                shutil.rmtree(stale, ignore_errors=True)
+    for stale in state.parent.glob(f"{run_prefix}*") if run_prefix else ():
+        if stale == state:
+            continue
+        try:
+            if save_after_kill(stale, journal):
+                logger.warning("saved the state a stopped replica's bidders left in %s", stale.name)
+        except Exception:  # noqa: BLE001 - this fleet starts new instead
+            logger.exception("the state a stopped replica's bidders left in %s could not be saved", stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
     (state / OWNER).write_text(json.dumps({"fingerprint": fingerprint}))
 
 

@@ -133,7 +133,7 @@ def test_a_fleet_left_by_a_killed_replica_is_saved_by_the_runner(tmp_path: Path)
     fingerprint = fleet_fingerprint(load_fleet("default"), SEED)
     _save_left_fleet(run, cfg)
     assert not saved_fleet_path(journal).exists()  # a dir no fleet claimed: not saved
-    claim_state_dir(run, fingerprint, None)  # as `spawn_fleet` does at the start
+    claim_state_dir(run, fingerprint, None, journal)  # as `spawn_fleet` does at the start
     _save_left_fleet(run, cfg)
     (tmp_path / "next").mkdir()
     assert carry_fleet(journal, fingerprint, tmp_path / "next").agents == ("riders-w",)
@@ -142,13 +142,19 @@ def test_a_fleet_left_by_a_killed_replica_is_saved_by_the_runner(tmp_path: Path)
     assert (saved_fleet_path(journal) / "manifest.json").read_text() == saved_at
 
 
-def test_a_new_fleet_of_a_run_removes_the_dirs_its_predecessors_left(tmp_path: Path) -> None:
+def test_a_new_fleet_takes_up_the_dir_a_dead_replica_left(tmp_path: Path) -> None:
     """A replica that Serve restarted left its fleet's dir: the next fleet of the same
-    `bidhive serve` run removes it, so the dir saved at the stop is the last fleet's; other
-    runs' dirs stay."""
+    `bidhive serve` run saves it beside the journal, carries it, and removes it, so the dir
+    found at the stop is the last fleet's; other runs' dirs stay."""
+    journal, run, _ = _stopped_run(tmp_path)
     root = tmp_path / "shm"
-    for name in ("bidhive-serve-aa-old", "bidhive-serve-aa-new", "bidhive-serve-bb-other"):
-        (root / name).mkdir(parents=True)
-    claim_state_dir(root / "bidhive-serve-aa-new", FINGERPRINT, "bidhive-serve-aa-")
-    assert sorted(p.name for p in root.iterdir()) == ["bidhive-serve-aa-new", "bidhive-serve-bb-other"]
-    assert (root / "bidhive-serve-aa-new" / "fleet.json").exists()
+    dead, new, other = root / "bidhive-serve-aa-old", root / "bidhive-serve-aa-new", root / "bidhive-serve-bb-x"
+    for folder in (new, other):
+        folder.mkdir(parents=True)
+    run.rename(dead)
+    claim_state_dir(dead, FINGERPRINT, None, journal)  # as the dead replica's fleet did at its start
+    claim_state_dir(new, FINGERPRINT, "bidhive-serve-aa-", journal)
+    assert sorted(p.name for p in root.iterdir()) == ["bidhive-serve-aa-new", "bidhive-serve-bb-x"]
+    assert (new / "fleet.json").exists()
+    assert carry_fleet(journal, FINGERPRINT, new).agents == ("riders-w",)
+    assert BidderHost(RIDERS_W, str(new)).agent.committed_units == 1
