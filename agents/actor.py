@@ -246,7 +246,8 @@ class BidderHost:
                 return None
             agent = thaw(snap["agent"], spec.env(), spec.agent)
         except Exception as err:  # noqa: BLE001 - a torn or foreign file: start fresh, loudly
-            logger.warning("%s: unreadable snapshot in %s (%s); starting fresh", self.spec.agent_id, store.directory, err)
+            logger.warning("%s: unreadable snapshot in %s (%s); starting fresh", self.spec.agent_id,
+                           store.directory, err)
             return None
         self.restored = True
         self.committed = snap["committed"]
@@ -463,7 +464,8 @@ class BidderHost:
         """Capacity facts for tests and drills."""
         a = self.agent
         return {
-            "agent_id": a.agent_id, "kind": a.kind.value, "pid": os.getpid(), "restored": self.restored, "carried": self.carried,
+            "agent_id": a.agent_id, "kind": a.kind.value, "pid": os.getpid(), "restored": self.restored,
+            "carried": self.carried,
             "capacity_total": a.capacity_total(), "capacity_free": a.capacity_free(),
             "held_units": a.holds.units, "open_holds": len(a.holds), "committed_units": a.committed_units,
             "violations": list(self.violations), "calls": self.calls, "node_id": self._node_id(),

@@ -51,8 +51,8 @@ from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV
 logger = logging.getLogger("bidhive.serve")
 
 __all__ = [
-    "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "claim_state_dir", "carry_into", "fleet_fingerprint",
-    "journal_extent", "save_after_kill", "save_agents", "save_fleet", "saved_fleet_path",
+    "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "claim_state_dir",
+    "fleet_fingerprint", "journal_extent", "save_after_kill", "save_agents", "save_fleet", "saved_fleet_path",
 ]
 
 MANIFEST = "manifest.json"
