@@ -206,15 +206,20 @@ def _copy_whole(source: Path, staging: Path) -> None:
     for attempt in range(COPY_TRIES):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for pattern in _SNAPSHOT_FILES:
-            for file in source.glob(pattern):
-                shutil.copy2(file, staging / file.name)
+        _copy_snapshots(source, staging)
         unreadable = [a for a in _agent_ids(staging) if not _loads(staging, a)]
         if not unreadable:
             return
         time.sleep(COPY_RETRY_S * (attempt + 1))
     shutil.rmtree(staging, ignore_errors=True)
     raise FleetSaveError(f"the snapshots of {', '.join(unreadable)} did not load from a copy after {COPY_TRIES} tries")
+
+
+def _copy_snapshots(source: Path, target: Path) -> None:
+    """Copies a state dir's snapshot slots and change logs (not its markers or owner file)."""
+    for pattern in _SNAPSHOT_FILES:
+        for file in source.glob(pattern):
+            shutil.copy2(file, target / file.name)
 
 
 def _loads(directory: Path, agent_id: str) -> bool:
@@ -237,11 +242,9 @@ def carry_fleet(journal: Path, fingerprint: str, state_dir: str | Path) -> Fleet
         return FleetOrigin(False, why_not)
     agents, target = _agent_ids(saved), Path(state_dir)
     try:
-        for pattern in _SNAPSHOT_FILES:
-            for file in saved.glob(pattern):
-                shutil.copy2(file, target / file.name)
+        _copy_snapshots(saved, target)
         for agent_id in agents:
-            (target / f"{agent_id}.carried").touch()
+            SnapshotStore(target, agent_id).carried_marker.touch()
     except OSError as err:  # a half copy must not be taken up either
         for file in target.glob("*"):
             file.unlink(missing_ok=True)
