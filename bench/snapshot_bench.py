@@ -25,6 +25,9 @@ Each figure is the median of `REPS` saves, in µs, in the state dir bidders use
 stop's copy of every snapshot beside the journal (on disk, synced), the start's copy
 back into a new state dir, and each bidder's take-over (its load, the old holds dropped,
 a save), summed over the fleet (the service starts them in parallel processes).
+``killed_and_started``: the same where the service was killed outright and the start
+saves the fleet its bidders left (`serve.fleet_state.rescue_dead_fleets`). ``leftovers``:
+what each embedded start pays to look for a killed run's Ray session.
 
 Run ``python -m bench.snapshot_bench`` or ``bidhive bench snapshot``.
 """
@@ -35,6 +38,8 @@ import os
 import pickle
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +51,11 @@ from agents.durable import CommitMemory, SnapshotStore, freeze
 from bench.stats import machine
 from market.config import load_fleet
 from market.journal import JournalWriter
-from serve.fleet_state import carry_fleet, fleet_fingerprint, save_fleet, saved_fleet_path
+from runtime.leftovers import holders
+from runtime.local_ray import clear_killed_sessions
+from runtime.owner import pid_namespace, process_start
+from serve.config import FLEET_DIR_PREFIX
+from serve.fleet_state import carry_fleet, fleet_fingerprint, rescue_dead_fleets, save_fleet, saved_fleet_path
 
 REPS = 300
 BEFORE_COMMIT_MEMORY = 4096  # the commit outcomes the scheme before kept, as a dict
@@ -132,23 +141,40 @@ def _one(directory: Path, kind: str, pending: int, reps: int) -> dict[str, Any]:
     return out
 
 
-def _stop_and_start(journal_dir: Path, pending: int) -> dict[str, Any]:
-    """The metro fleet, each bidder with `pending` jobs saved, through a stop and a start."""
+def _fleet_dir(specs: list[AgentSpec], pending: int, run_dir: Path) -> None:
+    """Each bidder's snapshot in `run_dir`, with `pending` jobs."""
+    for spec in specs:
+        host = BidderHost(spec, str(run_dir))
+        host.agent = _agent(spec, pending)
+        host._snapshot()
+        host.store.close()
+
+
+def _stop_and_start(journal_dir: Path, pending: int, killed: bool) -> dict[str, Any]:
+    """The metro fleet, each bidder with `pending` jobs saved, through a stop and a start.
+
+    `killed`: the service was killed outright, so the stop saved nothing; the start's
+    rescue (`rescue_dead_fleets`: the journal's torn record cut, the dead fleet's dir saved
+    beside it and removed) is timed as the stop's save.
+    """
     specs = fleet_specs(load_fleet("metro"), 0, "heuristic")
-    run_dir = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
-    new_dir = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
+    root = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-", dir=default_state_root()))
+    run_dir, new_dir = root / f"{FLEET_DIR_PREFIX}dead", root / "new"
+    new_dir.mkdir()
     try:
-        for spec in specs:
-            host = BidderHost(spec, str(run_dir))
-            host.agent = _agent(spec, pending)
-            host._snapshot()
-            host.store.close()
-        journal = journal_dir / f"j-{pending}.bhj"
+        run_dir.mkdir()
+        _fleet_dir(specs, pending, run_dir)
+        journal = journal_dir / f"j-{pending}-{killed}.bhj"
         with JournalWriter(journal, fsync="never") as writer:
             writer.append("run_started", shell="bench")
         fingerprint = fleet_fingerprint(load_fleet("metro"), 0)
+        if killed:
+            _killed_owner(run_dir, fingerprint, journal)
         t0 = time.perf_counter()
-        save_fleet(run_dir, journal, fingerprint)
+        if killed:
+            assert rescue_dead_fleets(root) == [str(journal)] and not run_dir.exists()
+        else:
+            save_fleet(run_dir, journal, fingerprint)
         t1 = time.perf_counter()
         origin = carry_fleet(journal, fingerprint, new_dir)
         t2 = time.perf_counter()
@@ -157,9 +183,9 @@ def _stop_and_start(journal_dir: Path, pending: int) -> dict[str, Any]:
         assert origin.carried and all(h.carried and len(h.agent._completions) == pending for h in carried)
         saved_bytes = sum(f.stat().st_size for f in saved_fleet_path(journal).iterdir())
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(new_dir, ignore_errors=True)
-    return {"bidders": len(specs), "saved_mb": round(saved_bytes / 1e6, 2), "stop_save_ms": round((t1 - t0) * 1e3, 1),
+        shutil.rmtree(root, ignore_errors=True)
+    saved_as = "start_rescue_ms" if killed else "stop_save_ms"
+    return {"bidders": len(specs), "saved_mb": round(saved_bytes / 1e6, 2), saved_as: round((t1 - t0) * 1e3, 1),
             "start_copy_ms": round((t2 - t1) * 1e3, 1), "take_over_ms_all_bidders": round((t3 - t2) * 1e3, 1)}
 
 
@@ -170,13 +196,43 @@ def run(quick: bool = False) -> dict[str, Any]:
     journal_dir = Path(tempfile.mkdtemp(prefix="bidhive-snapbench-"))  # on disk, as a journal is
     try:
         results = {kind: {str(n): _one(directory, kind, n, reps) for n in PENDING} for kind in ("rider_pool", "warehouse")}
-        restarts = {str(n): _stop_and_start(journal_dir, n) for n in (PENDING[:2] if quick else PENDING)}
+        counts = PENDING[:2] if quick else PENDING
+        restarts = {str(n): _stop_and_start(journal_dir, n, killed=False) for n in counts}
+        rescues = {str(n): _stop_and_start(journal_dir, n, killed=True) for n in counts}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(journal_dir, ignore_errors=True)
     return {"benchmark": "snapshot", "machine": machine(), "state_dir": default_state_root(), "reps": reps,
             "commit_memory": {"before": BEFORE_COMMIT_MEMORY, "now": COMMIT_MEMORY}, "by_kind_and_pending_jobs": results,
-            "stop_and_start_by_pending_jobs": restarts}
+            "stop_and_start_by_pending_jobs": restarts, "killed_and_started_by_pending_jobs": rescues,
+            "leftovers": _leftovers_scan()}
+
+
+def _killed_owner(run_dir: Path, fingerprint: str, journal: Path) -> None:
+    """Marks `run_dir` as a killed service's fleet (its owner a process that has exited) and
+    leaves a torn record at the end of `journal`, as the killed writer would."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = process_start(proc.pid)
+    proc.kill()
+    proc.wait()
+    (run_dir / "fleet.json").write_text(json.dumps({"fingerprint": fingerprint, "journal": str(journal),
+                                                    "pid": proc.pid, "started": started,
+                                                    "namespace": pid_namespace()}))
+    with journal.open("ab") as file:
+        file.write(b"\x40\x00\x00\x00torn")
+
+
+def _leftovers_scan() -> dict[str, Any]:
+    """What every embedded start pays to look for a killed run's Ray session (none found),
+    and the scan of every process's open files it makes for each one it finds."""
+    t0 = time.perf_counter()
+    clear_killed_sessions()
+    t1 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bidhive-snapbench-") as nobody:
+        holders(nobody)
+    t2 = time.perf_counter()
+    return {"clear_killed_sessions_none_dead_ms": round((t1 - t0) * 1e3, 2),
+            "holders_scan_ms": round((t2 - t1) * 1e3, 1), "processes": sum(p.isdigit() for p in os.listdir("/proc"))}
 
 
 if __name__ == "__main__":

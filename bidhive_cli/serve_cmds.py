@@ -82,11 +82,15 @@ def serve(
 
     cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
     _check_names(cfg)
-    _preflight(cfg.journal)
-    _claim_port(listen.host, listen.port)
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("RAY_ADDRESS", "").strip() in ("", "local"):
+        from runtime.local_ray import clear_killed_sessions
+
+        clear_killed_sessions()  # a killed service's replica may still hold the journal
+    _preflight(cfg.journal)
+    _claim_port(listen.host, listen.port)
     # Serve's own start-up lines name its proxy's port ("ready at http://127.0.0.1:29806/"),
     # not the one bidhive serves on; they show at BIDHIVE_LOG=INFO. Importing Serve sets
     # its logger up, so the level is set after that.

@@ -36,12 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from runtime.leftovers import RAY_OWNER, RAY_TEMP_PREFIX, reap_dead_ray_sessions
+from runtime.owner import write_owner
+
 __all__ = [
     "LOOPBACK_ENV",
     "QUIET_ENV",
     "ListeningSocket",
     "LocalRay",
     "SocketAddress",
+    "clear_killed_sessions",
     "is_loopback",
     "listening_addresses",
     "local_ray",
@@ -368,6 +372,19 @@ def _rmtree(path: str, timeout_s: float = 3.0) -> bool:
 # --------------------------------------------------------------------------
 
 
+def clear_killed_sessions() -> list[str]:
+    """Stops the processes of embedded clusters whose driver was killed (SIGKILL runs no
+    clean-up) and removes their temp dirs; returns the dirs' names (`runtime.leftovers`).
+
+    Called by every embedded start, and by `bidhive serve` before it checks its journal:
+    a killed service's replica can outlive it for a while, holding the journal's lock.
+    """
+    cleared = reap_dead_ray_sessions(_short_temp_root())
+    if cleared:
+        logger.warning("removed what killed runs left: %s", ", ".join(cleared))
+    return cleared
+
+
 def _short_temp_root() -> str:
     """Pick a parent dir short enough for Ray's unix sockets (~107 chars)."""
     root = tempfile.gettempdir()
@@ -577,8 +594,10 @@ def start_local_ray(
                 handle._saved_cluster_flag = _set_cluster_flag(False)
             ray.init(address=address, **init_kwargs)
         else:
-            temp_dir = tempfile.mkdtemp(prefix="bidhive-ray-", dir=_short_temp_root())
+            clear_killed_sessions()
+            temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=_short_temp_root())
             handle.temp_dir = temp_dir
+            write_owner(temp_dir, RAY_OWNER)  # so a start after this driver is killed clears the dir
             token_path = os.path.join(temp_dir, "auth_token")
             fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

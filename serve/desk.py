@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agents.actor import AgentSpec, fleet_specs
+from agents.actor import AgentSpec, default_state_root, fleet_specs
 from agents.base import Agent
 from market.auctioneer import AuctioneerCore, RoundRecord
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
@@ -37,7 +37,8 @@ from runtime import gc_pauses
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
 from serve.fleet_state import (
-    FleetOrigin, as_taken, carry_fleet, carry_into, claim_state_dir, fleet_fingerprint, save_agents, save_fleet,
+    FleetOrigin, as_taken, carry_fleet, carry_into, claim_state_dir, fleet_fingerprint, rescue_dead_fleets,
+    save_agents, save_fleet,
 )
 from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
@@ -121,6 +122,8 @@ class OrderDesk:
         self.fleet_cfg = load_fleet(cfg.fleet)
         journal = Path(cfg.journal)
         journal.parent.mkdir(parents=True, exist_ok=True)
+        if handles is None:  # a killed service's Ray bidders left state this fleet can take up
+            rescue_dead_fleets(default_state_root())
         # the writer's lock first: a replica still stopping could otherwise append what
         # the index below never reads (accepted orders, keys) before it lets go
         self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)
@@ -594,7 +597,6 @@ class SpawnedFleet(NamedTuple):
 def spawn_fleet(cfg: ServeCfg) -> SpawnedFleet:
     """Starts one bidder actor per resource of the fleet, on the state saved at the last
     stop where the journal ends with it (`serve.fleet_state`), else new."""
-    from agents.actor import default_state_root
     from runtime.ray_bidders import spawn_bidders
 
     run_prefix = os.environ.get(FLEET_DIR_PREFIX_ENV)

@@ -16,13 +16,14 @@ A saved fleet is taken up only where it is exactly the state the journal ends wi
 same journal, nothing written to it since, the same fleet and seed, and the same agents'
 code (a snapshot unpickles into the classes of the code reading it). A bidder saves before
 it acknowledges a commit and the journal records the commit after the acknowledgement, so
-at a clean stop the snapshots hold every commit the journal holds. After a crash, or a
-stop cut short, the journal has moved on from the saved fleet (the later run's
-``run_started`` at least), and the start takes a new fleet, saying why. A stop that
-Serve cut short (the replica killed before its own save) is saved by `bidhive serve`
-once Ray is down (`save_after_kill`). A save is only written once each bidder's
-snapshot loads from the copy. The bidding policy may change
-between runs: the bidders bid with the new one.
+at a clean stop the snapshots hold every commit the journal holds. A stop that Serve cut
+short (the replica killed before its own save) is saved by `bidhive serve` once Ray is
+down (`save_after_kill`), and a service killed outright is saved by the next start on
+this machine, from the dir its bidders left (`rescue_dead_fleets`). Where neither could
+be done (the machine rebooted: ``/dev/shm`` is memory), the journal has moved on from the
+saved fleet and the start takes a new fleet, saying why. A save is only written once
+each bidder's snapshot loads from the copy. The bidding policy may change between runs:
+the bidders bid with the new one.
 """
 from __future__ import annotations
 
@@ -45,14 +46,17 @@ from agents.actor import SNAPSHOT_VERSION, AgentSpec, BidderHost, default_state_
 from agents.base import Agent
 from agents.durable import NOT_STATE, SnapshotStore
 from market.config import FleetCfg
-from market.journal import journal_files, journal_head, sync_dir
+from market.journal import JournalLocked, JournalWriter, journal_files, journal_head, sync_dir
+from runtime.leftovers import claim_dead_dirs
+from runtime.owner import read_owner, write_owner
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV
 
 logger = logging.getLogger("bidhive.serve")
 
 __all__ = [
     "FleetOrigin", "FleetSaveError", "agents_code", "as_taken", "carry_fleet", "carry_into", "claim_state_dir",
-    "fleet_fingerprint", "journal_extent", "save_after_kill", "save_agents", "save_fleet", "saved_fleet_path",
+    "fleet_fingerprint", "journal_extent", "rescue_dead_fleets", "save_after_kill", "save_agents", "save_fleet",
+    "saved_fleet_path",
 ]
 
 MANIFEST = "manifest.json"
@@ -60,6 +64,12 @@ OWNER = "fleet.json"  # in a running fleet's state dir: the fingerprint it start
 MANIFEST_VERSION = 1
 _SNAPSHOT_FILES = ("*.snap", "*.log")
 COPY_TRIES, COPY_RETRY_S = 5, 0.2
+#: How the saved fleet's service stopped, by the manifest's ``saved_by``: what the next start says it resumed.
+SAVED_BY = {
+    "stop": "the state saved at the last stop",
+    "cut_short": "the state the bidders had when the last stop was cut short (saved once they were gone)",
+    "killed": "the state the bidders had when the service was killed (saved by this start)",
+}
 
 
 class FleetSaveError(RuntimeError):
@@ -121,9 +131,10 @@ def journal_extent(journal: Path) -> dict[str, Any] | None:
     return {"head": journal_head(journal).hex(), "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
 
 
-def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
+def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str, saved_by: str = "stop") -> int:
     """Copies a stopped fleet's snapshots beside its (closed) journal, replacing an older save;
-    returns how many bidders were saved.
+    returns how many bidders were saved. `saved_by` (a key of `SAVED_BY`) tells the next
+    start how the fleet stopped.
 
     The copy is complete, and each agent's snapshot loads from it, before it takes the
     place of the old one, so a crash part way leaves the old save (which the journal has
@@ -137,7 +148,7 @@ def save_fleet(state_dir: str | Path, journal: Path, fingerprint: str) -> int:
     staging = target.with_name(target.name + ".new")
     _copy_whole(source, staging)
     manifest = {"version": MANIFEST_VERSION, "fingerprint": fingerprint, "journal": journal_extent(journal),
-                "saved_unix": time.time()}
+                "saved_unix": time.time(), "saved_by": saved_by}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _sync_tree(staging)
     old = target.with_name(target.name + ".old")
@@ -158,22 +169,24 @@ def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | N
     and removes its dir, or dead with a replica that Serve restarts, which leaves it. Such a
     dir is saved beside the journal as a killed replica's is (`save_after_kill`), so this
     fleet carries it, and removed, so the dir `save_after_kill` finds at the stop is this
-    fleet's.
+    fleet's. The dirs of services killed outright are saved and removed too
+    (`rescue_dead_fleets`).
     """
     state = Path(state_dir)
+    rescue_dead_fleets(state.parent)
     for stale in state.parent.glob(f"{run_prefix}*") if run_prefix else ():
         if stale == state:
             continue
         try:
-            if save_after_kill(stale, journal):
+            if save_after_kill(stale, journal, "killed"):
                 logger.warning("saved the state a stopped replica's bidders left in %s", stale.name)
         except Exception:  # noqa: BLE001 - this fleet starts new instead
             logger.exception("the state a stopped replica's bidders left in %s could not be saved", stale.name)
         shutil.rmtree(stale, ignore_errors=True)
-    (state / OWNER).write_text(json.dumps({"fingerprint": fingerprint}))
+    write_owner(state, OWNER, fingerprint=fingerprint, journal=str(journal.resolve()))
 
 
-def save_after_kill(state_dir: str | Path, journal: Path) -> bool:
+def save_after_kill(state_dir: str | Path, journal: Path, saved_by: str = "cut_short") -> bool:
     """`save_fleet` for a service whose replica was killed before it could save (Serve's
     grace period spent on requests under load), run by the process that started it once
     every bidder is gone; returns whether it saved. Nothing is done where the replica's
@@ -185,13 +198,49 @@ def save_after_kill(state_dir: str | Path, journal: Path) -> bool:
     their bidders: a rider busy until that job ends, a warehouse's stock short until it is
     replenished; never sold twice.
     """
-    try:
-        fingerprint = json.loads((Path(state_dir) / OWNER).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+    owner = read_owner(state_dir, OWNER)
+    fingerprint = owner.facts.get("fingerprint") if owner is not None else None
+    if not isinstance(fingerprint, str):
         return False
     if _mismatch(saved_fleet_path(journal), journal, fingerprint) is None:
         return False
-    save_fleet(state_dir, journal, fingerprint)
+    save_fleet(state_dir, journal, fingerprint, saved_by)
+    return True
+
+
+def rescue_dead_fleets(root: str | Path) -> list[str]:
+    """Saves the fleets of services killed outright beside their journals, then removes
+    their state dirs; returns the journals whose fleet was saved.
+
+    A service killed with SIGKILL (or by the OOM killer) saves nothing and leaves its
+    bidders' snapshots in `root` (``/dev/shm``: memory). Those hold every commit its
+    journal holds, as at a clean stop (`save_after_kill`), so the next start on that
+    journal resumes them. The journal's torn last record, if any, is cut first, as the
+    next writer would cut it, so the saved extent is the one that writer finds. A journal
+    a live service holds has moved on from the dead fleet: its dir is only removed.
+    """
+    saved = []
+    for path, owner in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER):
+        journal = owner.facts.get("journal")
+        try:
+            if isinstance(journal, str) and _at_rest(Path(journal)) and save_after_kill(path, Path(journal), "killed"):
+                logger.warning("saved the bidders' state a killed service (pid %d) left, for %s", owner.pid, journal)
+                saved.append(journal)
+        except Exception:  # noqa: BLE001 - that journal's next start takes a new fleet
+            logger.exception("the state a killed service's bidders left in %s could not be saved", path.name)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    return saved
+
+
+def _at_rest(journal: Path) -> bool:
+    """Whether nobody writes `journal` now, with a torn last record cut as a writer would."""
+    if not journal.exists():
+        return False  # deleted since: nothing to save beside
+    try:
+        JournalWriter(journal).close()
+    except JournalLocked:
+        return False
     return True
 
 
@@ -249,8 +298,14 @@ def carry_fleet(journal: Path, fingerprint: str, state_dir: str | Path) -> Fleet
         for file in target.glob("*"):
             file.unlink(missing_ok=True)
         return FleetOrigin(False, f"the saved fleet could not be copied ({err})")
-    return FleetOrigin(True, f"the state saved at the last stop ({len(agents)} bidders had one; a bidder "
-                             "that had committed nothing yet starts new, as it was)", tuple(agents))
+    return FleetOrigin(True, f"{_how_saved(saved)} ({len(agents)} bidders had one; a bidder that had committed "
+                             "nothing yet starts new, as it was)", tuple(agents))
+
+
+def _how_saved(saved: Path) -> str:
+    """What the manifest says of the stop it was saved at (a save without the field: a stop)."""
+    saved_by = json.loads((saved / MANIFEST).read_text()).get("saved_by", "stop")
+    return SAVED_BY.get(saved_by, SAVED_BY["stop"])
 
 
 def save_agents(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Path, fingerprint: str) -> int:

@@ -58,3 +58,13 @@ def test_bench_clearing_quick_prints_json() -> None:
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["benchmark"] == "clearing" and len(result["clear"]) == 9
+
+
+def test_bench_snapshot_quick_saves_and_resumes_a_killed_fleet() -> None:
+    """The bench's stop-and-start runs check their own outcome (every bidder carried)."""
+    out = bidhive("bench", "snapshot", "--quick")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    killed = result["killed_and_started_by_pending_jobs"]
+    assert set(killed) == {"0", "500"} and all(r["bidders"] == 25 and r["start_rescue_ms"] > 0 for r in killed.values())
+    assert result["leftovers"]["holders_scan_ms"] > 0

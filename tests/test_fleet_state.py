@@ -2,16 +2,19 @@
 up only where the journal ends with it. No Ray: the bidders are `BidderHost`s on state dirs."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from agents.actor import BidderHost, fleet_specs
 from market.config import load_fleet
-from market.journal import JournalWriter
+from market.journal import JournalWriter, TornTailWarning
+from runtime.owner import pid_namespace, write_owner
 from serve import fleet_state
 from serve.fleet_state import (
-    FleetSaveError, carry_fleet, claim_state_dir, fleet_fingerprint, save_fleet, saved_fleet_path,
+    FleetSaveError, carry_fleet, claim_state_dir, fleet_fingerprint, rescue_dead_fleets, save_fleet,
+    saved_fleet_path,
 )
 from tests.test_ray_runtime import FLEET, RIDERS_W, SEED, commit_first, quote_round
 
@@ -158,3 +161,52 @@ def test_a_new_fleet_takes_up_the_dir_a_dead_replica_left(tmp_path: Path) -> Non
     assert (new / "fleet.json").exists()
     assert carry_fleet(journal, FINGERPRINT, new).agents == ("riders-w",)
     assert BidderHost(RIDERS_W, str(new)).agent.committed_units == 1
+
+
+def _killed_service(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A journal ending in a torn record, and the snapshot dir in `root` its killed service's
+    bidders left (its owner a process that has exited)."""
+    from tests.test_leftovers import _dead_pid
+
+    journal, run, _ = _stopped_run(tmp_path)
+    root = tmp_path / "shm"
+    root.mkdir()
+    dead = root / "bidhive-serve-aa-x"
+    run.rename(dead)
+    pid, started = _dead_pid()
+    (dead / "fleet.json").write_text(json.dumps({"fingerprint": FINGERPRINT, "journal": str(journal), "pid": pid,
+                                                 "started": started, "namespace": pid_namespace()}))
+    with journal.open("ab") as file:
+        file.write(b"\x40\x00\x00\x00torn")  # the killed writer's half record
+    return journal, root, dead
+
+
+def test_a_killed_services_fleet_is_saved_and_taken_up_by_the_next_start(tmp_path: Path) -> None:
+    """Killed outright, the service saved nothing and left its bidders' dir: the next start
+    cuts the journal's torn record (as its writer would), saves the dir beside the journal,
+    removes it, and takes the fleet up."""
+    journal, root, _ = _killed_service(tmp_path)
+    whole = journal.stat().st_size - 8
+    with pytest.warns(TornTailWarning):
+        assert rescue_dead_fleets(root) == [str(journal)]
+    assert journal.stat().st_size == whole and not any(root.iterdir())
+    new_run = tmp_path / "run-2"
+    new_run.mkdir()
+    origin = carry_fleet(journal, FINGERPRINT, new_run)
+    assert origin.carried and "when the service was killed" in origin.why, origin
+    assert BidderHost(RIDERS_W, str(new_run)).agent.committed_units == 1
+
+
+def test_a_killed_services_fleet_is_not_saved_where_a_live_service_holds_the_journal(tmp_path: Path) -> None:
+    """A service already running on that journal has moved on from the dead fleet."""
+    journal, root, _ = _killed_service(tmp_path)
+    with pytest.warns(TornTailWarning), JournalWriter(journal):
+        assert rescue_dead_fleets(root) == []
+    assert not saved_fleet_path(journal).exists() and not any(root.iterdir())
+
+
+def test_a_live_services_fleet_dir_is_left_alone(tmp_path: Path) -> None:
+    journal, root, dead = _killed_service(tmp_path)
+    write_owner(dead, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal))  # this live process's
+    assert rescue_dead_fleets(root) == []
+    assert dead.exists() and not saved_fleet_path(journal).exists()

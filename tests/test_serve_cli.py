@@ -1,6 +1,7 @@
 """`bidhive serve` as a user runs it: starts, answers the README's curl order, stops cleanly on SIGTERM or Ctrl-C."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -52,6 +53,19 @@ def _assert_nothing_left(proc: subprocess.Popen[str], tmp: Path) -> None:
     assert left[:1] == ["j.bhj"] and set(left) <= {"j.bhj", "j.bhj.fleet"}, f"the embedded Ray left files behind: {left}"
 
 
+def _until_serving(proc: subprocess.Popen[str]) -> str:
+    """What the service printed once it serves, through its "Bidders:" line."""
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Bidders:"):
+            break
+    said = "".join(lines)
+    assert "bidhive is serving" in said, said
+    return said
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A fresh dir with a short path (Ray's socket paths live under it), removed even if the test fails."""
@@ -93,14 +107,9 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
     proc = _start_serve(short_tmp, "--bidders", bidders, "--port", str(port))
     stop_load, clients = threading.Event(), []
     try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "bidhive is serving" in line:
-                break
-        assert any("bidhive is serving" in ln for ln in lines), "".join(lines)
-        assert "curl -s -X POST" in proc.stdout.readline()  # how to place an order, right below
+        started = _until_serving(proc)
+        assert "curl -s -X POST" in started  # how to place an order, right below
+        assert "Bidders: new (no fleet saved beside the journal)" in started, started
         r = httpx.post(f"http://127.0.0.1:{port}/orders", json=EXAMPLE_ORDER, headers={"Idempotency-Key": "readme"},
                        timeout=30)
         assert r.status_code == 200 and r.json()["status"] in ("awarded", "unfulfilled"), r.text
@@ -113,7 +122,6 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         assert proc.wait(timeout=90) == 0
         said = proc.stdout.read()
         assert "bidhive stopped" in said and "failed" not in said, said  # Serve's own shutdown noise too
-        assert "Bidders: new (no fleet saved beside the journal)" in said, said
     finally:
         stop_load.set()
         if proc.poll() is None:
@@ -126,6 +134,44 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
         with tempfile.TemporaryDirectory() as into:
             origin = carry_fleet(short_tmp / "j.bhj", fleet_fingerprint(load_fleet("default"), 0), into)
             assert origin.carried and origin.agents, origin
+
+
+@pytest.mark.slow
+def test_a_service_killed_outright_is_cleared_and_resumed_by_the_next_start(short_tmp: Path) -> None:
+    """SIGKILL to `bidhive serve` (the OOM killer's way) runs none of its clean-up: Ray's
+    agents live on, its temp dir and the bidders' snapshot dir stay. The next start stops
+    those processes, removes both dirs, and resumes the bidders' state from the snapshots."""
+    fleet_dirs = _fleet_dirs()
+    port = spare_port()
+    killed = _start_serve(short_tmp, "--port", str(port))
+    second: subprocess.Popen[str] | None = None
+    try:
+        _until_serving(killed)
+        r = httpx.post(f"http://127.0.0.1:{port}/orders", json=EXAMPLE_ORDER, timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "awarded", r.text
+        ray_dirs = [p for p in short_tmp.iterdir() if p.name.startswith("bidhive-ray-")]
+        assert len(ray_dirs) == 1
+        killed.kill()
+        killed.wait(timeout=10)
+        assert len(_fleet_dirs() - fleet_dirs) == 1  # the killed service's, left behind
+        second = _start_serve(short_tmp, "--port", str(spare_port()))
+        said = _until_serving(second)
+        assert "Bidders: resumed (the state the bidders had when the service was killed" in said, said
+        assert not ray_dirs[0].exists()
+        end = time.monotonic() + 15
+        while _session_processes(killed.pid) and time.monotonic() < end:
+            time.sleep(0.5)
+        assert _session_processes(killed.pid) == [], "the killed service's Ray processes outlived the next start"
+        assert len(_fleet_dirs() - fleet_dirs) == 1  # the running service's own
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=90) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what the killed one left, where the test failed
+            os.killpg(killed.pid, signal.SIGKILL)
+        if second is not None and second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    _assert_nothing_left(second, short_tmp)
+    assert _fleet_dirs() <= fleet_dirs, "a fleet's snapshot dir outlived the services"
 
 
 @pytest.mark.slow
