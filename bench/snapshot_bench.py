@@ -51,9 +51,8 @@ from agents.durable import CommitMemory, SnapshotStore, freeze
 from bench.stats import machine
 from market.config import load_fleet
 from market.journal import JournalWriter
-from runtime.leftovers import holders
-from runtime.local_ray import clear_killed_sessions
-from runtime.owner import pid_namespace, process_start
+from runtime.leftovers import RAY_OWNER, RAY_TEMP_PREFIX, reap_dead_ray_sessions, session_processes
+from runtime.owner import all_pids, process_start, write_owner
 from serve.config import FLEET_DIR_PREFIX
 from serve.fleet_state import carry_fleet, fleet_fingerprint, rescue_dead_fleets, save_fleet, saved_fleet_path
 
@@ -171,10 +170,10 @@ def _stop_and_start(journal_dir: Path, pending: int, killed: bool) -> dict[str, 
         if killed:
             _killed_owner(run_dir, fingerprint, journal)
         t0 = time.perf_counter()
-        if killed:
-            assert rescue_dead_fleets(root) == [str(journal)] and not run_dir.exists()
-        else:
+        if not killed:
             save_fleet(run_dir, journal, fingerprint)
+        elif rescue_dead_fleets(root, journal) != [run_dir.name]:
+            raise RuntimeError("the killed fleet was not saved")
         t1 = time.perf_counter()
         origin = carry_fleet(journal, fingerprint, new_dir)
         t2 = time.perf_counter()
@@ -209,30 +208,35 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def _killed_owner(run_dir: Path, fingerprint: str, journal: Path) -> None:
-    """Marks `run_dir` as a killed service's fleet (its owner a process that has exited) and
-    leaves a torn record at the end of `journal`, as the killed writer would."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    started = process_start(proc.pid)
-    proc.kill()
-    proc.wait()
-    (run_dir / "fleet.json").write_text(json.dumps({"fingerprint": fingerprint, "journal": str(journal),
-                                                    "pid": proc.pid, "started": started,
-                                                    "namespace": pid_namespace()}))
+    """Marks `run_dir` as a killed service's fleet (its owner noted with this pid and another
+    start time: a process that is gone, its pid reused) and leaves a torn record at the end
+    of `journal`, as the killed writer would."""
+    started = process_start(os.getpid())
+    assert started is not None
+    write_owner(run_dir, "fleet.json", (os.getpid(), started - 1), fingerprint=fingerprint,
+                journal=str(journal.resolve()))
     with journal.open("ab") as file:
         file.write(b"\x40\x00\x00\x00torn")
 
 
 def _leftovers_scan() -> dict[str, Any]:
-    """What every embedded start pays to look for a killed run's Ray session (none found),
-    and the scan of every process's open files it makes for each one it finds."""
-    t0 = time.perf_counter()
-    clear_killed_sessions()
-    t1 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bidhive-snapbench-") as nobody:
-        holders(nobody)
-    t2 = time.perf_counter()
-    return {"clear_killed_sessions_none_dead_ms": round((t1 - t0) * 1e3, 2),
-            "holders_scan_ms": round((t2 - t1) * 1e3, 1), "processes": sum(p.isdigit() for p in os.listdir("/proc"))}
+    """What every embedded start pays to look for killed runs' Ray sessions (a temp root
+    holding 5 live ones, none dead), and the scan of every process's environment it makes
+    once when it finds some. Run on a private root: the bench clears nothing of the machine's."""
+    with tempfile.TemporaryDirectory(prefix="bidhive-snapbench-") as root:
+        for k in range(5):
+            live = Path(root) / f"{RAY_TEMP_PREFIX}{k}"
+            live.mkdir(mode=0o700)
+            write_owner(live, RAY_OWNER)
+        t0 = time.perf_counter()
+        cleared = reap_dead_ray_sessions(root)
+        t1 = time.perf_counter()
+        session_processes({str(Path(root) / "none"): 0})
+        t2 = time.perf_counter()
+    if cleared:
+        raise RuntimeError(f"live sessions taken for dead: {cleared}")
+    return {"look_with_5_live_sessions_ms": round((t1 - t0) * 1e3, 2), "process_scan_ms": round((t2 - t1) * 1e3, 1),
+            "processes": len(all_pids())}
 
 
 if __name__ == "__main__":

@@ -85,9 +85,9 @@ def serve(
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get("RAY_ADDRESS", "").strip() in ("", "local"):
-        from runtime.local_ray import clear_killed_sessions
+    from runtime.local_ray import clear_killed_sessions, embedded_requested
 
+    if embedded_requested():
         clear_killed_sessions()  # a killed service's replica may still hold the journal
     _preflight(cfg.journal)
     _claim_port(listen.host, listen.port)

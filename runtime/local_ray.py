@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from runtime.leftovers import RAY_OWNER, RAY_TEMP_PREFIX, reap_dead_ray_sessions
-from runtime.owner import write_owner
+from runtime.leftovers import AUTH_TOKEN_FILE, RAY_OWNER, RAY_TEMP_PREFIX, SESSION_ENV, reap_dead_ray_sessions
+from runtime.owner import all_pids, proc_stat, write_owner
 
 __all__ = [
     "LOOPBACK_ENV",
@@ -46,6 +46,7 @@ __all__ = [
     "LocalRay",
     "SocketAddress",
     "clear_killed_sessions",
+    "embedded_requested",
     "is_loopback",
     "listening_addresses",
     "local_ray",
@@ -143,16 +144,6 @@ def _psutil() -> Any | None:
     return psutil
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """Read (state, ppid, starttime) from /proc/<pid>/stat, or None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
 def _proc_cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
@@ -167,10 +158,6 @@ def _proc_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "?"
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
 def session_pids(marker: str) -> set[int]:
@@ -189,8 +176,8 @@ def session_pids(marker: str) -> set[int]:
     """
     parents: dict[int, int] = {}
     roots: set[int] = set()
-    for pid in _all_pids():
-        stat = _proc_stat(pid)
+    for pid in all_pids():
+        stat = proc_stat(pid)
         if stat is None or stat[0] == "Z":
             continue
         parents[pid] = stat[1]
@@ -343,7 +330,7 @@ def peer_addresses(
 
 
 def _alive(pid: int, start: int) -> bool:
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] != "Z" and stat[2] == start
 
 
@@ -372,6 +359,12 @@ def _rmtree(path: str, timeout_s: float = 3.0) -> bool:
 # --------------------------------------------------------------------------
 
 
+def embedded_requested() -> bool:
+    """Whether `start_local_ray` would start an embedded cluster: no ``RAY_ADDRESS`` to join
+    (or ``local``)."""
+    return os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
+
+
 def clear_killed_sessions() -> list[str]:
     """Stops the processes of embedded clusters whose driver was killed (SIGKILL runs no
     clean-up) and removes their temp dirs; returns the dirs' names (`runtime.leftovers`).
@@ -379,7 +372,11 @@ def clear_killed_sessions() -> list[str]:
     Called by every embedded start, and by `bidhive serve` before it checks its journal:
     a killed service's replica can outlive it for a while, holding the journal's lock.
     """
-    cleared = reap_dead_ray_sessions(_short_temp_root())
+    try:
+        cleared = reap_dead_ray_sessions(_short_temp_root())
+    except Exception:  # noqa: BLE001 - leftovers cost memory, not this start
+        logger.exception("could not look for what killed runs left in %s", _short_temp_root())
+        return []
     if cleared:
         logger.warning("removed what killed runs left: %s", ", ".join(cleared))
     return cleared
@@ -465,7 +462,7 @@ class LocalRay:
         procs: dict[int, int] = {}
         if self.embedded:
             for pid in self.pids(include_driver=False):
-                stat = _proc_stat(pid)
+                stat = proc_stat(pid)
                 if stat is not None:
                     procs[pid] = stat[2]
         try:
@@ -572,7 +569,7 @@ def start_local_ray(
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialized in this process")
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    join = address not in ("", "local")
+    join = not embedded_requested()
     init_kwargs: dict[str, Any] = {
         "namespace": namespace,
         "log_to_driver": log_to_driver,
@@ -598,7 +595,7 @@ def start_local_ray(
             temp_dir = tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=_short_temp_root())
             handle.temp_dir = temp_dir
             write_owner(temp_dir, RAY_OWNER)  # so a start after this driver is killed clears the dir
-            token_path = os.path.join(temp_dir, "auth_token")
+            token_path = os.path.join(temp_dir, AUTH_TOKEN_FILE)
             fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
@@ -610,6 +607,7 @@ def start_local_ray(
                 ),
                 "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": token_path,
+                SESSION_ENV: temp_dir,  # how the next start finds this cluster's processes if we are killed
                 "RAY_AUTH_TOKEN": None,  # it would win over our per-session file
                 **(extra_env or {}),
             }

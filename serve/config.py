@@ -25,6 +25,10 @@ MB = 1 << 20
 #: dir of a replica that Serve killed before the replica could (`serve.runner.stop_service`).
 FLEET_DIR_PREFIX_ENV = "BIDHIVE_FLEET_DIR_PREFIX"
 FLEET_DIR_PREFIX = "bidhive-serve-"  # every service's fleet dirs start so; a run's own prefix too
+#: Where set (``pid:start time``), the process whose life the service's fleet dirs belong to
+#: (`bidhive serve` itself): a replica that Serve restarts leaves its dir to this run, and only
+#: once this process is dead may another start take it (`serve.fleet_state.rescue_dead_fleets`).
+SERVICE_PROCESS_ENV = "BIDHIVE_SERVICE_PROCESS"
 
 
 class BatchCfg(Strict):

@@ -19,7 +19,7 @@ it acknowledges a commit and the journal records the commit after the acknowledg
 at a clean stop the snapshots hold every commit the journal holds. A stop that Serve cut
 short (the replica killed before its own save) is saved by `bidhive serve` once Ray is
 down (`save_after_kill`), and a service killed outright is saved by the next start on
-this machine, from the dir its bidders left (`rescue_dead_fleets`). Where neither could
+its journal, from the dir its bidders left (`rescue_dead_fleets`). Where neither could
 be done (the machine rebooted: ``/dev/shm`` is memory), the journal has moved on from the
 saved fleet and the start takes a new fleet, saying why. A save is only written once
 each bidder's snapshot loads from the copy. The bidding policy may change between runs:
@@ -27,6 +27,7 @@ the bidders bid with the new one.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,7 +36,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ from agents.durable import NOT_STATE, SnapshotStore
 from market.config import FleetCfg
 from market.journal import JournalLocked, JournalWriter, journal_files, journal_head, sync_dir
 from runtime.leftovers import claim_dead_dirs
-from runtime.owner import read_owner, write_owner
-from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV
+from runtime.owner import Owner, read_owner, write_owner
+from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, SERVICE_PROCESS_ENV
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -68,7 +69,8 @@ COPY_TRIES, COPY_RETRY_S = 5, 0.2
 SAVED_BY = {
     "stop": "the state saved at the last stop",
     "cut_short": "the state the bidders had when the last stop was cut short (saved once they were gone)",
-    "killed": "the state the bidders had when the service was killed (saved by this start)",
+    "replica_died": "the state the bidders had when the service's replica died (saved by the next fleet)",
+    "killed": "the state the bidders had when the service was killed (saved by a later start on the journal)",
 }
 
 
@@ -169,21 +171,28 @@ def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | N
     and removes its dir, or dead with a replica that Serve restarts, which leaves it. Such a
     dir is saved beside the journal as a killed replica's is (`save_after_kill`), so this
     fleet carries it, and removed, so the dir `save_after_kill` finds at the stop is this
-    fleet's. The dirs of services killed outright are saved and removed too
-    (`rescue_dead_fleets`).
+    fleet's. The dirs of services killed outright on this journal are saved and removed
+    too (`rescue_dead_fleets`). The dir belongs to the service's process where the
+    service names it (`SERVICE_PROCESS_ENV`), else to this one.
     """
     state = Path(state_dir)
-    rescue_dead_fleets(state.parent)
+    rescue_dead_fleets(state.parent, journal)
     for stale in state.parent.glob(f"{run_prefix}*") if run_prefix else ():
         if stale == state:
             continue
         try:
-            if save_after_kill(stale, journal, "killed"):
+            if save_after_kill(stale, journal, "replica_died"):
                 logger.warning("saved the state a stopped replica's bidders left in %s", stale.name)
         except Exception:  # noqa: BLE001 - this fleet starts new instead
             logger.exception("the state a stopped replica's bidders left in %s could not be saved", stale.name)
         shutil.rmtree(stale, ignore_errors=True)
-    write_owner(state, OWNER, fingerprint=fingerprint, journal=str(journal.resolve()))
+    write_owner(state, OWNER, _service_process(), fingerprint=fingerprint, journal=str(journal.resolve()))
+
+
+def _service_process() -> tuple[int, int] | None:
+    """The (pid, start time) `bidhive serve` names for its fleets, if it does."""
+    pid, _, started = os.environ.get(SERVICE_PROCESS_ENV, "").partition(":")
+    return (int(pid), int(started)) if pid.isdigit() and started.isdigit() else None
 
 
 def save_after_kill(state_dir: str | Path, journal: Path, saved_by: str = "cut_short") -> bool:
@@ -208,40 +217,60 @@ def save_after_kill(state_dir: str | Path, journal: Path, saved_by: str = "cut_s
     return True
 
 
-def rescue_dead_fleets(root: str | Path) -> list[str]:
-    """Saves the fleets of services killed outright beside their journals, then removes
-    their state dirs; returns the journals whose fleet was saved.
+def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
+    """Saves the fleets that services killed outright on `journal` left in `root` beside
+    it, then removes their dirs; returns the names of the dirs saved.
 
     A service killed with SIGKILL (or by the OOM killer) saves nothing and leaves its
     bidders' snapshots in `root` (``/dev/shm``: memory). Those hold every commit its
     journal holds, as at a clean stop (`save_after_kill`), so the next start on that
     journal resumes them. The journal's torn last record, if any, is cut first, as the
-    next writer would cut it, so the saved extent is the one that writer finds. A journal
-    a live service holds has moved on from the dead fleet: its dir is only removed.
+    next writer would cut it, and the journal stays locked until the save is done, so the
+    saved extent is the one that writer finds. A journal some live service holds has moved
+    on from the dead fleet: its dir is only removed. Dead fleets of other journals are left
+    to their journal's next start, unless that journal is gone (nothing could resume them).
     """
     saved = []
-    for path, owner in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER):
-        journal = owner.facts.get("journal")
+    mine = str(journal.resolve())
+
+    def wanted(owner: Owner) -> bool:
+        theirs = owner.facts.get("journal")
+        return theirs == mine or (isinstance(theirs, str) and not Path(theirs).exists())
+
+    for path, owner, name in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER, wanted):
         try:
-            if isinstance(journal, str) and _at_rest(Path(journal)) and save_after_kill(path, Path(journal), "killed"):
-                logger.warning("saved the bidders' state a killed service (pid %d) left, for %s", owner.pid, journal)
-                saved.append(journal)
-        except Exception:  # noqa: BLE001 - that journal's next start takes a new fleet
-            logger.exception("the state a killed service's bidders left in %s could not be saved", path.name)
+            if owner.facts.get("journal") == mine and _save_dead(path, journal):
+                logger.warning("saved the bidders' state a killed service (pid %d) left in %s", owner.pid, name)
+                saved.append(name)
+        except Exception:  # noqa: BLE001 - this start takes a new fleet
+            logger.exception("the state a killed service's bidders left in %s could not be saved", name)
         finally:
             shutil.rmtree(path, ignore_errors=True)
     return saved
 
 
-def _at_rest(journal: Path) -> bool:
-    """Whether nobody writes `journal` now, with a torn last record cut as a writer would."""
-    if not journal.exists():
-        return False  # deleted since: nothing to save beside
+def _save_dead(state_dir: Path, journal: Path) -> bool:
+    """`save_after_kill` under the journal's lock; whether it saved."""
+    with _locked(journal) as at_rest:
+        return at_rest and save_after_kill(state_dir, journal, "killed")
+
+
+@contextlib.contextmanager
+def _locked(journal: Path) -> Iterator[bool]:
+    """Holds `journal`'s writer lock, with a torn last record cut as a writer would cut it;
+    yields False (holding nothing) where it is gone or a live service holds it."""
+    if not journal.exists():  # deleted since: nothing to save beside
+        yield False
+        return
     try:
-        JournalWriter(journal).close()
+        writer = JournalWriter(journal)
     except JournalLocked:
-        return False
-    return True
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        writer.close()
 
 
 def _copy_whole(source: Path, staging: Path) -> None:
@@ -252,6 +281,8 @@ def _copy_whole(source: Path, staging: Path) -> None:
     Such a copy is taken again, and after `COPY_TRIES` the save is given up (the next start
     takes a new fleet, and says so) rather than keeping a state that does not load.
     """
+    if not _agent_ids(source):  # a dir gone, or never written to: not a fleet's state
+        raise FleetSaveError(f"no bidder snapshot in {source}")
     for attempt in range(COPY_TRIES):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -304,8 +335,8 @@ def carry_fleet(journal: Path, fingerprint: str, state_dir: str | Path) -> Fleet
 
 def _how_saved(saved: Path) -> str:
     """What the manifest says of the stop it was saved at (a save without the field: a stop)."""
-    saved_by = json.loads((saved / MANIFEST).read_text()).get("saved_by", "stop")
-    return SAVED_BY.get(saved_by, SAVED_BY["stop"])
+    saved_by = json.loads((saved / MANIFEST).read_text()).get("saved_by")
+    return SAVED_BY.get(saved_by if isinstance(saved_by, str) else "stop", SAVED_BY["stop"])
 
 
 def save_agents(agents: Sequence[Agent], specs: Sequence[AgentSpec], journal: Path, fingerprint: str) -> int:

@@ -23,7 +23,8 @@ from pathlib import Path
 from types import FrameType
 
 from runtime.local_ray import LocalRay
-from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, Listen, ServeCfg
+from runtime.owner import process_start
+from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, SERVICE_PROCESS_ENV, Listen, ServeCfg
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -166,12 +167,13 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
     Embedded: direct ingress on `listen`. Joined cluster: its Serve proxy on `listen`
     (the cluster's own settings decide the rest).
     """
-    from runtime.local_ray import start_local_ray
+    from runtime.local_ray import embedded_requested, start_local_ray
     from runtime.ray_bidders import RAY_BIDDER_ENV
 
-    embedded = os.environ.get("RAY_ADDRESS", "").strip() in ("", "local")
+    embedded = embedded_requested()
     env = {**RAY_BIDDER_ENV, **SERVE_ENV, **(direct_ingress_env(listen.port) if embedded else {}),
-           FLEET_DIR_PREFIX_ENV: f"{FLEET_DIR_PREFIX}{secrets.token_hex(4)}-"}  # this run's (`stop_service`)
+           FLEET_DIR_PREFIX_ENV: f"{FLEET_DIR_PREFIX}{secrets.token_hex(4)}-",  # this run's (`stop_service`)
+           **_this_process_env()}
     cluster = start_local_ray(extra_env=env)
     try:
         from ray import serve
@@ -188,6 +190,13 @@ def launch(cfg: ServeCfg, listen: Listen) -> LocalRay:
         stop_service(cluster)
         raise
     return cluster
+
+
+def _this_process_env() -> dict[str, str]:
+    """Names this process as the one the run's fleet dirs belong to (`SERVICE_PROCESS_ENV`):
+    while it lives, no other start takes them, even between a replica's death and its restart."""
+    started = process_start(os.getpid())
+    return {} if started is None else {SERVICE_PROCESS_ENV: f"{os.getpid()}:{started}"}
 
 
 def stop_service(cluster: LocalRay, cfg: ServeCfg | None = None) -> None:

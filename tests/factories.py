@@ -1,9 +1,10 @@
 """Random but valid market inputs for tests: orders, rounds and quote books; replay reports without their
-timings; and a port held by an open connection."""
+timings; a port held by an open connection; an owner process that is gone."""
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from market.config import ProfileCfg, load_profile
 from market.geo import CityGrid
 from market.round import Round, SourceSites, build_round
 from market.types import Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
+from runtime.owner import process_start
 from serve.idempotency import body_hash
 from serve.models import OrderIn
 
@@ -124,3 +126,10 @@ def refuse_commits(bidders: Any, round_id: int, awards: dict[str, Any], quoted: 
     for agent_id in quoted:
         bidders.by_id[agent_id].release(round_id, now)
     return {line.order_idx for lines in awards.values() for line in lines}
+
+
+def reused_pid() -> tuple[int, int]:
+    """This process's pid with another start time: an owner that is gone, its pid reused."""
+    started = process_start(os.getpid())
+    assert started is not None
+    return os.getpid(), started - 1

@@ -67,4 +67,4 @@ def test_bench_snapshot_quick_saves_and_resumes_a_killed_fleet() -> None:
     result = json.loads(out.stdout)
     killed = result["killed_and_started_by_pending_jobs"]
     assert set(killed) == {"0", "500"} and all(r["bidders"] == 25 and r["start_rescue_ms"] > 0 for r in killed.values())
-    assert result["leftovers"]["holders_scan_ms"] > 0
+    assert result["leftovers"]["process_scan_ms"] > 0

@@ -2,7 +2,6 @@
 up only where the journal ends with it. No Ray: the bidders are `BidderHost`s on state dirs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,13 @@ import pytest
 from agents.actor import BidderHost, fleet_specs
 from market.config import load_fleet
 from market.journal import JournalWriter, TornTailWarning
-from runtime.owner import pid_namespace, write_owner
+from runtime.owner import write_owner
 from serve import fleet_state
 from serve.fleet_state import (
     FleetSaveError, carry_fleet, claim_state_dir, fleet_fingerprint, rescue_dead_fleets, save_fleet,
     saved_fleet_path,
 )
+from tests.factories import reused_pid
 from tests.test_ray_runtime import FLEET, RIDERS_W, SEED, commit_first, quote_round
 
 FINGERPRINT = fleet_fingerprint(FLEET, SEED)
@@ -165,17 +165,13 @@ def test_a_new_fleet_takes_up_the_dir_a_dead_replica_left(tmp_path: Path) -> Non
 
 def _killed_service(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A journal ending in a torn record, and the snapshot dir in `root` its killed service's
-    bidders left (its owner a process that has exited)."""
-    from tests.test_leftovers import _dead_pid
-
+    bidders left (its owner a process that is gone)."""
     journal, run, _ = _stopped_run(tmp_path)
     root = tmp_path / "shm"
     root.mkdir()
     dead = root / "bidhive-serve-aa-x"
     run.rename(dead)
-    pid, started = _dead_pid()
-    (dead / "fleet.json").write_text(json.dumps({"fingerprint": FINGERPRINT, "journal": str(journal), "pid": pid,
-                                                 "started": started, "namespace": pid_namespace()}))
+    write_owner(dead, "fleet.json", reused_pid(), fingerprint=FINGERPRINT, journal=str(journal.resolve()))
     with journal.open("ab") as file:
         file.write(b"\x40\x00\x00\x00torn")  # the killed writer's half record
     return journal, root, dead
@@ -183,12 +179,12 @@ def _killed_service(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 def test_a_killed_services_fleet_is_saved_and_taken_up_by_the_next_start(tmp_path: Path) -> None:
     """Killed outright, the service saved nothing and left its bidders' dir: the next start
-    cuts the journal's torn record (as its writer would), saves the dir beside the journal,
-    removes it, and takes the fleet up."""
-    journal, root, _ = _killed_service(tmp_path)
+    on that journal cuts its torn record (as its writer would), saves the dir beside the
+    journal, removes it, and takes the fleet up."""
+    journal, root, dead = _killed_service(tmp_path)
     whole = journal.stat().st_size - 8
     with pytest.warns(TornTailWarning):
-        assert rescue_dead_fleets(root) == [str(journal)]
+        assert rescue_dead_fleets(root, journal) == [dead.name]
     assert journal.stat().st_size == whole and not any(root.iterdir())
     new_run = tmp_path / "run-2"
     new_run.mkdir()
@@ -201,12 +197,31 @@ def test_a_killed_services_fleet_is_not_saved_where_a_live_service_holds_the_jou
     """A service already running on that journal has moved on from the dead fleet."""
     journal, root, _ = _killed_service(tmp_path)
     with pytest.warns(TornTailWarning), JournalWriter(journal):
-        assert rescue_dead_fleets(root) == []
+        assert rescue_dead_fleets(root, journal) == []
     assert not saved_fleet_path(journal).exists() and not any(root.iterdir())
 
 
-def test_a_live_services_fleet_dir_is_left_alone(tmp_path: Path) -> None:
+def test_only_dead_fleets_of_this_journal_are_taken(tmp_path: Path) -> None:
+    """A live service's dir stays, and so does a dead one of another journal (its own next
+    start takes it up), unless that journal is gone: then nothing could ever resume it."""
     journal, root, dead = _killed_service(tmp_path)
-    write_owner(dead, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal))  # this live process's
-    assert rescue_dead_fleets(root) == []
+    other = tmp_path / "other.bhj"
+    assert rescue_dead_fleets(root, other) == [] and dead.exists()
+    gone = root / "bidhive-serve-bb-x"
+    gone.mkdir()
+    write_owner(gone, "fleet.json", reused_pid(), fingerprint=FINGERPRINT, journal=str(tmp_path / "deleted.bhj"))
+    assert rescue_dead_fleets(root, other) == [] and not gone.exists() and dead.exists()
+    write_owner(dead, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
+    assert rescue_dead_fleets(root, journal) == []
     assert dead.exists() and not saved_fleet_path(journal).exists()
+
+
+def test_a_dir_without_snapshots_is_not_saved(tmp_path: Path) -> None:
+    """A dir gone (another start took it) or never written to would save an empty fleet
+    the next start would resume as if it were the state."""
+    journal, _, _ = _stopped_run(tmp_path)
+    (tmp_path / "empty").mkdir()
+    for source in (tmp_path / "empty", tmp_path / "gone"):
+        with pytest.raises(FleetSaveError, match="no bidder snapshot"):
+            save_fleet(source, journal, FINGERPRINT)
+    assert not saved_fleet_path(journal).exists()

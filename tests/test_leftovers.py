@@ -1,6 +1,7 @@
 """What a run killed outright leaves (`runtime.owner`, `runtime.leftovers`): the next start
-clears a dead run's dirs and the processes holding them, and never a live run's. No Ray: the
-"orphans" are plain processes holding a file in the dir, as Ray's agents hold their logs."""
+clears a dead run's dirs and the processes of its cluster, and never a live run's, nor a
+process that merely has a file open there. No Ray: the "orphans" are plain processes
+carrying the session's marker in their environment, as every process of a cluster does."""
 from __future__ import annotations
 
 import json
@@ -8,43 +9,52 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from runtime.leftovers import RAY_OWNER, RAY_TEMP_PREFIX, claim_dead_dirs, holders, reap_dead_ray_sessions
+from runtime.leftovers import (
+    AUTH_TOKEN_FILE, RAY_OWNER, RAY_TEMP_PREFIX, SESSION_ENV, claim_dead_dirs, reap_dead_ray_sessions,
+)
 from runtime.owner import pid_namespace, process_start, read_owner, write_owner
+from tests.factories import reused_pid
 
 HOLD = "import sys, time; f = open(sys.argv[1], 'a'); print('ready', flush=True); time.sleep(600)"
-
-
-def _dead_pid() -> tuple[int, int]:
-    """A pid and start time of a process that has exited."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    started = process_start(proc.pid)
-    assert started is not None
-    proc.kill()
-    proc.wait()
-    return proc.pid, started
-
-
-def _owned_by(directory: Path, pid: int, started: int, name: str = RAY_OWNER) -> None:
-    (directory / name).write_text(json.dumps({"pid": pid, "started": started, "namespace": pid_namespace()}))
+Spawn = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
-def holder(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
-    """A session dir with a process holding a log file in it (and a child of that process)."""
-    session = tmp_path / f"{RAY_TEMP_PREFIX}dead"
-    (session / "logs").mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(session / "logs" / "agent.log")],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    yield session, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+def session(tmp_path: Path) -> Path:
+    """An embedded cluster's temp dir, open to everyone as Ray leaves it (mode 0777)."""
+    path = tmp_path / f"{RAY_TEMP_PREFIX}x"
+    (path / "logs").mkdir(parents=True)
+    path.chmod(0o777)
+    return path
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Starts processes holding a log file in a dir, `marked` as the cluster's processes are
+    (`session`: the dir in their environment; `token`: the auth token's path in it, as
+    Ray's agents have it; None: not at all); kills what is left at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(directory: Path, marked: str | None = "session") -> subprocess.Popen[str]:
+        markers = {"session": {SESSION_ENV: str(directory)},
+                   "token": {"RAY_AUTH_TOKEN_PATH": str(directory / AUTH_TOKEN_FILE)}}
+        env = {**os.environ, **markers.get(marked or "", {})}
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory / "logs" / f"p{len(procs)}.log")],
+                                stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def test_an_owner_is_dead_once_its_pid_is_gone_or_names_another_process(tmp_path: Path) -> None:
@@ -52,50 +62,69 @@ def test_an_owner_is_dead_once_its_pid_is_gone_or_names_another_process(tmp_path
     me = read_owner(tmp_path, "owner.json")
     assert me is not None and me.pid == os.getpid() and me.facts == {"journal": "j.bhj"}
     assert not me.dead()
-    _owned_by(tmp_path, os.getpid(), me.started + 1)  # our pid, another start: a reused pid
+    write_owner(tmp_path, RAY_OWNER, reused_pid())
     assert read_owner(tmp_path, RAY_OWNER).dead()  # type: ignore[union-attr]
-    _owned_by(tmp_path, *_dead_pid())
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = process_start(gone.pid)
+    gone.kill()
+    gone.wait()
+    write_owner(tmp_path, RAY_OWNER, (gone.pid, started))  # type: ignore[arg-type]
     assert read_owner(tmp_path, RAY_OWNER).dead()  # type: ignore[union-attr]
     (tmp_path / RAY_OWNER).write_text(json.dumps({"pid": 1, "started": 1, "namespace": "pid:[other]"}))
     assert not read_owner(tmp_path, RAY_OWNER).dead()  # type: ignore[union-attr] - not ours to judge
+    (tmp_path / RAY_OWNER).write_text(json.dumps({"pid": 1, "started": None, "namespace": pid_namespace()}))
+    assert read_owner(tmp_path, RAY_OWNER) is None  # noted where /proc could not be trusted
     (tmp_path / RAY_OWNER).write_text("{")
     assert read_owner(tmp_path, RAY_OWNER) is None
 
 
-def test_holders_finds_the_processes_with_a_file_open_in_a_dir(holder: tuple[Path, subprocess.Popen[str]],
-                                                               tmp_path: Path) -> None:
-    session, proc = holder
-    assert proc.pid in holders(session)
-    assert proc.pid not in holders(tmp_path / "elsewhere")
-
-
-def test_a_dead_drivers_session_is_cleared_with_its_orphans(holder: tuple[Path, subprocess.Popen[str]]) -> None:
-    session, proc = holder
-    _owned_by(session, *_dead_pid())
+def test_a_dead_drivers_session_is_cleared_with_its_processes(session: Path, spawn: Spawn) -> None:
+    write_owner(session, RAY_OWNER, reused_pid())
+    orphans = [spawn(session), spawn(session, marked="token")]
     assert reap_dead_ray_sessions(session.parent, grace_s=5.0) == [session.name]
-    assert proc.wait(timeout=5) != 0  # stopped by the reaper
+    assert all(proc.wait(timeout=5) != 0 for proc in orphans)  # stopped by the reaper
     assert not any(session.parent.iterdir())
 
 
-@pytest.mark.parametrize("owner", ["alive", "none", "other_namespace"])
-def test_a_session_whose_owner_is_alive_or_unknown_is_left_alone(
-        holder: tuple[Path, subprocess.Popen[str]], owner: str) -> None:
-    session, proc = holder
-    if owner == "alive":
-        write_owner(session, RAY_OWNER)
+def test_a_process_that_only_has_a_file_open_there_is_left_running(session: Path, spawn: Spawn) -> None:
+    """A user's shell or `tail -f` in the dead session's logs is not one of its processes."""
+    write_owner(session, RAY_OWNER, reused_pid())
+    reader, orphan = spawn(session, marked=None), spawn(session)
+    assert reap_dead_ray_sessions(session.parent, grace_s=5.0) == [session.name]
+    assert orphan.wait(timeout=5) != 0
+    time.sleep(0.2)
+    assert reader.poll() is None
+
+
+@pytest.mark.parametrize("owner", ["alive", "none", "other_namespace", "another_users", "a_link"])
+def test_a_session_that_is_not_certainly_a_dead_runs_is_left_alone(session: Path, spawn: Spawn,
+                                                                    owner: str) -> None:
+    write_owner(session, RAY_OWNER, None if owner == "alive" else reused_pid())
+    if owner == "none":
+        (session / RAY_OWNER).unlink()
     elif owner == "other_namespace":
-        pid, started = _dead_pid()
-        (session / RAY_OWNER).write_text(json.dumps({"pid": pid, "started": started, "namespace": "pid:[1]"}))
+        record = json.loads((session / RAY_OWNER).read_text())
+        (session / RAY_OWNER).write_text(json.dumps({**record, "namespace": "pid:[1]"}))
+    elif owner == "another_users":  # planted in a dir Ray opens to everyone
+        os.chown(session / RAY_OWNER, 65534, 65534)
+    proc = spawn(session)
+    if owner == "a_link":
+        session = session.rename(session.with_name("real"))
+        session.with_name(f"{RAY_TEMP_PREFIX}x").symlink_to(session)
     assert reap_dead_ray_sessions(session.parent) == []
     time.sleep(0.2)
-    assert proc.poll() is None and (session / "logs" / "agent.log").exists()
+    assert proc.poll() is None and (session / "logs").exists()
 
 
-def test_a_claimed_dead_dir_is_not_claimed_again(tmp_path: Path) -> None:
-    """A start renames each dead dir it clears, so another start's look finds none of them."""
+def test_a_claimed_dead_dir_is_not_claimed_again_while_its_claimer_lives(tmp_path: Path) -> None:
+    """A start renames each dead dir it clears, so another start's look finds none of them,
+    until the claimer itself is gone (killed part way): then the dir is claimed again."""
     for name in ("bidhive-ray-a", "bidhive-ray-b"):
-        (tmp_path / name).mkdir()
-        _owned_by(tmp_path / name, *_dead_pid())
-    claimed = [path.name for path, _ in claim_dead_dirs(tmp_path, RAY_TEMP_PREFIX, RAY_OWNER)]
+        (tmp_path / name).mkdir(mode=0o700)
+        write_owner(tmp_path / name, RAY_OWNER, reused_pid())
+    claimed = [path.name for path, _, _ in claim_dead_dirs(tmp_path, RAY_TEMP_PREFIX, RAY_OWNER)]
     assert claimed == [f"bidhive-ray-a.dead-{os.getpid()}", f"bidhive-ray-b.dead-{os.getpid()}"]
     assert list(claim_dead_dirs(tmp_path, RAY_TEMP_PREFIX, RAY_OWNER)) == []
+    (tmp_path / claimed[0]).rename(tmp_path / "bidhive-ray-a.dead-999999999")  # its claimer is gone
+    again = [(path.name, name) for path, _, name in claim_dead_dirs(tmp_path, RAY_TEMP_PREFIX, RAY_OWNER)]
+    assert again == [(f"bidhive-ray-a.dead-{os.getpid()}", "bidhive-ray-a")]

@@ -30,6 +30,7 @@ from market.config import load_profile  # noqa: E402
 from market.engine import MarketEngine  # noqa: E402
 from policies.registry import make_policy  # noqa: E402
 from runtime import local_ray as lr  # noqa: E402
+from runtime.owner import proc_stat  # noqa: E402
 from runtime.ray_bidders import RAY_BIDDER_ENV, RayBidders, spawn_bidders  # noqa: E402
 from tests.test_ray_runtime import FLEET, SEED, orders_at  # noqa: E402
 
@@ -67,7 +68,7 @@ def cluster() -> Iterator[Cluster]:
         c.wait_for_nodes()
         yield c
     finally:
-        procs = {pid: st[2] for pid in lr.session_pids(tmp) if (st := lr._proc_stat(pid)) is not None}
+        procs = {pid: st[2] for pid in lr.session_pids(tmp) if (st := proc_stat(pid)) is not None}
         ray.shutdown()
         if c is not None:
             c.shutdown()

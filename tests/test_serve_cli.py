@@ -29,8 +29,10 @@ BIN = Path(sys.executable).with_name("bidhive")
 
 
 def _session_processes(sid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "sid=,pid=,comm="], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+    """The processes of a session still running. Exited ones (zombies) do not count: they
+    hold nothing, and when an orphan is reaped is up to the process that adopted it."""
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,comm="], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid) and not line.split()[2].startswith("Z")]
 
 
 def _start_serve(tmp: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen[str]:
@@ -95,6 +97,7 @@ def _keep_ordering(url: str, clients: int, until: threading.Event) -> list[threa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("bidders, stop, load", [("local", "sigterm", 0), ("ray", "ctrl-c", 0), ("ray", "ctrl-c", 8)])
 def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: str, load: int, short_tmp: Path) -> None:
     """SIGTERM to the command, or a terminal's Ctrl-C (SIGINT to the whole foreground process
@@ -137,10 +140,12 @@ def test_serve_answers_the_readme_order_and_stops_cleanly(bidders: str, stop: st
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # a service that never says it serves fails the test instead of hanging it
 def test_a_service_killed_outright_is_cleared_and_resumed_by_the_next_start(short_tmp: Path) -> None:
     """SIGKILL to `bidhive serve` (the OOM killer's way) runs none of its clean-up: Ray's
-    agents live on, its temp dir and the bidders' snapshot dir stay. The next start stops
-    those processes, removes both dirs, and resumes the bidders' state from the snapshots."""
+    agents live on (and the replica, holding the journal, for a while), its temp dir and the
+    bidders' snapshot dir stay. The next start stops those processes, removes both dirs, and
+    resumes the bidders' state from the snapshots."""
     fleet_dirs = _fleet_dirs()
     port = spare_port()
     killed = _start_serve(short_tmp, "--port", str(port))
@@ -148,7 +153,7 @@ def test_a_service_killed_outright_is_cleared_and_resumed_by_the_next_start(shor
     try:
         _until_serving(killed)
         r = httpx.post(f"http://127.0.0.1:{port}/orders", json=EXAMPLE_ORDER, timeout=30)
-        assert r.status_code == 200 and r.json()["status"] == "awarded", r.text
+        assert r.status_code == 200 and r.json()["status"] in ("awarded", "unfulfilled"), r.text
         ray_dirs = [p for p in short_tmp.iterdir() if p.name.startswith("bidhive-ray-")]
         assert len(ray_dirs) == 1
         killed.kill()
@@ -161,7 +166,8 @@ def test_a_service_killed_outright_is_cleared_and_resumed_by_the_next_start(shor
         end = time.monotonic() + 15
         while _session_processes(killed.pid) and time.monotonic() < end:
             time.sleep(0.5)
-        assert _session_processes(killed.pid) == [], "the killed service's Ray processes outlived the next start"
+        left = _session_processes(killed.pid)
+        assert left == [], f"the killed service's Ray processes outlived the next start: {left}\n{said}"
         assert len(_fleet_dirs() - fleet_dirs) == 1  # the running service's own
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=90) == 0
