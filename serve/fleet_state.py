@@ -68,9 +68,9 @@ COPY_TRIES, COPY_RETRY_S = 5, 0.2
 #: How the saved fleet's service stopped, by the manifest's ``saved_by``: what the next start says it resumed.
 SAVED_BY = {
     "stop": "the state saved at the last stop",
-    "cut_short": "the state the bidders had when the last stop was cut short (saved once they were gone)",
-    "replica_died": "the state the bidders had when the service's replica died (saved by the next fleet)",
-    "killed": "the state the bidders had when the service was killed (saved by a later start on the journal)",
+    "cut_short": "the state the bidders had when the last stop was cut short, saved once they were gone",
+    "replica_died": "the state the bidders had when the service's replica died, saved by the next fleet",
+    "killed": "the state the bidders had when the service was killed, saved by a later start on the journal",
 }
 
 
