@@ -52,7 +52,7 @@ from bench.stats import machine
 from market.config import load_fleet
 from market.journal import JournalWriter
 from runtime.leftovers import RAY_OWNER, RAY_TEMP_PREFIX, reap_dead_ray_sessions, session_processes
-from runtime.owner import all_pids, process_start, write_owner
+from runtime.owner import all_pids, write_owner
 from serve.config import FLEET_DIR_PREFIX
 from serve.fleet_state import carry_fleet, fleet_fingerprint, rescue_dead_fleets, save_fleet, saved_fleet_path
 
@@ -208,13 +208,13 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def _killed_owner(run_dir: Path, fingerprint: str, journal: Path) -> None:
-    """Marks `run_dir` as a killed service's fleet (its owner noted with this pid and another
-    start time: a process that is gone, its pid reused) and leaves a torn record at the end
-    of `journal`, as the killed writer would."""
-    started = process_start(os.getpid())
-    assert started is not None
-    write_owner(run_dir, "fleet.json", (os.getpid(), started - 1), fingerprint=fingerprint,
-                journal=str(journal.resolve()))
+    """Marks `run_dir` as a killed service's fleet (its owner this pid with another start
+    time: a process that is gone, its pid reused) and leaves a torn record at the end of
+    `journal`, as the killed writer would."""
+    owner = run_dir / "fleet.json"
+    write_owner(run_dir, owner.name, fingerprint=fingerprint, journal=str(journal.resolve()), service=True)
+    record = json.loads(owner.read_text())
+    owner.write_text(json.dumps({**record, "started": record["started"] - 1}))
     with journal.open("ab") as file:
         file.write(b"\x40\x00\x00\x00torn")
 

@@ -10,8 +10,8 @@ start finds the dirs whose owner is dead, stops the processes that carry their m
 and removes them.
 
 Only what is certainly a dead run's is touched: a dir that is this user's own, not a
-link, with an owner file this user wrote naming an owner known to be dead; a process of
-this user, started after that owner, whose environment names the dir.
+link, with an owner file this user wrote for it naming an owner known to be dead; a Ray
+process of this user, started after that owner, whose environment names the dir.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 
 RAY_TEMP_PREFIX = "bidhive-ray-"
 RAY_OWNER = "owner.json"
-#: Set to the temp dir in the environment of an embedded cluster's processes. Ray starts its
-#: agents with an environment of its own making, which keeps the auth token's path (a file in
-#: the temp dir, `AUTH_TOKEN_FILE`) and not this, so both mark a process of the session.
+#: Set to the temp dir in the environment of an embedded cluster's processes. Ray 2.60 starts
+#: its agents without it (seen in their /proc/<pid>/environ), but with the auth token's path (a
+#: file in the temp dir, `AUTH_TOKEN_FILE`), so either marks a process of the session.
 SESSION_ENV = "BIDHIVE_RAY_SESSION"
 AUTH_TOKEN_FILE = "auth_token"
 RESCANS = 4
@@ -51,16 +51,17 @@ def claim_dead_dirs(root: str | Path, prefix: str, owner_file: str,
     Yields:
         The dir as renamed, its owner, and its name before (what its processes carry).
 
-    A dir left alone: not this user's (a link, another user's dir or owner file), or one
-    whose owner cannot be told (no owner file: a live run may not have written it yet). A dir an earlier start claimed is claimed again once that start
-    is gone too (it was killed part way).
+    A dir left alone: not this user's (a link, another user's dir or owner file), one
+    whose owner cannot be told (no owner file: a live run may not have written it yet),
+    or one whose owner file was written for another dir. A dir an earlier start claimed
+    is claimed again once that start is gone too (it was killed part way).
     """
     for path in sorted(Path(root).glob(f"{prefix}*")):
         name, _, claimer = path.name.partition(_CLAIMED)
         if claimer and (not claimer.isdigit() or process_start(int(claimer)) is not None):
             continue
         owner = read_owner(path, owner_file) if _ours(path, owner_file) else None
-        if owner is None or not owner.dead() or not wanted(owner):
+        if owner is None or owner.dir_name != name or not owner.dead() or not wanted(owner):
             continue
         claimed = path.with_name(f"{name}{_CLAIMED}{os.getpid()}")
         try:
@@ -82,7 +83,7 @@ def _ours(path: Path, owner_file: str) -> bool:
 
 
 def session_processes(sessions: dict[str, int]) -> dict[int, int]:
-    """This user's processes whose environment names one of `sessions` (temp dir -> its
+    """This user's Ray processes whose environment names one of `sessions` (temp dir -> its
     owner's start time) and that started after that owner, by pid with their start time."""
     found: dict[int, int] = {}
     markers = {marker.encode(): started for d, started in sessions.items()
@@ -98,9 +99,20 @@ def session_processes(sessions: dict[str, int]) -> dict[int, int]:
             continue
         begun = process_start(pid)
         hit = next((markers[v] for v in environ if v in markers), None)
-        if begun is not None and hit is not None and begun >= hit:
+        if begun is not None and hit is not None and begun >= hit and _ray_process(pid):
             found[pid] = begun
     return found
+
+
+def _ray_process(pid: int) -> bool:
+    """Whether the process is one of Ray's own (a worker or agent, ``ray::...``; the GCS, the
+    raylet; or one of Ray's Python daemons), not just a program its driver started."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return name.startswith("ray::") or name in ("raylet", "gcs_server") or b"/ray/" in command
 
 
 def reap_dead_ray_sessions(root: str | Path, grace_s: float = 2.0) -> list[str]:

@@ -4,18 +4,22 @@ a live run's files.
 A run killed outright (`kill -9`, the OOM killer) removes nothing: Ray's temp dir and its
 orphaned agent processes, and the bidders' snapshot dir in ``/dev/shm``, stay behind. Each
 such dir carries an owner file naming the process whose life it belongs to, by pid and
-start time (so a reused pid is never taken for the owner) and pid namespace (so a pid is
-only read where it was noted).
+start time (so a reused pid is never taken for the owner), and where that pid means
+something: the host, its boot and the pid namespace (a temp dir on a shared file system, a
+container sharing the dir). It also names the dir it was written in, so an owner file moved
+into another dir (Ray opens its temp dir to everyone) says nothing of that dir.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Owner", "all_pids", "pid_namespace", "proc_stat", "process_start", "read_owner", "write_owner"]
+__all__ = ["Owner", "all_pids", "pid_namespace", "proc_stat", "process_start", "read_owner", "where_pids_mean",
+           "write_owner"]
 
 
 def all_pids() -> list[int]:
@@ -57,6 +61,17 @@ def pid_namespace() -> str | None:
         return None
 
 
+def where_pids_mean() -> str | None:
+    """Where this process's pids are read: host, boot and pid namespace (None where one of
+    them cannot be told: liveness is then not judged at all)."""
+    namespace = pid_namespace()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{socket.gethostname()}/{boot}/{namespace}" if namespace else None
+
+
 @dataclass(frozen=True)
 class Owner:
     """The process a dir belongs to, and what else was noted there.
@@ -64,19 +79,22 @@ class Owner:
     Attributes:
         pid: its process id.
         started: its start time (`process_start`) when the file was written.
-        namespace: the pid namespace it was noted in (`pid_namespace`).
+        where: where the pid was noted (`where_pids_mean`).
+        dir_name: the name of the dir the file was written in.
         facts: the rest of the file (what the dir is for).
     """
 
     pid: int
     started: int
-    namespace: str
+    where: str
+    dir_name: str
     facts: dict[str, Any]
 
     def dead(self) -> bool:
-        """Whether the owner is known to be gone: its pid, read in the namespace it was noted
-        in, is no longer the process that started then. Another namespace: not known."""
-        return self.namespace == pid_namespace() and process_start(self.pid) != self.started
+        """Whether the owner is known to be gone: its pid, read on the host, boot and pid
+        namespace it was noted in, is no longer the process that started then. Noted
+        elsewhere: not known."""
+        return self.where == where_pids_mean() and process_start(self.pid) != self.started
 
 
 def write_owner(directory: str | Path, name: str, process: tuple[int, int] | None = None, **facts: Any) -> None:
@@ -86,12 +104,15 @@ def write_owner(directory: str | Path, name: str, process: tuple[int, int] | Non
         directory: the dir (made by this process).
         name: the owner file's name.
         process: (pid, start time) of the process whose life the dir belongs to, where
-            that is not this one (a service's driver for the replica's fleet dir).
+            that is not this one (a service's driver for the replica's fleet dir); taken
+            only if that process runs here now, else this one is noted.
         **facts: what else to note (JSON values).
     """
-    pid, started = process or (os.getpid(), process_start(os.getpid()))
-    namespace = pid_namespace()
-    record = {**facts, "pid": pid, "started": started if namespace else None, "namespace": namespace}
+    if process is None or process_start(process[0]) != process[1]:
+        process = (os.getpid(), process_start(os.getpid()) or 0)
+    where = where_pids_mean()
+    record = {**facts, "pid": process[0], "started": process[1] if where else None, "where": where,
+              "dir": Path(directory).name}
     path = Path(directory) / name
     staging = path.with_name(path.name + ".new")
     staging.write_text(json.dumps(record))
@@ -100,12 +121,13 @@ def write_owner(directory: str | Path, name: str, process: tuple[int, int] | Non
 
 def read_owner(directory: str | Path, name: str) -> Owner | None:
     """The owner noted in `directory`'s file `name`, or None where it cannot be told (no
-    file, an unreadable one, or an owner noted without a start time or namespace)."""
+    file, an unreadable one, or one noted without a start time or place)."""
     try:
         record = json.loads((Path(directory) / name).read_text())
-        pid, started, namespace = int(record.pop("pid")), record.pop("started"), record.pop("namespace")
+        pid, started, where, dir_name = (int(record.pop("pid")), record.pop("started"), record.pop("where"),
+                                         record.pop("dir"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not isinstance(started, int) or not isinstance(namespace, str):
+    if not isinstance(started, int) or not isinstance(where, str) or not isinstance(dir_name, str):
         return None
-    return Owner(pid, started, namespace, record)
+    return Owner(pid, started, where, dir_name, record)

@@ -176,6 +176,8 @@ def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | N
     service names it (`SERVICE_PROCESS_ENV`), else to this one.
     """
     state = Path(state_dir)
+    service = _service_process()  # first: a start killed during the rescue leaves a dir a later one clears
+    write_owner(state, OWNER, service, fingerprint=fingerprint, journal=str(journal.resolve()), service=bool(service))
     rescue_dead_fleets(state.parent, journal)
     for stale in state.parent.glob(f"{run_prefix}*") if run_prefix else ():
         if stale == state:
@@ -186,7 +188,6 @@ def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | N
         except Exception:  # noqa: BLE001 - this fleet starts new instead
             logger.exception("the state a stopped replica's bidders left in %s could not be saved", stale.name)
         shutil.rmtree(stale, ignore_errors=True)
-    write_owner(state, OWNER, _service_process(), fingerprint=fingerprint, journal=str(journal.resolve()))
 
 
 def _service_process() -> tuple[int, int] | None:
@@ -219,7 +220,8 @@ def save_after_kill(state_dir: str | Path, journal: Path, saved_by: str = "cut_s
 
 def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
     """Saves the fleets that services killed outright on `journal` left in `root` beside
-    it, then removes their dirs; returns the names of the dirs saved.
+    it, then removes their dirs; returns the names of the dirs saved. Best effort: a
+    failure is logged, and costs only the carry-over.
 
     A service killed with SIGKILL (or by the OOM killer) saves nothing and leaves its
     bidders' snapshots in `root` (``/dev/shm``: memory). Those hold every commit its
@@ -228,31 +230,46 @@ def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
     next writer would cut it, and the journal stays locked until the save is done, so the
     saved extent is the one that writer finds. A journal some live service holds has moved
     on from the dead fleet: its dir is only removed. Dead fleets of other journals are left
-    to their journal's next start, unless that journal is gone (nothing could resume them).
+    to their journal's next start, unless that journal is certainly gone (its folder is
+    there and it is not): nothing could resume them.
     """
-    saved = []
+    saved: list[str] = []
     mine = str(journal.resolve())
-
-    def wanted(owner: Owner) -> bool:
-        theirs = owner.facts.get("journal")
-        return theirs == mine or (isinstance(theirs, str) and not Path(theirs).exists())
-
-    for path, owner, name in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER, wanted):
-        try:
-            if owner.facts.get("journal") == mine and _save_dead(path, journal):
-                logger.warning("saved the bidders' state a killed service (pid %d) left in %s", owner.pid, name)
-                saved.append(name)
-        except Exception:  # noqa: BLE001 - this start takes a new fleet
-            logger.exception("the state a killed service's bidders left in %s could not be saved", name)
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+    try:
+        for path, owner, name in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER,
+                                                 lambda owner: _theirs(owner) in (mine, None)):
+            try:
+                if _theirs(owner) == mine and _save_dead(path, journal, owner):
+                    logger.warning("saved the bidders' state a killed service (pid %d) left in %s", owner.pid, name)
+                    saved.append(name)
+            except Exception:  # noqa: BLE001 - this start takes a new fleet
+                logger.exception("the state a killed service's bidders left in %s could not be saved", name)
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+    except Exception:  # noqa: BLE001 - what is left stays for a later start
+        logger.exception("could not look for the fleets killed services left in %s", root)
     return saved
 
 
-def _save_dead(state_dir: Path, journal: Path) -> bool:
-    """`save_after_kill` under the journal's lock; whether it saved."""
+def _theirs(owner: Owner) -> str | None:
+    """The journal a dead fleet's dir names, or None where that journal is certainly gone
+    (its folder is there, the file is not). An unreadable or unmounted folder is not gone."""
+    named = owner.facts.get("journal")
+    if not isinstance(named, str):
+        return ""
+    try:
+        gone = Path(named).parent.is_dir() and not Path(named).exists()
+    except OSError:
+        return named
+    return None if gone else named
+
+
+def _save_dead(state_dir: Path, journal: Path, owner: Owner) -> bool:
+    """`save_after_kill` under the journal's lock; whether it saved. The owner was the
+    service's process (`bidhive serve`: the service was killed), else the replica's."""
+    saved_by = "killed" if owner.facts.get("service") else "replica_died"
     with _locked(journal) as at_rest:
-        return at_rest and save_after_kill(state_dir, journal, "killed")
+        return at_rest and save_after_kill(state_dir, journal, saved_by)
 
 
 @contextlib.contextmanager

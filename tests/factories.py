@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from market.config import ProfileCfg, load_profile
 from market.geo import CityGrid
 from market.round import Round, SourceSites, build_round
 from market.types import Category, Item, Kind, LegQuote, Order, Quote, SourceQuote, Tier
-from runtime.owner import process_start
+from runtime.owner import write_owner
 from serve.idempotency import body_hash
 from serve.models import OrderIn
 
@@ -128,8 +128,9 @@ def refuse_commits(bidders: Any, round_id: int, awards: dict[str, Any], quoted: 
     return {line.order_idx for lines in awards.values() for line in lines}
 
 
-def reused_pid() -> tuple[int, int]:
-    """This process's pid with another start time: an owner that is gone, its pid reused."""
-    started = process_start(os.getpid())
-    assert started is not None
-    return os.getpid(), started - 1
+def dead_owner(directory: Path, name: str, **facts: Any) -> None:
+    """Notes an owner of `directory` that is gone: this process's pid with another start
+    time, as a process that has exited and whose pid was given to this one reads."""
+    write_owner(directory, name, **facts)
+    record = json.loads((directory / name).read_text())
+    (directory / name).write_text(json.dumps({**record, "started": record["started"] - 1}))

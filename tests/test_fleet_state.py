@@ -15,7 +15,7 @@ from serve.fleet_state import (
     FleetSaveError, carry_fleet, claim_state_dir, fleet_fingerprint, rescue_dead_fleets, save_fleet,
     saved_fleet_path,
 )
-from tests.factories import reused_pid
+from tests.factories import dead_owner
 from tests.test_ray_runtime import FLEET, RIDERS_W, SEED, commit_first, quote_round
 
 FINGERPRINT = fleet_fingerprint(FLEET, SEED)
@@ -171,7 +171,7 @@ def _killed_service(tmp_path: Path) -> tuple[Path, Path, Path]:
     root.mkdir()
     dead = root / "bidhive-serve-aa-x"
     run.rename(dead)
-    write_owner(dead, "fleet.json", reused_pid(), fingerprint=FINGERPRINT, journal=str(journal.resolve()))
+    dead_owner(dead, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()), service=True)
     with journal.open("ab") as file:
         file.write(b"\x40\x00\x00\x00torn")  # the killed writer's half record
     return journal, root, dead
@@ -209,7 +209,7 @@ def test_only_dead_fleets_of_this_journal_are_taken(tmp_path: Path) -> None:
     assert rescue_dead_fleets(root, other) == [] and dead.exists()
     gone = root / "bidhive-serve-bb-x"
     gone.mkdir()
-    write_owner(gone, "fleet.json", reused_pid(), fingerprint=FINGERPRINT, journal=str(tmp_path / "deleted.bhj"))
+    dead_owner(gone, "fleet.json", fingerprint=FINGERPRINT, journal=str(tmp_path / "deleted.bhj"))
     assert rescue_dead_fleets(root, other) == [] and not gone.exists() and dead.exists()
     write_owner(dead, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
     assert rescue_dead_fleets(root, journal) == []
