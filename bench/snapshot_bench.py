@@ -231,7 +231,7 @@ def _leftovers_scan() -> dict[str, Any]:
         t0 = time.perf_counter()
         cleared = reap_dead_ray_sessions(root)
         t1 = time.perf_counter()
-        session_processes({str(Path(root) / "none"): 0})
+        session_processes([(str(Path(root) / "none"), str(Path(root) / "none"), 0)])
         t2 = time.perf_counter()
     if cleared:
         raise RuntimeError(f"live sessions taken for dead: {cleared}")

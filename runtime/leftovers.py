@@ -5,13 +5,14 @@ clean-up: Ray's GCS and raylet go with it, but Ray 2.60's dashboard and runtime-
 live on as orphans, a replica can outlive it for a few seconds (holding the journal's
 lock), and the session's temp dir (with its auth token) stays in /tmp. Each embedded
 cluster's temp dir names its owner (`runtime.owner`), and every process of the cluster
-carries the dir in its environment (`SESSION_ENV`, or the auth token's path in it). A
-start finds the dirs whose owner is dead, stops the processes that carry their marker,
-and removes them.
+carries the dir in its environment (`SESSION_ENV`, or the auth token's path in it) or
+holds its log files there. A start finds the dirs whose owner is dead, stops Ray's
+processes that carry their marker or hold their files, and removes them.
 
 Only what is certainly a dead run's is touched: a dir that is this user's own, not a
 link, with an owner file this user wrote for it naming an owner known to be dead; a Ray
-process of this user, started after that owner, whose environment names the dir.
+process of this user, started after that owner, whose environment or open files name the
+dir.
 """
 from __future__ import annotations
 
@@ -33,9 +34,8 @@ logger = logging.getLogger(__name__)
 
 RAY_TEMP_PREFIX = "bidhive-ray-"
 RAY_OWNER = "owner.json"
-#: Set to the temp dir in the environment of an embedded cluster's processes. Ray 2.60 starts
-#: its agents without it (seen in their /proc/<pid>/environ), but with the auth token's path (a
-#: file in the temp dir, `AUTH_TOKEN_FILE`), so either marks a process of the session.
+#: Set to the temp dir in the environment of an embedded cluster's processes; the auth token's
+#: path (a file in the temp dir, `AUTH_TOKEN_FILE`) marks them too (`session_processes`).
 SESSION_ENV = "BIDHIVE_RAY_SESSION"
 AUTH_TOKEN_FILE = "auth_token"
 RESCANS = 4
@@ -82,32 +82,69 @@ def _ours(path: Path, owner_file: str) -> bool:
             and folder.st_uid == noted.st_uid == os.geteuid())
 
 
-def session_processes(sessions: dict[str, int]) -> dict[int, int]:
-    """This user's Ray processes whose environment names one of `sessions` (temp dir -> its
-    owner's start time) and that started after that owner, by pid with their start time."""
+def session_processes(sessions: list[tuple[str, str, int]]) -> dict[int, int]:
+    """This user's Ray processes of `sessions` that started after the session's owner, by
+    pid with their start time.
+
+    Args:
+        sessions: per session, the temp dir as its cluster was started in it (what the
+            processes' environments name), where the dir is now (a claimed dir was
+            renamed: open files follow it), and its owner's start time.
+
+    A process is the session's if its environment names the dir (`SESSION_ENV`, or the
+    auth token's path in it) or it has a file open in it (its logs). Both are needed:
+    a process that renames itself (``ray::...``, as the agents do) may overwrite the
+    memory /proc shows as its environment, and a worker may hold no file there.
+    """
     found: dict[int, int] = {}
-    markers = {marker.encode(): started for d, started in sessions.items()
-               for marker in (f"{SESSION_ENV}={d}", f"RAY_AUTH_TOKEN_PATH={os.path.join(d, AUTH_TOKEN_FILE)}")}
+    markers = {marker.encode(): started for named, _, started in sessions
+               for marker in (f"{SESSION_ENV}={named}", f"RAY_AUTH_TOKEN_PATH={os.path.join(named, AUTH_TOKEN_FILE)}")}
+    dirs = {os.path.realpath(now): started for _, now, started in sessions}
     for pid in all_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
-                continue
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
         begun = process_start(pid)
-        hit = next((markers[v] for v in environ if v in markers), None)
-        if begun is not None and hit is not None and begun >= hit and _ray_process(pid):
+        if pid == os.getpid() or begun is None or not _ray_process(pid):
+            continue
+        session_start = _by_environment(pid, markers)
+        if session_start is None:
+            session_start = _by_open_file(pid, dirs)
+        if session_start is not None and begun >= session_start:
             found[pid] = begun
     return found
 
 
-def _ray_process(pid: int) -> bool:
-    """Whether the process is one of Ray's own (a worker or agent, ``ray::...``; the GCS, the
-    raylet; or one of Ray's Python daemons), not just a program its driver started."""
+def _by_environment(pid: int, markers: dict[bytes, int]) -> int | None:
+    """The owner's start time of the session whose marker the process's environment holds."""
     try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((markers[v] for v in environ if v in markers), None)
+
+
+def _by_open_file(pid: int, dirs: dict[str, int]) -> int | None:
+    """The owner's start time of the session with a file the process holds open."""
+    try:
+        with os.scandir(f"/proc/{pid}/fd") as fds:
+            for fd in fds:
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                for directory, started in dirs.items():
+                    if target.startswith(directory + os.sep):
+                        return started
+    except OSError:
+        return None
+    return None
+
+
+def _ray_process(pid: int) -> bool:
+    """Whether the process is this user's and one of Ray's own (a worker or agent,
+    ``ray::...``; the GCS, the raylet; or one of Ray's Python daemons), not a shell, a
+    pager, or a program the driver started."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return False
         name = Path(f"/proc/{pid}/comm").read_text().strip()
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -125,7 +162,7 @@ def reap_dead_ray_sessions(root: str | Path, grace_s: float = 2.0) -> list[str]:
     claimed = list(claim_dead_dirs(root, RAY_TEMP_PREFIX, RAY_OWNER))
     if not claimed:
         return []
-    sessions = {str(Path(root) / name): owner.started for _, owner, name in claimed}
+    sessions = [(str(Path(root) / name), str(path), owner.started) for path, owner, name in claimed]
     for _ in range(RESCANS):  # a raylet still shutting down starts its agents again when they die
         left = session_processes(sessions)
         if not left:

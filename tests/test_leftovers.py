@@ -89,7 +89,9 @@ def test_an_owner_is_dead_once_its_pid_is_gone_or_names_another_process(tmp_path
 
 def test_a_dead_drivers_session_is_cleared_with_its_processes(session: Path, spawn: Spawn) -> None:
     dead_owner(session, RAY_OWNER)
-    orphans = [spawn(session), spawn(session, marked="token")]
+    # marked as workers are, as the agents may be, and not at all (an agent whose new name
+    # overwrote the environment /proc shows): each holds a log file in the dir
+    orphans = [spawn(session), spawn(session, marked="token"), spawn(session, marked=None)]
     assert reap_dead_ray_sessions(session.parent, grace_s=5.0) == [session.name]
     assert all(proc.wait(timeout=5) != 0 for proc in orphans)  # stopped by the reaper
     assert not any(session.parent.iterdir())
@@ -99,7 +101,7 @@ def test_a_process_that_is_not_the_clusters_is_left_running(session: Path, spawn
     """A user's shell or `tail -f` in the dead session's logs is not one of its processes,
     nor is a program its driver started (it inherited the marker but is not Ray's)."""
     dead_owner(session, RAY_OWNER)
-    reader, child, orphan = spawn(session, marked=None), spawn(session, name=""), spawn(session)
+    reader, child, orphan = spawn(session, marked=None, name=""), spawn(session, name=""), spawn(session)
     assert reap_dead_ray_sessions(session.parent, grace_s=5.0) == [session.name]
     assert orphan.wait(timeout=5) != 0
     time.sleep(0.2)
