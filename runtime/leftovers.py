@@ -163,7 +163,7 @@ def reap_dead_ray_sessions(root: str | Path, grace_s: float = 2.0) -> list[str]:
     if not claimed:
         return []
     sessions = [(str(Path(root) / name), str(path), owner.started) for path, owner, name in claimed]
-    for _ in range(RESCANS):  # a raylet still shutting down starts its agents again when they die
+    for _ in range(RESCANS):  # once more after each stop: a raylet not yet gone may start a worker meanwhile
         left = session_processes(sessions)
         if not left:
             break
