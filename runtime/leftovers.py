@@ -21,11 +21,10 @@ import os
 import shutil
 import signal
 import stat
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from runtime.owner import Owner, all_pids, process_start, read_owner
+from runtime.owner import Owner, all_pids, proc_cmdline, proc_name, process_start, read_owner, wait_gone
 
 __all__ = ["AUTH_TOKEN_FILE", "RAY_OWNER", "RAY_TEMP_PREFIX", "SESSION_ENV", "claim_dead_dirs",
            "reap_dead_ray_sessions", "session_processes"]
@@ -145,11 +144,10 @@ def _ray_process(pid: int) -> bool:
     try:
         if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
             return False
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return name.startswith("ray::") or name in ("raylet", "gcs_server") or b"/ray/" in command
+    name = proc_name(pid)
+    return name.startswith("ray::") or name in ("raylet", "gcs_server") or "/ray/" in proc_cmdline(pid)
 
 
 def reap_dead_ray_sessions(root: str | Path, grace_s: float = 2.0) -> list[str]:
@@ -185,10 +183,7 @@ def _stop(procs: dict[int, int], grace_s: float) -> None:
                     os.kill(pid, sig)
             except OSError:
                 procs.pop(pid)
-        deadline = time.monotonic() + wait_s
-        while procs and time.monotonic() < deadline:
-            procs = {pid: s for pid, s in procs.items() if process_start(pid) == s}
-            time.sleep(0.05)
+        procs = wait_gone(procs, wait_s)
         if not procs:
             return
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from runtime.leftovers import AUTH_TOKEN_FILE, RAY_OWNER, RAY_TEMP_PREFIX, SESSION_ENV, reap_dead_ray_sessions
-from runtime.owner import all_pids, proc_stat, write_owner
+from runtime.owner import all_pids, proc_cmdline, proc_name, proc_stat, wait_gone, write_owner
 
 __all__ = [
     "LOOPBACK_ENV",
@@ -144,22 +144,6 @@ def _psutil() -> Any | None:
     return psutil
 
 
-def _proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace"
-        )
-    except OSError:
-        return ""
-
-
-def _proc_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
-
-
 def session_pids(marker: str) -> set[int]:
     """Find the processes of one Ray session on this host.
 
@@ -181,7 +165,7 @@ def session_pids(marker: str) -> set[int]:
         if stat is None or stat[0] == "Z":
             continue
         parents[pid] = stat[1]
-        if pid != os.getpid() and marker in _proc_cmdline(pid):
+        if pid != os.getpid() and marker in proc_cmdline(pid):
             roots.add(pid)
     found = set(roots)
     frontier = set(roots)
@@ -307,7 +291,7 @@ def listening_addresses(
     """
     todo = _default_pids() if pids is None else pids
     return [
-        SocketAddress(pid, _proc_name(pid), s.local_ip, s.local_port)
+        SocketAddress(pid, proc_name(pid), s.local_ip, s.local_port)
         for pid, s in _sockets(todo, use_psutil)
         if s.listening
     ]
@@ -323,24 +307,10 @@ def peer_addresses(
     """
     todo = _default_pids() if pids is None else pids
     return [
-        SocketAddress(pid, _proc_name(pid), s.remote_ip, s.remote_port)
+        SocketAddress(pid, proc_name(pid), s.remote_ip, s.remote_port)
         for pid, s in _sockets(todo, use_psutil)
         if not s.listening and s.remote_ip is not None and s.remote_port
     ]
-
-
-def _alive(pid: int, start: int) -> bool:
-    stat = proc_stat(pid)
-    return stat is not None and stat[0] != "Z" and stat[2] == start
-
-
-def _wait_gone(procs: dict[int, int], timeout_s: float) -> dict[int, int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = {p: s for p, s in procs.items() if _alive(p, s)}
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.1)
 
 
 def _rmtree(path: str, timeout_s: float = 3.0) -> bool:
@@ -471,12 +441,12 @@ class LocalRay:
             self.closed = True
             if _ACTIVE is self:
                 _ACTIVE = None
-            left = _wait_gone(procs, timeout_s)
+            left = wait_gone(procs, timeout_s)
             for pid in left:
                 logger.warning("Ray process %d outlived shutdown; killing it", pid)
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-            if _wait_gone(left, 2.0):
+            if wait_gone(left, 2.0):
                 logger.warning("Ray processes still alive: %s", sorted(left))
             if self.temp_dir is not None and not _rmtree(self.temp_dir):
                 logger.warning("could not fully remove %s", self.temp_dir)

@@ -7,19 +7,22 @@ such dir carries an owner file naming the process whose life it belongs to, by p
 start time (so a reused pid is never taken for the owner), and where that pid means
 something: the host, its boot and the pid namespace (a temp dir on a shared file system, a
 container sharing the dir). It also names the dir it was written in, so an owner file moved
-into another dir (Ray opens its temp dir to everyone) says nothing of that dir.
+into another dir (Ray opens its temp dir to everyone) says nothing of that dir. The /proc
+readings that tell a process apart (start time, name, command line) live here too, for
+every module that stops or waits for processes.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Owner", "all_pids", "pid_namespace", "proc_stat", "process_start", "read_owner", "where_pids_mean",
-           "write_owner"]
+__all__ = ["Owner", "all_pids", "pid_namespace", "proc_cmdline", "proc_name", "proc_stat", "process_start",
+           "read_owner", "wait_gone", "where_pids_mean", "write_owner"]
 
 
 def all_pids() -> list[int]:
@@ -44,6 +47,33 @@ def process_start(pid: int) -> int | None:
     """The start time of a running process (not a zombie), or None if there is none."""
     stat = proc_stat(pid)
     return None if stat is None or stat[0] == "Z" else stat[2]
+
+
+def proc_cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" if it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def proc_name(pid: int) -> str:
+    """The process's name (``comm``: what Ray's workers rename themselves to), or "?"."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def wait_gone(procs: dict[int, int], timeout_s: float) -> dict[int, int]:
+    """Waits up to `timeout_s` for the processes (pid -> start time) to exit; returns those
+    still running. A pid that now names another process counts as gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = {p: s for p, s in procs.items() if process_start(p) == s}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
 
 
 def pid_namespace() -> str | None:

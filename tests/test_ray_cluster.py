@@ -30,7 +30,7 @@ from market.config import load_profile  # noqa: E402
 from market.engine import MarketEngine  # noqa: E402
 from policies.registry import make_policy  # noqa: E402
 from runtime import local_ray as lr  # noqa: E402
-from runtime.owner import proc_stat  # noqa: E402
+from runtime.owner import proc_stat, wait_gone  # noqa: E402
 from runtime.ray_bidders import RAY_BIDDER_ENV, RayBidders, spawn_bidders  # noqa: E402
 from tests.test_ray_runtime import FLEET, SEED, orders_at  # noqa: E402
 
@@ -72,10 +72,10 @@ def cluster() -> Iterator[Cluster]:
         ray.shutdown()
         if c is not None:
             c.shutdown()
-        left = lr._wait_gone(procs, 15.0)
+        left = wait_gone(procs, 15.0)
         for pid in left:  # same start time checked: never a reused pid
             os.kill(pid, 9)
-        left = lr._wait_gone(left, 3.0)
+        left = wait_gone(left, 3.0)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
