@@ -48,6 +48,7 @@ __all__ = [
     "clear_killed_sessions",
     "embedded_requested",
     "is_loopback",
+    "keep_replica_grpc_on_loopback",
     "listening_addresses",
     "local_ray",
     "peer_addresses",
@@ -614,6 +615,26 @@ def local_ray(num_cpus: int | None = None, **kwargs: Any) -> Iterator[LocalRay]:
         handle.shutdown()
 
 
+def keep_replica_grpc_on_loopback() -> bool:
+    """In a Serve replica on a loopback-only node, keep its gRPC server on 127.0.0.1 too.
+
+    `bidhive serve` gets this from the preload (`LOOPBACK_ENV`). ``serve run
+    configs/serve.yaml`` starts workers without it, so the app's replica calls this from
+    its constructor, which Serve runs before it starts that server
+    (``Replica.initialize``, then ``_on_initialized``). On a node with a network address
+    the wildcard bind stays: replicas and proxies on other nodes call this one there.
+
+    Returns:
+        Whether the replica's wildcard binds now go to 127.0.0.1.
+    """
+    import ray
+
+    if not is_loopback(ray.util.get_node_ip_address()):
+        return False
+    _patch_wildcard_grpc_binds()
+    return True
+
+
 def _patch_wildcard_grpc_binds() -> None:
     """Bind Ray's Python gRPC servers that ask for ``[::]`` to 127.0.0.1 instead.
 
@@ -621,23 +642,27 @@ def _patch_wildcard_grpc_binds() -> None:
     ``"[::]:0"`` (``ray/serve/_private/replica.py``) whatever the node IP, and
     no setting changes it. It binds through
     ``ray._common.tls_utils.add_port_to_grpc_server``, which the replica
-    module imports by name, so patching the helper before Serve is imported
-    (at worker start via ``RAY_preload_python_modules``) is enough.
+    module imports by name: patching the helper before Serve is imported (at
+    worker start via ``RAY_preload_python_modules``) is enough, and a replica
+    module imported already gets the patched name too.
     """
     from ray._common import tls_utils
 
-    original = tls_utils.add_port_to_grpc_server
-    if getattr(original, "_bidhive_loopback", False):
-        return
+    add_port = tls_utils.add_port_to_grpc_server
+    if not getattr(add_port, "_bidhive_loopback", False):
+        original = add_port
 
-    def add_port(server: Any, address: str) -> int:
-        host, _, port = address.rpartition(":")
-        if host.strip("[]") in ("", "::", "0.0.0.0"):
-            address = f"{LOOPBACK_IP}:{port}"
-        return original(server, address)
+        def add_port(server: Any, address: str) -> int:
+            host, _, port = address.rpartition(":")
+            if host.strip("[]") in ("", "::", "0.0.0.0"):
+                address = f"{LOOPBACK_IP}:{port}"
+            return original(server, address)
 
-    add_port._bidhive_loopback = True  # type: ignore[attr-defined]
-    tls_utils.add_port_to_grpc_server = add_port
+        add_port._bidhive_loopback = True  # type: ignore[attr-defined]
+        tls_utils.add_port_to_grpc_server = add_port
+    replica = sys.modules.get("ray.serve._private.replica")
+    if replica is not None and hasattr(replica, "add_port_to_grpc_server"):
+        replica.add_port_to_grpc_server = add_port
 
 
 # Runs in Ray workers of an embedded cluster (preloaded, see LOOPBACK_ENV); a

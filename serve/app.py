@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve import Application
 
 from runtime.gc_pauses import bound_gc_pauses
+from runtime.local_ray import keep_replica_grpc_on_loopback
 from serve.config import ServeCfg
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
@@ -181,6 +182,7 @@ class BidhiveIngress:
     """The bidhive HTTP service (one replica per journal)."""
 
     def __init__(self, cfg: ServeCfg) -> None:
+        keep_replica_grpc_on_loopback()  # `serve run` workers lack bidhive serve's preload
         Limits.max_body_bytes = cfg.max_body_bytes
         Limits.token = cfg.token or os.environ.get("BIDHIVE_TOKEN") or None
         self.cfg = cfg

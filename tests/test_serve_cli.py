@@ -1,7 +1,9 @@
-"""`bidhive serve` as a user runs it: starts, answers the README's curl order, stops cleanly on SIGTERM or Ctrl-C."""
+"""`bidhive serve` as a user runs it: starts, answers the README's curl order, stops cleanly on SIGTERM or Ctrl-C;
+and the same app from `configs/serve.yaml` under Ray Serve's own `serve run`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,16 +18,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from agents.actor import default_state_root
 from market.config import CONFIG_DIR, load_fleet
 from market.journal import JournalWriter
+from runtime.local_ray import is_loopback, listening_addresses
 from serve.config import FLEET_DIR_PREFIX
 from serve.fleet_state import carry_fleet, fleet_fingerprint
 from serve.runner import EXAMPLE_ORDER, spare_port
 from tests.factories import held_by_a_connection
 
 BIN = Path(sys.executable).with_name("bidhive")
+SERVE_CLI = Path(sys.executable).with_name("serve")  # Ray Serve's own command
 
 
 def _session_processes(sid: int) -> list[str]:
@@ -330,3 +335,87 @@ def test_a_port_held_only_by_closing_connections_is_waited_for(
     assert (code, started) == (2, [])
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"bidhive: 127.0.0.1:{port} is still held by connections, though nothing listens there; pick another with --port")
+
+
+def _serve_run(tmp: Path, config: Path) -> subprocess.Popen[str]:
+    """`serve run CONFIG` in a session of its own, as the README says to run it on one machine
+    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`); the Ray it starts keeps its files under `tmp`
+    (`RAY_TMPDIR`, and `HOME` for the auth token Ray writes there)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_TMPDIR": str(tmp / "ray"), "HOME": str(tmp / "home"), "TMPDIR": str(tmp)}
+    (tmp / "home").mkdir(exist_ok=True)
+    with (tmp / "serve-run.log").open("a") as log:
+        return subprocess.Popen([str(SERVE_CLI), "run", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd=tmp, start_new_session=True)
+
+
+def _healthy(proc: subprocess.Popen[str], url: str, log: Path) -> dict[str, object]:
+    """`/healthz` once the app answers it (Serve's proxy says 404 until the app is deployed)."""
+    end = time.monotonic() + 150
+    while time.monotonic() < end:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        with contextlib.suppress(httpx.HTTPError):
+            r = httpx.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+        time.sleep(0.5)
+    raise AssertionError(f"serve run never answered /healthz: {log.read_text()[-3000:]}")
+
+
+def _ctrl_c(proc: subprocess.Popen[str]) -> None:
+    """A terminal's Ctrl-C: SIGINT to the whole process group; `serve run` then shuts the app and its Ray down."""
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=90)
+    end = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _session_processes(proc.pid) == [], "processes of serve run outlived it"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_serve_run_of_the_shipped_config_serves_on_loopback_and_resumes_its_journal(short_tmp: Path) -> None:
+    """configs/serve.yaml as shipped (only its port and journal moved into a temp dir) under Ray
+    Serve's own CLI: the README order is awarded, every socket of every process is on loopback
+    (the replica's own gRPC server too, which Ray binds to all interfaces unless the app says
+    otherwise), Ctrl-C saves the fleet beside the journal, and a second `serve run` resumes it
+    and answers for the first run's order and key."""
+    port = spare_port()
+    cfg = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["journal"] = str(short_tmp / "j.bhj")
+    config = short_tmp / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    url, log, key = f"http://127.0.0.1:{port}", short_tmp / "serve-run.log", {"Idempotency-Key": "serve-run"}
+    fleet_dirs = _fleet_dirs()
+
+    proc = _serve_run(short_tmp, config)
+    try:
+        assert _healthy(proc, url, log)["fleet_state"]["from"] == "new"
+        first = httpx.post(f"{url}/orders", json=EXAMPLE_ORDER, headers=key, timeout=30)
+        assert first.status_code == 200 and first.json()["status"] in ("awarded", "unfulfilled"), first.text
+        pids = {int(line.split()[1]) for line in _session_processes(proc.pid)}
+        socks = listening_addresses(pids)
+        assert len(socks) >= 8 and any(s.name.startswith("ray::ServeRepli") for s in socks), socks
+        assert [s for s in socks if not is_loopback(s.ip)] == []
+        _ctrl_c(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    manifest = json.loads((short_tmp / "j.bhj.fleet" / "manifest.json").read_text())
+    assert manifest["saved_by"] == "stop", manifest
+    assert _fleet_dirs() <= fleet_dirs, "the fleet's snapshot dir outlived serve run"
+
+    proc = _serve_run(short_tmp, config)
+    try:
+        assert _healthy(proc, url, log)["fleet_state"]["from"] == "last_stop"
+        order_id = first.json()["order_id"]
+        got = httpx.get(f"{url}/orders/{order_id}", timeout=10)
+        assert got.status_code == 200 and got.json()["award"] == first.json()["award"], got.text
+        again = httpx.post(f"{url}/orders", json=EXAMPLE_ORDER, headers=key, timeout=30)
+        assert again.headers.get("Idempotent-Replayed") == "true" and again.json() == first.json(), again.text
+        _ctrl_c(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _fleet_dirs() <= fleet_dirs
