@@ -18,10 +18,11 @@ code (a snapshot unpickles into the classes of the code reading it). A bidder sa
 it acknowledges a commit and the journal records the commit after the acknowledgement, so
 at a clean stop the snapshots hold every commit the journal holds. A stop that Serve cut
 short (the replica killed before its own save) is saved by `bidhive serve` once Ray is
-down (`save_after_kill`), and a service killed outright is saved by the next start on
-its journal, from the dir its bidders left (`rescue_dead_fleets`). Where neither could
-be done (the machine rebooted: ``/dev/shm`` is memory), the journal has moved on from the
-saved fleet and the start takes a new fleet, saying why. A save is only written once
+down (`save_after_kill`), and a service killed outright is saved by the next start of
+any service, from the dir its bidders left, beside its own journal
+(`rescue_dead_fleets`). Where neither could be done (the machine rebooted: ``/dev/shm``
+is memory), the journal has moved on from the saved fleet and the start takes a new
+fleet, saying why. A save is only written once
 each bidder's snapshot loads from the copy. The bidding policy may change between runs:
 the bidders bid with the new one.
 """
@@ -219,9 +220,9 @@ def save_after_kill(state_dir: str | Path, journal: Path, saved_by: str = "cut_s
 
 
 def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
-    """Saves the fleets that services killed outright on `journal` left in `root` beside
-    it, then removes their dirs; returns the names of the dirs saved. Best effort: a
-    failure is logged, and costs only the carry-over.
+    """Saves the fleets that services killed outright left in `root` beside their journals,
+    then removes their dirs; returns the names of the dirs saved. Best effort: a failure
+    is logged, and costs only the carry-over.
 
     A service killed with SIGKILL (or by the OOM killer) saves nothing and leaves its
     bidders' snapshots in `root` (``/dev/shm``: memory). Those hold every commit its
@@ -229,20 +230,24 @@ def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
     journal resumes them. The journal's torn last record, if any, is cut first, as the
     next writer would cut it, and the journal stays locked until the save is done, so the
     saved extent is the one that writer finds. A journal some live service holds has moved
-    on from the dead fleet: its dir is only removed. Dead fleets of other journals are left
-    to their journal's next start, unless that journal is certainly gone (its folder is
-    there and it is not): nothing could resume them.
+    on from the dead fleet: its dir is only removed. Dead fleets of other journals are
+    saved beside theirs too, so memory is not held until a start on that journal that may
+    never come; one whose journal is certainly gone (its folder is there, the file is not)
+    is only removed, and one whose journal cannot be seen now (an unmounted or unreadable
+    folder) is left for later.
     """
     saved: list[str] = []
     mine = str(journal.resolve())
     try:
         for path, owner, name in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER,
-                                                 lambda owner: _theirs(owner) in (mine, None)):
+                                                 lambda owner: _theirs(owner) in (mine, None) or _seen(_theirs(owner))):
+            theirs = _theirs(owner)
             try:
-                if _theirs(owner) == mine and _save_dead(path, journal, owner):
-                    logger.warning("saved the bidders' state a killed service (pid %d) left in %s", owner.pid, name)
+                if theirs and _save_dead(path, Path(theirs), owner):
+                    logger.warning("saved the bidders' state a killed service (pid %d) left in %s beside %s",
+                                   owner.pid, name, theirs)
                     saved.append(name)
-            except Exception:  # noqa: BLE001 - this start takes a new fleet
+            except Exception:  # noqa: BLE001 - that journal's next start takes a new fleet
                 logger.exception("the state a killed service's bidders left in %s could not be saved", name)
             finally:
                 shutil.rmtree(path, ignore_errors=True)
@@ -262,6 +267,14 @@ def _theirs(owner: Owner) -> str | None:
     except OSError:
         return named
     return None if gone else named
+
+
+def _seen(journal: str | None) -> bool:
+    """Whether this journal can be seen now, so a dead fleet can be saved beside it."""
+    try:
+        return bool(journal) and Path(journal).is_file()  # type: ignore[arg-type]
+    except OSError:
+        return False
 
 
 def _save_dead(state_dir: Path, journal: Path, owner: Owner) -> bool:

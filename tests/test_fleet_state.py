@@ -201,19 +201,28 @@ def test_a_killed_services_fleet_is_not_saved_where_a_live_service_holds_the_jou
     assert not saved_fleet_path(journal).exists() and not any(root.iterdir())
 
 
-def test_only_dead_fleets_of_this_journal_are_taken(tmp_path: Path) -> None:
-    """A live service's dir stays, and so does a dead one of another journal (its own next
-    start takes it up), unless that journal is gone: then nothing could ever resume it."""
+def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path) -> None:
+    """A start on any journal saves a killed service's fleet beside that service's journal,
+    so its memory is not held until a start on that journal; one whose journal is gone is
+    removed; one whose journal cannot be seen now, and a live service's, stay."""
     journal, root, dead = _killed_service(tmp_path)
-    other = tmp_path / "other.bhj"
-    assert rescue_dead_fleets(root, other) == [] and dead.exists()
+    unseen = root / "bidhive-serve-cc-x"
+    unseen.mkdir()
+    dead_owner(unseen, "fleet.json", fingerprint=FINGERPRINT, journal=str(tmp_path / "unmounted" / "j.bhj"))
     gone = root / "bidhive-serve-bb-x"
     gone.mkdir()
     dead_owner(gone, "fleet.json", fingerprint=FINGERPRINT, journal=str(tmp_path / "deleted.bhj"))
-    assert rescue_dead_fleets(root, other) == [] and not gone.exists() and dead.exists()
-    write_owner(dead, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
-    assert rescue_dead_fleets(root, journal) == []
-    assert dead.exists() and not saved_fleet_path(journal).exists()
+    live = root / "bidhive-serve-dd-x"
+    live.mkdir()
+    write_owner(live, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
+    with pytest.warns(TornTailWarning):
+        assert rescue_dead_fleets(root, tmp_path / "other.bhj") == [dead.name]
+    assert sorted(p.name for p in root.iterdir()) == sorted((live.name, unseen.name))
+    new_run = tmp_path / "run-2"
+    new_run.mkdir()
+    origin = carry_fleet(journal, FINGERPRINT, new_run)
+    assert origin.carried and "when the service was killed" in origin.why, origin
+    assert rescue_dead_fleets(root, journal) == [] and sorted(p.name for p in root.iterdir()) == sorted((live.name, unseen.name))
 
 
 def test_a_dir_without_snapshots_is_not_saved(tmp_path: Path) -> None:
