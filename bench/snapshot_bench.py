@@ -172,7 +172,7 @@ def _stop_and_start(journal_dir: Path, pending: int, killed: bool) -> dict[str, 
         t0 = time.perf_counter()
         if not killed:
             save_fleet(run_dir, journal, fingerprint)
-        elif rescue_dead_fleets(root, journal) != [run_dir.name]:
+        elif rescue_dead_fleets(root) != [run_dir.name]:
             raise RuntimeError("the killed fleet was not saved")
         t1 = time.perf_counter()
         origin = carry_fleet(journal, fingerprint, new_dir)

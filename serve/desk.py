@@ -123,7 +123,7 @@ class OrderDesk:
         journal = Path(cfg.journal)
         journal.parent.mkdir(parents=True, exist_ok=True)
         if handles is None:  # a killed service's Ray bidders left state this fleet can take up
-            rescue_dead_fleets(default_state_root(), journal)
+            rescue_dead_fleets(default_state_root())
         # the writer's lock first: a replica still stopping could otherwise append what
         # the index below never reads (accepted orders, keys) before it lets go
         self.recorder = JournalRecorder(journal, fsync=cfg.fsync, rotate_bytes=cfg.journal_rotate_bytes)

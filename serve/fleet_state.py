@@ -172,14 +172,14 @@ def claim_state_dir(state_dir: str | Path, fingerprint: str, run_prefix: str | N
     and removes its dir, or dead with a replica that Serve restarts, which leaves it. Such a
     dir is saved beside the journal as a killed replica's is (`save_after_kill`), so this
     fleet carries it, and removed, so the dir `save_after_kill` finds at the stop is this
-    fleet's. The dirs of services killed outright on this journal are saved and removed
+    fleet's. The dirs of services killed outright are saved and removed
     too (`rescue_dead_fleets`). The dir belongs to the service's process where the
     service names it (`SERVICE_PROCESS_ENV`), else to this one.
     """
     state = Path(state_dir)
     service = _service_process()  # first: a start killed during the rescue leaves a dir a later one clears
     write_owner(state, OWNER, service, fingerprint=fingerprint, journal=str(journal.resolve()), service=bool(service))
-    rescue_dead_fleets(state.parent, journal)
+    rescue_dead_fleets(state.parent)
     for stale in state.parent.glob(f"{run_prefix}*") if run_prefix else ():
         if stale == state:
             continue
@@ -219,7 +219,7 @@ def save_after_kill(state_dir: str | Path, journal: Path, saved_by: str = "cut_s
     return True
 
 
-def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
+def rescue_dead_fleets(root: str | Path) -> list[str]:
     """Saves the fleets that services killed outright left in `root` beside their journals,
     then removes their dirs; returns the names of the dirs saved. Best effort: a failure
     is logged, and costs only the carry-over.
@@ -232,15 +232,14 @@ def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
     saved extent is the one that writer finds. A journal some live service holds has moved
     on from the dead fleet: its dir is only removed. Dead fleets of other journals are
     saved beside theirs too, so memory is not held until a start on that journal that may
-    never come; one whose journal is certainly gone (its folder is there, the file is not)
-    is only removed, and one whose journal cannot be seen now (an unmounted or unreadable
-    folder) is left for later.
+    never come. One whose journal is not there is only removed: the next start on a
+    journal that comes back (a folder mounted again) takes a new fleet, as after a reboot.
+    One whose journal cannot be looked at (an unreadable folder) is left for later.
     """
     saved: list[str] = []
-    mine = str(journal.resolve())
     try:
         for path, owner, name in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER,
-                                                 lambda owner: _theirs(owner) in (mine, None) or _seen(_theirs(owner))):
+                                                 lambda owner: _theirs(owner) != ""):
             theirs = _theirs(owner)
             try:
                 if theirs and _save_dead(path, Path(theirs), owner):
@@ -257,24 +256,15 @@ def rescue_dead_fleets(root: str | Path, journal: Path) -> list[str]:
 
 
 def _theirs(owner: Owner) -> str | None:
-    """The journal a dead fleet's dir names, or None where that journal is certainly gone
-    (its folder is there, the file is not). An unreadable or unmounted folder is not gone."""
+    """The journal a dead fleet's dir names; None where it is not there, "" where that
+    cannot be told (no journal named, or an error looking at it)."""
     named = owner.facts.get("journal")
-    if not isinstance(named, str):
+    if not isinstance(named, str) or not named:
         return ""
     try:
-        gone = Path(named).parent.is_dir() and not Path(named).exists()
+        return named if Path(named).is_file() else None
     except OSError:
-        return named
-    return None if gone else named
-
-
-def _seen(journal: str | None) -> bool:
-    """Whether this journal can be seen now, so a dead fleet can be saved beside it."""
-    try:
-        return bool(journal) and Path(journal).is_file()  # type: ignore[arg-type]
-    except OSError:
-        return False
+        return ""
 
 
 def _save_dead(state_dir: Path, journal: Path, owner: Owner) -> bool:

@@ -184,7 +184,7 @@ def test_a_killed_services_fleet_is_saved_and_taken_up_by_the_next_start(tmp_pat
     journal, root, dead = _killed_service(tmp_path)
     whole = journal.stat().st_size - 8
     with pytest.warns(TornTailWarning):
-        assert rescue_dead_fleets(root, journal) == [dead.name]
+        assert rescue_dead_fleets(root) == [dead.name]
     assert journal.stat().st_size == whole and not any(root.iterdir())
     new_run = tmp_path / "run-2"
     new_run.mkdir()
@@ -197,32 +197,34 @@ def test_a_killed_services_fleet_is_not_saved_where_a_live_service_holds_the_jou
     """A service already running on that journal has moved on from the dead fleet."""
     journal, root, _ = _killed_service(tmp_path)
     with pytest.warns(TornTailWarning), JournalWriter(journal):
-        assert rescue_dead_fleets(root, journal) == []
+        assert rescue_dead_fleets(root) == []
     assert not saved_fleet_path(journal).exists() and not any(root.iterdir())
 
 
 def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path) -> None:
-    """A start on any journal saves a killed service's fleet beside that service's journal,
-    so its memory is not held until a start on that journal; one whose journal is gone is
-    removed; one whose journal cannot be seen now, and a live service's, stay."""
+    """A start saves a killed service's fleet beside that service's journal whatever journal
+    it starts on, so that memory is not held until a start on that journal; one whose
+    journal is not there (deleted, or its whole folder) is removed; one that names no
+    journal, and a live service's, stay."""
     journal, root, dead = _killed_service(tmp_path)
-    unseen = root / "bidhive-serve-cc-x"
-    unseen.mkdir()
-    dead_owner(unseen, "fleet.json", fingerprint=FINGERPRINT, journal=str(tmp_path / "unmounted" / "j.bhj"))
-    gone = root / "bidhive-serve-bb-x"
-    gone.mkdir()
-    dead_owner(gone, "fleet.json", fingerprint=FINGERPRINT, journal=str(tmp_path / "deleted.bhj"))
+    unknown = root / "bidhive-serve-cc-x"
+    unknown.mkdir()
+    dead_owner(unknown, "fleet.json", fingerprint=FINGERPRINT)
+    for gone, named in (("bb-x", tmp_path / "deleted.bhj"), ("bb-y", tmp_path / "deleted" / "j.bhj")):
+        (root / f"bidhive-serve-{gone}").mkdir()
+        dead_owner(root / f"bidhive-serve-{gone}", "fleet.json", fingerprint=FINGERPRINT, journal=str(named))
     live = root / "bidhive-serve-dd-x"
     live.mkdir()
     write_owner(live, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
+    left = sorted((live.name, unknown.name))
     with pytest.warns(TornTailWarning):
-        assert rescue_dead_fleets(root, tmp_path / "other.bhj") == [dead.name]
-    assert sorted(p.name for p in root.iterdir()) == sorted((live.name, unseen.name))
+        assert rescue_dead_fleets(root) == [dead.name]
+    assert sorted(p.name for p in root.iterdir()) == left
     new_run = tmp_path / "run-2"
     new_run.mkdir()
     origin = carry_fleet(journal, FINGERPRINT, new_run)
     assert origin.carried and "when the service was killed" in origin.why, origin
-    assert rescue_dead_fleets(root, journal) == [] and sorted(p.name for p in root.iterdir()) == sorted((live.name, unseen.name))
+    assert rescue_dead_fleets(root) == [] and sorted(p.name for p in root.iterdir()) == left
 
 
 def test_a_dir_without_snapshots_is_not_saved(tmp_path: Path) -> None:
