@@ -10,8 +10,27 @@ LATENCY_BUCKETS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 75, 100, 150, 250, 500, 1000, 
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
+    inner = ",".join(f'{k}="{_escaped(v, quote=True)}"' for k, v in labels)
     return "{" + inner + "}"
+
+
+def _escaped(text: str, quote: bool = False) -> str:
+    """Backslash and newline escaped (and the double quote, in a label value), as the text format asks."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if quote else text
+
+
+def _value(v: float) -> str:
+    """A sample value exact to the unit: counters pass a million within hours, where `:g`
+    would round them to six digits (and `rate()` would see steps of ten)."""
+    v = float(v)
+    if v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
 
 
 class Metrics:
@@ -58,15 +77,15 @@ class Metrics:
         for kind, family in (("counter", self._counters), ("gauge", self._gauges)):
             for name, series in sorted(family.items()):
                 full = f"{self.prefix}_{name}"
-                out += [f"# HELP {full} {self._help.get(name, '')}", f"# TYPE {full} {kind}"]
-                out += [f"{full}{_labels(k)} {v:g}" for k, v in sorted(series.items())]
+                out += [f"# HELP {full} {_escaped(self._help.get(name, ''))}", f"# TYPE {full} {kind}"]
+                out += [f"{full}{_labels(k)} {_value(v)}" for k, v in sorted(series.items())]
         for name, counts in sorted(self._hist.items()):
             full = f"{self.prefix}_{name}"
-            out += [f"# HELP {full} {self._help.get(name, '')}", f"# TYPE {full} histogram"]
+            out += [f"# HELP {full} {_escaped(self._help.get(name, ''))}", f"# TYPE {full} histogram"]
             running = 0
             for bound, count in zip((*LATENCY_BUCKETS_MS, float("inf")), counts):
                 running += count
                 le = "+Inf" if bound == float("inf") else f"{bound:g}"
                 out.append(f'{full}_bucket{{le="{le}"}} {running}')
-            out += [f"{full}_sum {self._hist_sum[name]:g}", f"{full}_count {running}"]
+            out += [f"{full}_sum {_value(self._hist_sum[name])}", f"{full}_count {running}"]
         return "\n".join(out) + "\n"
