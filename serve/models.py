@@ -1,18 +1,22 @@
 """HTTP request and response models: strict, bounded, and self-describing in OpenAPI.
 
 Every field has bounds and unknown fields are rejected, so a malformed order is a 422
-that names the field, never a half-understood order in the market.
+that names the field, never a half-understood order in the market. Numbers and booleans
+are strict (``"qty": true`` or ``"value": "59"`` is a mistake, not a 1 and a 59.0), and
+free text may not carry control characters (they would reach the journal and every
+answer that echoes it).
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from market.types import Category, Item, Order, Tier
 
 MAX_ITEMS = 50
 KEY_PATTERN = r"^[\x21-\x7e]+$"  # printable ASCII without spaces: what a header can carry as is
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"  # no control characters
 
 
 class Strict(BaseModel):
@@ -23,35 +27,37 @@ class Strict(BaseModel):
 
 class ItemIn(Strict):
     sku: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    qty: int = Field(ge=1, le=999)
+    qty: int = Field(ge=1, le=999, strict=True)
 
 
 class Destination(Strict):
-    lat: float = Field(ge=-90, le=90)
-    lon: float = Field(ge=-180, le=180)
+    lat: float = Field(ge=-90, le=90, strict=True)
+    lon: float = Field(ge=-180, le=180, strict=True)
 
 
 class OrderIn(Strict):
     """An order as a channel sends it."""
 
     order_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
-    customer_id: str = Field(min_length=1, max_length=64)
+    customer_id: str = Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)
     tier: Tier = Tier.REGULAR
-    channel: str = Field("app", min_length=1, max_length=32)
+    channel: str = Field("app", min_length=1, max_length=32, pattern=TEXT_PATTERN)
     items: list[ItemIn] = Field(min_length=1, max_length=MAX_ITEMS)
     destination: Destination
-    promise_minutes: float = Field(gt=0, le=7 * 24 * 60, description="Deliver within this many minutes.")
-    value: float = Field(ge=0, le=1_000_000)
+    promise_minutes: float = Field(gt=0, le=7 * 24 * 60, strict=True, description="Deliver within this many minutes.")
+    value: float = Field(ge=0, le=1_000_000, strict=True)
     category: Category = Category.AMBIENT
-    locker_ok: bool = False
-    reserve: float | None = Field(None, gt=0, le=100_000, description="Most the retailer pays; default from value.")
+    locker_ok: bool = Field(False, strict=True)
+    reserve: float | None = Field(None, gt=0, le=1_000_000, strict=True,
+                                  description="Most the retailer pays; default from value.")
 
-    @model_validator(mode="after")
-    def _unique_skus(self) -> OrderIn:
-        skus = [i.sku for i in self.items]
+    @field_validator("items")
+    @classmethod
+    def _unique_skus(cls, items: list[ItemIn]) -> list[ItemIn]:
+        skus = [i.sku for i in items]
         if len(set(skus)) != len(skus):
-            raise ValueError("items: each sku may appear once; add up the quantities")
-        return self
+            raise ValueError("each sku may appear once; add up the quantities")
+        return items
 
     def to_order(self, order_id: str, now_s: float, reserve_base: float, reserve_share: float) -> Order:
         """The market's order, stamped with the market clock."""
