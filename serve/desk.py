@@ -29,7 +29,8 @@ from agents.actor import AgentSpec, default_state_root, fleet_specs
 from agents.base import Agent
 from market.auctioneer import AuctioneerCore, RoundRecord
 from market.config import ConfigError, load_fleet, load_profile, load_profiles
-from market.engine import LocalBidders
+from market.clearing import NO_CAPACITY, NO_FEASIBLE, NO_QUOTE
+from market.engine import COMMIT_REFUSED, LocalBidders
 from market.journal import journal_head
 from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
@@ -44,7 +45,7 @@ from serve.idempotency import IdempotencyConflict, IdempotencyStore
 from serve.index_checkpoint import CheckpointWriter, Cut, Rebuilt, checkpoint_path, rebuild_index
 from serve.metrics import Metrics
 from serve.models import OrderIn
-from serve.order_index import HOT_ENDED, PENDING, OrderIndex
+from serve.order_index import AWARDED, HOT_ENDED, PENDING, UNFULFILLED, OrderIndex
 
 logger = logging.getLogger("bidhive.serve")
 
@@ -57,9 +58,10 @@ SERVICE_MARGIN_KM = 5.0
 
 
 #: Counters `/metrics` shows from the start, at 0 until they happen (a scrape tells 0 from
-#: "not reported"), with their help text; `bidder_misses_total` has one series per why.
+#: "not reported"), with their help text; `SERIES` names those with labels.
 COUNTERS = {
     "orders_received_total": "Orders journaled (a resumed order counts again).",
+    "orders_ended_total": "Orders ended, by status and reason.",
     "rounds_total": "Rounds cleared.",
     "quotes_total": "Quotes taken into rounds.",
     "bidder_misses_total": "Bidders absent from a round, by why.",
@@ -75,6 +77,14 @@ MISS_REASONS = ("timed_out", "failed", "invalid")
 #: cannot take other orders down with it.
 DROP_AFTER_FAILED_ROUNDS = 2
 ROUND_FAILED = "round_failed"
+
+#: The labelled series of `COUNTERS`, each shown from the start: one per why a bidder
+#: missed a round, and one per way an order ends (awarded; unfulfilled, by reason).
+SERIES: dict[str, tuple[dict[str, str], ...]] = {
+    "bidder_misses_total": tuple({"why": why} for why in MISS_REASONS),
+    "orders_ended_total": ({"status": AWARDED, "reason": ""}, *({"status": UNFULFILLED, "reason": why} for why in (
+        NO_QUOTE, NO_FEASIBLE, NO_CAPACITY, COMMIT_REFUSED, ROUND_FAILED))),
+}
 
 
 class DeskError(Exception):
@@ -142,7 +152,7 @@ class OrderDesk:
         self.idem = IdempotencyStore(self.index.by_key)
         self.metrics = Metrics()
         for name, text in COUNTERS.items():
-            for labels in ([{"why": why} for why in MISS_REASONS] if name == "bidder_misses_total" else [{}]):
+            for labels in SERIES.get(name, ({},)):
                 self.metrics.inc(name, 0.0, help=text, **labels)
         self._lock = threading.Lock()
         self._waiters: dict[str, tuple[Future[dict[str, Any]], float, str | None]] = {}  # future, accepted at, key
@@ -288,8 +298,7 @@ class OrderDesk:
                 if answer is None:
                     continue
                 self._open -= 1
-                self.metrics.inc("orders_ended_total", help="Orders ended, by status and reason.",
-                                 status=answer["status"], reason=answer["reason"] or "")
+                self.metrics.inc("orders_ended_total", status=answer["status"], reason=answer["reason"] or "")
                 waiter = self._waiters.pop(oid, None)
                 if waiter is None:  # resumed from the journal after a restart: nobody waits here
                     continue
@@ -312,6 +321,8 @@ class OrderDesk:
         Raises:
             DeskError: 409 / 422 for a key conflict or a bad order, 503 when overloaded.
         """
+        if not self.host.alive:  # before the key: a dead desk's claims are not in flight
+            raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
         with self._lock:
             stored = None
             if key is not None:
@@ -429,11 +440,18 @@ class OrderDesk:
 
         def switch(core: AuctioneerCore) -> str:
             previous = self.index.profile
+            self.recorder.profile_changed(name, core.market.now(core.clock()))  # journaled, then live
             core.engine.profile = profile
-            self.recorder.profile_changed(name, core.market.now(core.clock()))
             return previous
 
-        previous = self._on_loop(switch, timeout_s)
+        try:
+            previous = self._on_loop(switch, timeout_s)
+        except DeskError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the journal refused it: nothing switched
+            logger.exception("the switch to profile %s could not be journaled", name)
+            raise DeskError(503, f"the switch to {name} could not be journaled ({type(err).__name__}); the "
+                                 "profile is unchanged; retry", retry_after_s=5) from None
         if not self._synced():
             raise DeskError(503, f"switched to {name}, but the journal cannot be synced, so a restart may "
                                  "not keep it; retry", retry_after_s=5)

@@ -394,8 +394,50 @@ def test_counters_are_reported_at_zero_before_they_happen(tmp_path: Path) -> Non
     finally:
         desk.close()
     for line in ("bidhive_orders_shed_total 0", "bidhive_profile_changes_total 0",
-                 'bidhive_bidder_misses_total{why="timed_out"} 0', 'bidhive_bidder_misses_total{why="invalid"} 0'):
-        assert any(row.startswith(line) for row in text.splitlines()), (line, text)
+                 'bidhive_bidder_misses_total{why="timed_out"} 0', 'bidhive_bidder_misses_total{why="invalid"} 0',
+                 'bidhive_orders_ended_total{reason="",status="awarded"} 0',
+                 'bidhive_orders_ended_total{reason="no_capacity",status="unfulfilled"} 0'):
+        assert line in text.splitlines(), (line, text)
+
+
+def test_a_key_sent_again_to_a_dead_desk_is_a_503_not_a_409(tmp_path: Path) -> None:
+    """The first request's claim died with the desk: "in flight" would be false (its order
+    never ended, and never will there); "retry" is the truth: the keeper's next desk answers."""
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    try:
+        go_on = _stall(desk)
+        body = {**BODY, "customer_id": "c-dead"}
+        desk.place(OrderIn.model_validate(body), body_hash(body), "k-dead")  # the key is claimed
+        stopping = threading.Thread(target=desk.host.stop)
+        stopping.start()
+        go_on.set()
+        stopping.join(30)
+        assert not desk.host.alive
+        with pytest.raises(DeskError) as err:
+            desk.place(OrderIn.model_validate(body), body_hash(body), "k-dead")
+        assert err.value.status == 503 and err.value.retry_after_s, err.value.detail
+    finally:
+        desk.close()
+
+
+def test_a_switch_the_journal_refuses_is_a_503_and_never_goes_live(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile in force that the journal does not hold would make replay re-clear the
+    next rounds with the wrong weights."""
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    try:
+        before = desk.host.call(lambda core: core.engine.profile).result(10)
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(desk.recorder, "profile_changed", refuse)
+        with pytest.raises(DeskError) as err:
+            desk.set_profile("time_first")
+        assert err.value.status == 503 and "unchanged" in err.value.detail and err.value.retry_after_s
+        assert desk.host.call(lambda core: core.engine.profile).result(10) is before
+    finally:
+        desk.close()
 
 
 def test_the_strategy_in_force_is_the_configured_one_then_the_last_switch(tmp_path: Path) -> None:
