@@ -61,8 +61,9 @@ def _check_names(cfg: ServeCfg) -> None:
     load_fleet(cfg.fleet)
     load_profile(cfg.profile)
     if cfg.policy.startswith("rl:"):
-        if not Path(cfg.policy[3:]).is_file():
-            raise UserError(f"policy file {cfg.policy[3:]} not found")
+        if not Path(cfg.policy[3:]).is_file():  # the bidders fall back, as they do in `simulate`
+            typer.echo(f"bidhive: policy file {cfg.policy[3:]} not found: the bidders bid with the heuristic",
+                       err=True)
     else:
         make_policy(cfg.policy)
 
@@ -77,10 +78,11 @@ def serve(
     journal: Annotated[Optional[str], typer.Option(help="Journal file (continued if it exists).")] = None,
 ) -> None:
     """Serve the order API on an embedded local Ray (or RAY_ADDRESS) until Ctrl-C."""
-    from serve.config import load_serve_cfg
+    from serve.config import load_serve_cfg, with_env_token
     from serve.runner import ServiceStartError, run_service
 
     cfg, listen = load_serve_cfg(config, host=host, port=port, fleet=fleet, policy=policy, bidders=bidders, journal=journal)
+    cfg = with_env_token(cfg)  # here, so a bad one is one line before Ray starts
     _check_names(cfg)
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
     if not logging.getLogger().handlers:

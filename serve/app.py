@@ -20,18 +20,19 @@ import asyncio
 import email.message
 import hmac
 import logging
-import os
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Header, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException
 
 from runtime.gc_pauses import bound_gc_pauses
 from runtime.local_ray import keep_replica_grpc_on_loopback
-from serve.config import ServeCfg
+from serve.config import ServeCfg, with_env_token
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
 from serve.keeper import DeskKeeper
@@ -103,6 +104,45 @@ async def _too_large(send: Any, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+#: Routes open without the token: the health check (for load balancers and probes) and
+#: the API's own description, which holds nothing but the public schema.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class BearerToken:
+    """401 unless the bearer token matches (when one is set), before anything reads the body.
+
+    As middleware it answers first whatever the request holds: a caller without the token
+    learns nothing about the request model, not even whether its JSON parses.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        token = Limits.token
+        if token is None or scope["type"] != "http" or _route_path(scope) in OPEN_PATHS or _bearer(scope, token):
+            await self.app(scope, receive, send)
+            return
+        await _problem(401, "missing or wrong bearer token",
+                       {"WWW-Authenticate": 'Bearer realm="bidhive"'})(scope, receive, send)
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path below the app's route prefix (`serve run` may mount it under one)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _bearer(scope: dict[str, Any], token: str) -> bool:
+    """Whether the Authorization header carries `token` (compared in constant time)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token.encode())
+    return False
+
+
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -142,6 +182,7 @@ api = FastAPI(
     description="Place fulfilment orders; each is auctioned among the fleet's resources within a round.",
 )
 api.add_middleware(BodyLimit)
+api.add_middleware(BearerToken)  # added last: runs first
 
 
 @api.exception_handler(RequestValidationError)
@@ -157,22 +198,27 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
                                                       for e in errors]}, status_code=422)
 
 
-async def _require_token(request: Request) -> None:
-    """Route dependency: 401 unless the bearer token matches (when one is set).
-
-    A dependency runs before the body's field errors are reported, so a caller without
-    the token learns nothing about the request model. It is async because FastAPI runs a
-    plain ``def`` dependency in its thread pool: a thread hop per request for a header check.
-    """
-    token = Limits.token
-    if token is None:
-        return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="bidhive"'})
+@api.exception_handler(HTTPException)
+async def _unreadable(request: Request, exc: HTTPException) -> Any:
+    """A body FastAPI cannot even decode is the client's mistake: 422 saying why, not its 400."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return await http_exception_handler(request, exc)
+    reason = _why_unreadable(cause)
+    return JSONResponse({"detail": f"body: {reason}", "errors": [{"field": "body", "reason": reason}]},
+                        status_code=422)
 
 
-_AUTH = [Depends(_require_token)]
+def _why_unreadable(err: BaseException) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte 0x{err.object[err.start]:02x} at position {err.start})"
+    if isinstance(err, RecursionError):
+        return "not readable JSON: nested too deeply"
+    if isinstance(err, ValueError) and "digits" in str(err):
+        return "not readable JSON: a number with too many digits"
+    return f"not readable JSON ({type(err).__name__})"
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (401, 409, 413, 415, 422, 503)}
 
 
@@ -184,13 +230,13 @@ class BidhiveIngress:
     def __init__(self, cfg: ServeCfg) -> None:
         keep_replica_grpc_on_loopback()  # `serve run` workers lack bidhive serve's preload
         Limits.max_body_bytes = cfg.max_body_bytes
-        Limits.token = cfg.token or os.environ.get("BIDHIVE_TOKEN") or None
+        Limits.token = cfg.token  # `build` took it from BIDHIVE_TOKEN where the config had none
         self.cfg = cfg
         self.keeper = DeskKeeper(cfg)
         bound_gc_pauses()  # the replica is set up: later full collections walk only what is new
         logger.info("bidhive desk ready: %s bidders, journal %s", cfg.bidders, cfg.journal)
 
-    @api.post("/orders", response_model=OrderOut, responses={**_ERRORS, 202: {"model": OrderOut}}, dependencies=_AUTH)
+    @api.post("/orders", response_model=OrderOut, responses={**_ERRORS, 202: {"model": OrderOut}})
     async def place_order(
         self, order: OrderIn,
         idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=128,
@@ -217,7 +263,7 @@ class BidhiveIngress:
                                 headers={"Location": f"/orders/{placed.order_id}"})
         return JSONResponse(answer)  # built by the desk in OrderOut's shape; skips re-validating it
 
-    @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS, dependencies=_AUTH)
+    @api.get("/orders/{order_id}", response_model=OrderDetail, responses=_ERRORS)
     async def get_order(self, order_id: str) -> Any:
         """The order, its award and its event timeline."""
         try:
@@ -229,7 +275,7 @@ class BidhiveIngress:
                                  f"{self.desk.cfg.retain_orders} ended orders this service keeps (retain_orders)")
         return JSONResponse(detail)
 
-    @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS, dependencies=_AUTH)
+    @api.put("/strategy", response_model=StrategyOut, responses=_ERRORS)
     async def put_strategy(self, body: StrategyIn) -> Any:
         """Switches the scoring profile for the next rounds (journaled)."""
         try:
@@ -237,7 +283,7 @@ class BidhiveIngress:
         except DeskError as err:
             return _refused(err)
 
-    @api.get("/strategy", response_model=StrategyNow, responses=_ERRORS, dependencies=_AUTH)
+    @api.get("/strategy", response_model=StrategyNow, responses=_ERRORS)
     async def get_strategy(self) -> Any:
         """The scoring profile in force, and the ones `PUT /strategy` may name."""
         return self.desk.strategy()
@@ -250,7 +296,7 @@ class BidhiveIngress:
         facts["fleet_state"] = self.desk.fleet_origin.facts()
         return JSONResponse(facts, status_code=200 if ok else 503)
 
-    @api.get("/metrics", response_class=PlainTextResponse, dependencies=_AUTH)
+    @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics(self) -> Any:
         """Prometheus text exposition."""
         text = await asyncio.to_thread(self.desk.metrics_text)
@@ -269,6 +315,7 @@ class BidhiveIngress:
 
 def build(cfg: ServeCfg) -> Application:
     """The typed app builder `serve run` calls with the `args` of configs/serve.yaml."""
+    cfg = with_env_token(cfg)
     return BidhiveIngress.options(
         max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": 1},

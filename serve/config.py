@@ -5,6 +5,7 @@ and its `http_options` give host and port, so both commands start the same app.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ FLEET_DIR_PREFIX = "bidhive-serve-"  # every service's fleet dirs start so; a ru
 #: (`bidhive serve` itself): a replica that Serve restarts leaves its dir to this run, and only
 #: once this process is dead may another start take it (`serve.fleet_state.rescue_dead_fleets`).
 SERVICE_PROCESS_ENV = "BIDHIVE_SERVICE_PROCESS"
+#: The bearer token, where the config gives none (`with_env_token`).
+TOKEN_ENV = "BIDHIVE_TOKEN"
 
 
 class BatchCfg(Strict):
@@ -75,7 +78,9 @@ class ServeCfg(Strict):
             keys still answer; older ones are forgotten in memory (the journal keeps
             them: `bidhive replay J --order ID`), and a request repeating a forgotten
             key is a new order. About 0.5 KB of memory each once archived.
-        token: bearer token required on every route but `/healthz` (also `BIDHIVE_TOKEN`).
+        token: bearer token required on every route but `/healthz` and the API docs
+            (`/docs`, `/redoc`, `/openapi.json`); else `BIDHIVE_TOKEN` (`with_env_token`).
+            Printable ASCII without spaces, as a header carries it.
     """
 
     fleet: str = "default"
@@ -97,12 +102,27 @@ class ServeCfg(Strict):
     reserve_base: float = Field(10.0, ge=0)
     reserve_share: float = Field(0.4, ge=0)
     retain_orders: int = Field(1_000_000, ge=10_000, le=100_000_000)
-    token: str | None = Field(None, min_length=8, max_length=512)
+    token: str | None = Field(None, min_length=8, max_length=512, pattern=r"^[\x21-\x7e]+$")
 
     @property
     def journal_rotate_bytes(self) -> int | None:
         """`journal_rotate_mb` in bytes, as the journal writer takes it."""
         return None if self.journal_rotate_mb is None else int(self.journal_rotate_mb * MB)
+
+
+def with_env_token(cfg: ServeCfg) -> ServeCfg:
+    """`cfg` with the token from `BIDHIVE_TOKEN` where it has none, checked as the config's is.
+
+    Resolved where the app is built, not in the replica: the replica's process only sees
+    the variable on the embedded cluster, and a joined cluster's would serve without it.
+
+    Raises:
+        ConfigError: A token the variable gives that the config would not take.
+    """
+    token = os.environ.get(TOKEN_ENV)
+    if cfg.token is not None or not token:
+        return cfg
+    return parse_model(ServeCfg, {**cfg.model_dump(), "token": token}, TOKEN_ENV)
 
 
 class Listen(Strict):

@@ -230,6 +230,14 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(args: list[str], says: str)
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize("token, says", [("short", "at least 8"), ("with space", "pattern")])
+def test_a_bad_token_in_the_environment_is_one_line_naming_it(token: str, says: str) -> None:
+    env = {**os.environ, "BIDHIVE_TOKEN": token}
+    run = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2 and "BIDHIVE_TOKEN: token:" in run.stderr and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and token not in run.stderr
+
+
 def test_a_bad_setting_in_the_config_file_is_one_line_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text((CONFIG_DIR / "serve.yaml").read_text().replace("journal_rotate_mb: 256",

@@ -140,6 +140,10 @@ def test_malformed_orders_are_422_naming_the_field(svc: Service, patch: dict[str
 def test_broken_json_and_bad_keys_are_422(svc: Service) -> None:
     r = svc.client.post("/orders", content=b'{"customer_id": ', headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON at character 16"), r.text
+    for body, says in ((b'{"customer_id": "\xff"}', "not valid UTF-8 (byte 0xff at position 17)"),
+                       (b"[" * 3000, "not readable JSON: nested too deeply")):
+        r = svc.client.post("/orders", content=body, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"] == f"body: {says}", r.text
     r = svc.post(GOOD, headers={"Idempotency-Key": "has space"})
     assert r.status_code == 422 and "Idempotency-Key" in r.json()["detail"]
 
@@ -168,6 +172,10 @@ def test_oversized_bodies_are_413_declared_or_chunked(svc: Service) -> None:
 def test_a_missing_or_wrong_token_is_401_but_health_is_open(svc: Service) -> None:
     assert svc.client.post("/orders", json=GOOD).status_code == 401
     assert svc.client.post("/orders", json={"colour": "red"}).status_code == 401  # no field errors without the token
+    broken = svc.client.post("/orders", content=b'{"customer_id": ', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 401, broken.text  # nor whether its JSON parses
+    assert svc.client.get("/strategy").status_code == 401 and svc.client.get("/orders/o-1").status_code == 401
+    assert svc.client.get("/openapi.json").json()["info"]["title"] == "bidhive"  # the public schema is open
     r = svc.client.get("/metrics", headers={"Authorization": "Bearer wrong-token-000"})
     assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
     assert svc.client.get("/healthz").json()["bidders"]["answering"] == 9

@@ -8,6 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from market.config import ConfigError
+from serve.config import ServeCfg, with_env_token
 from serve.idempotency import IdempotencyConflict, IdempotencyStore, body_hash
 from serve.metrics import Metrics
 from serve.models import OrderIn
@@ -119,6 +121,39 @@ def test_metrics_are_exact_past_a_million_and_escaped() -> None:
     assert f"bidhive_share {0.1 + 0.2!r}" in lines and "bidhive_clear_ms_sum 1234567.25" in lines
     assert '# HELP bidhive_orders_total Orders "received"\\\\ here\\nand there' in lines
     assert 'bidhive_odd_total{why="a \\"b\\"\\\\c\\nd"} 1' in lines
+
+
+def test_the_token_comes_from_the_environment_where_the_config_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken where the app is built: a replica on a joined cluster never sees the variable."""
+    monkeypatch.delenv("BIDHIVE_TOKEN", raising=False)
+    assert with_env_token(ServeCfg()).token is None
+    monkeypatch.setenv("BIDHIVE_TOKEN", "from-env-0123")
+    assert with_env_token(ServeCfg()).token == "from-env-0123"
+    assert with_env_token(ServeCfg(token="from-config-1")).token == "from-config-1"
+    for bad in ("short", "two words", "caf\u00e9-token"):
+        monkeypatch.setenv("BIDHIVE_TOKEN", bad)
+        with pytest.raises(ConfigError, match="BIDHIVE_TOKEN: token"):
+            with_env_token(ServeCfg())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic, inside ray.serve
+def test_bodies_that_cannot_be_decoded_say_why() -> None:
+    """What FastAPI answers 400 for (its JSON reader raised something else than a decode
+    error) is the client's mistake: the service says 422 and why (`serve.app._unreadable`)."""
+    import json
+
+    from serve.app import _why_unreadable
+
+    def raised(text: bytes) -> BaseException:
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError) as err:
+            return err
+        raise AssertionError("parsed")
+
+    assert _why_unreadable(raised(b'"\xff"')) == "not valid UTF-8 (byte 0xff at position 1)"
+    assert _why_unreadable(raised(b"[" * 3000)) == "not readable JSON: nested too deeply"
+    assert _why_unreadable(raised(b"9" * 4400)) == "not readable JSON: a number with too many digits"
 
 
 def test_spare_ports_are_outside_the_ephemeral_range_and_skip_busy_ones() -> None:
