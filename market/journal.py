@@ -572,10 +572,11 @@ class JournalWriter:
 
     def footprint(self) -> tuple[int, int]:
         """The journal's files and their bytes, the one being appended to included (with
-        what is still in the write buffer): what a restart or `bidhive replay` reads."""
+        what is still in the write buffer): what a restart or `bidhive replay` reads. A
+        finished file moved away (to a backup) counts 0 bytes rather than failing the
+        health check that asks."""
         index, size = self._index, self._size
-        done = sum(os.stat(rotated_path(self.path, i)).st_size for i in range(index))
-        return index + 1, done + size
+        return index + 1, size + sum(_size_of(rotated_path(self.path, i)) for i in range(index))
 
     @property
     def closed(self) -> bool:
@@ -775,6 +776,13 @@ class JournalWriter:
             raise ValueError(f"journal {self.path} is closed")
         if self._failed is not None:  # a failed rotation leaves no open file: say why, not "closed"
             raise JournalError(f"journal {self.path} stopped after a failed write: {self._failed!r}")
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _datasync(fd: int) -> None:

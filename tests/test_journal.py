@@ -517,6 +517,10 @@ def test_a_rotation_says_where_the_new_file_starts_and_a_reader_can_start_there(
         files, size = writer.footprint()  # the buffered tail included, so the same once flushed
         writer.flush()
         assert (files, size) == (len(journal_files(path)), sum(f.stat().st_size for f in journal_files(path)))
+        first = journal_files(path)[0]
+        first.rename(tmp_path / "backup.bhj")  # an operator's backup moves a finished file away
+        assert writer.footprint() == (files, size - (tmp_path / "backup.bhj").stat().st_size)
+        (tmp_path / "backup.bhj").rename(first)
         assert not writer.rotate(min_bytes=4_000)  # the last file is smaller than that: kept
         assert writer.rotate() and not writer.rotate()  # a file with no record yet is not finished
     assert [r[0] for r in rotations] == list(range(1, files + 1)) and rotations[-1][1] == 60
