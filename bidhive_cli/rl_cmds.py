@@ -17,7 +17,7 @@ from market.types import Kind
 
 ALGOS = ("ppo", "sac")
 REWARDS = ("profit", "network")
-OTHERS = ("heuristic", "truthful", "static")
+OTHERS = ("heuristic", "truthful")  # not static: see `train`
 
 
 def _choice(value: str, known: tuple[str, ...], what: str) -> str:
@@ -36,7 +36,7 @@ def train(
     kind: Annotated[str, typer.Option(help="Kind of the learning bidder.")] = Kind.RIDER_POOL.value,
     fleet: Annotated[str, typer.Option(help="Fleet to train in ('scenario' for the scenario's own).")] = "district",
     orders: Annotated[int, typer.Option(min=1, max=5_000_000, help="Orders in a training day (4,300 suits the district fleet; about 30,000 for --fleet scenario).")] = 4300,
-    others: Annotated[str, typer.Option(help="Policy of the other bidders: heuristic, truthful or static.")] = "heuristic",
+    others: Annotated[str, typer.Option(help="Policy of the other bidders: heuristic or truthful.")] = "heuristic",
     peers: Annotated[Optional[str], typer.Option(help="rl:PATH: the other bidders of the learner's kind bid with this frozen policy (self-play).")] = None,
     n_envs: Annotated[int, typer.Option(min=1, max=16, help="Parallel training envs.")] = 2,
     eval_every: Annotated[int, typer.Option(min=1, help="Steps between evaluations and checkpoints.")] = 20_000,
@@ -47,6 +47,9 @@ def train(
     load_scenario(scenario)  # a bad name fails here, before torch loads
     _choice(algo, ALGOS, "algorithm")
     _choice(reward, REWARDS, "reward mode")
+    if others == "static":  # `static` routes by rule and pays the quote: a markup never costs an award
+        raise UserError("--others static ignores price, so a higher markup would only ever pay more: nothing to "
+                        "learn; train among heuristic or truthful bidders (evaluate still has a static row)")
     _choice(others, OTHERS, "policy for the other bidders")
     try:
         Kind(kind)
@@ -104,17 +107,21 @@ def evaluate(
 ) -> None:
     """Evaluate a learned bidder against static, heuristic and exact on held-out days."""
     from envs.evaluation import POLICIES, dumps, evaluate as run_eval, learning_curve, summary_table
+    from policies.rl import read_card
 
     if not policy.is_file():
         raise UserError(f"{policy}: file not found")
     _usable(policy)
     if scenario:
         load_scenario(scenario)
-    chosen = tuple(r.strip() for r in rows.split(",") if r.strip())
+    chosen = tuple(dict.fromkeys(r.strip() for r in rows.split(",") if r.strip()))  # a row twice would count twice
     for r in chosen:
         _choice(r, POLICIES, "row")
     if fleet and fleet != "scenario":
         load_fleet(fleet)
+    if not read_card(policy):
+        typer.echo(f"bidhive: no card.json beside {policy} (nor in the folder above): it is evaluated in the "
+                   "default env, which may not be the one it was trained in", err=True)
     report = run_eval(policy, scenario=scenario, episodes=episodes, policies=chosen, n_orders=orders, workers=workers,
                       fleet=fleet, self_play=self_play)
     beside = policy.with_name("learning_curve.png")  # `train` drew it from the same logs: left as it is

@@ -30,6 +30,7 @@ from policies.rl import OBS_HIGH, OBS_LOW, RLPolicy, action_dim, decode_action, 
 RewardMode = Literal["profit", "network"]
 OTHERS = ("heuristic", "truthful", "static", "exact")
 DEFAULT_REWARD_SCALE = {"profit": 0.1, "network": 0.05}
+_NO_BID_OBS = np.clip(np.zeros(len(OBS_LOW), dtype=np.float32), OBS_LOW, OBS_HIGH)
 TRAIN_SEEDS = 2**30  # reset() draws simulator seeds below this...
 HELD_OUT_BASE = 2**30  # ...so evaluation seeds from here on are never seen in training
 
@@ -218,7 +219,7 @@ class FulfilmentAuctionEnv(gym.Env[np.ndarray, np.ndarray]):
         self._gen: Iterator[PendingRound] | None = None
         self._pending: PendingRound | None = None
         self._learner: Agent | None = None
-        self._obs = np.clip(np.zeros(len(OBS_LOW), dtype=np.float32), OBS_LOW, OBS_HIGH)
+        self._obs = _NO_BID_OBS.copy()
         self._done = True
         self._totals: dict[str, float] = {}
         self.context: BidContext | None = None  # what the learner is shown for the pending round
@@ -246,6 +247,7 @@ class FulfilmentAuctionEnv(gym.Env[np.ndarray, np.ndarray]):
         self._pending = None
         self._done = False
         self._totals = {"profit": 0.0, "bids": 0}
+        self._obs, self.context = _NO_BID_OBS.copy(), None  # what a day the learner never bids in shows
         self._run_to_next_bid()
         return self._obs.copy(), {"sim_seed": sim_seed, "learner_id": self.learner_id}
 

@@ -99,12 +99,26 @@ def encode_action(decision: BidDecision, holdback: bool = True) -> np.ndarray:
 
 
 def read_card(policy_path: str | Path) -> dict[str, Any]:
-    """The `card.json` next to a policy zip ({} when there is none or it is unreadable)."""
-    card = Path(policy_path).with_name("card.json")
-    try:
-        return json.loads(card.read_text())
-    except (OSError, ValueError):
-        return {}
+    """The `card.json` of a policy zip: beside it, else in the folder above, where
+    `bidhive train` writes it for the run's checkpoints (``OUT/checkpoints/*.zip``);
+    {} when there is none, or it is unreadable or not a JSON object."""
+    here = Path(policy_path).parent
+    for card in (here / "card.json", here.parent / "card.json"):
+        try:
+            found = json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+        return found if isinstance(found, dict) else {}
+    return {}
+
+
+def _check_card(card: dict[str, Any]) -> None:
+    """A card whose kind or algorithm bidhive does not know cannot say how to use the policy."""
+    kind, algo = card.get("kind"), card.get("algo")
+    if kind is not None and kind not in {k.value for k in Kind}:
+        raise IncompatiblePolicy(f"its card.json names an unknown kind {kind!r}")
+    if algo is not None and not isinstance(algo, str):
+        raise IncompatiblePolicy(f"its card.json names the algorithm as {algo!r}")
 
 
 class IncompatiblePolicy(ValueError):
@@ -121,7 +135,7 @@ def _load_model(path: Path, algo: str | None) -> Any:
     if not zipfile.is_zipfile(path):
         raise IncompatiblePolicy("not an SB3 zip")
     classes = {"ppo": PPO, "sac": SAC}
-    order = [classes[algo]] if algo in classes else [PPO, SAC]
+    order = sorted(classes.values(), key=lambda cls: cls is not classes.get(algo or ""))  # the card's first
     errors = []
     for cls in order:
         try:
@@ -152,6 +166,7 @@ class RLPolicy:
         try:
             if not self.path.is_file():
                 raise FileNotFoundError("file not found")
+            _check_card(self.card)
             model = _load_model(self.path, self.card.get("algo"))
             obs_shape = getattr(model.observation_space, "shape", None)
             act_shape = getattr(model.action_space, "shape", None)
@@ -209,5 +224,6 @@ class ByKind:
 def rl_strategy(path: str | Path, kind: str | None = None) -> ByKind:
     """RL for every bidder of the policy's kind (from its card, else rider pools), heuristic for the rest."""
     policy = RLPolicy(path)
-    chosen = Kind(kind or policy.card.get("kind") or Kind.RIDER_POOL.value)
+    named = policy.card.get("kind") if policy.loaded else None  # a card that failed its check names nothing
+    chosen = Kind(kind or named or Kind.RIDER_POOL.value)
     return ByKind(chosen, policy, LoadMarkup())

@@ -206,10 +206,11 @@ def train(args: TrainArgs) -> dict[str, Any]:
     from envs.evaluation import evaluate, learning_curve
 
     card: dict[str, Any] = {
-        "algo": args.algo, "scenario": args.scenario, "seed": args.seed, "timesteps": args.timesteps,
+        "algo": args.algo, "scenario": args.scenario, "seed": args.seed, "timesteps": model.num_timesteps,
+        "timesteps_requested": args.timesteps,  # PPO trains whole rollouts: n_steps x n_envs each
         "kind": args.kind, "reward": args.reward, "env": {**kwargs, "learner_id": eval_env.unwrapped.learner_id},
         "args": asdict(args), "versions": package_versions(),
-        "learn_wall_s": round(learn_s, 1), "steps_per_s": round(args.timesteps / learn_s, 1),
+        "learn_wall_s": round(learn_s, 1), "steps_per_s": round(model.num_timesteps / learn_s, 1),
     }
     (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     if args.card_episodes > 0:

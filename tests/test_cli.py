@@ -43,6 +43,7 @@ def test_simulate_table() -> None:
         (("bench", "nope"), "unknown benchmark 'nope'"),
         (("evaluate", "--policy", "README.md"), "README.md is not a policy the rl row can use (not an SB3 zip)"),
         (("train", "--scenario", "peak", "--out", "README.md"), "--out README.md is a file"),
+        (("train", "--scenario", "peak", "--out", "x", "--others", "static"), "--others static ignores price"),
     ],
 )
 def test_bad_input_is_one_readable_line(args: tuple[str, ...], expected: str) -> None:

@@ -23,7 +23,7 @@ from market.simulator import PendingRound, SimSetup, Simulator
 from policies.base import BidContext, BidDecision
 from policies.heuristic import LoadMarkup
 from policies.registry import NetworkPolicy, make_policy
-from policies.rl import OBS_DIM, RLPolicy, decode_action, encode_action, encode_obs
+from policies.rl import OBS_DIM, RLPolicy, decode_action, encode_action, encode_obs, read_card
 
 SMALL = {"scenario": "peak", "fleet": "district", "n_orders": 300}
 CLI = [sys.executable, "-m", "bidhive_cli.main"]
@@ -179,6 +179,19 @@ def test_action_and_observation_codecs_round_trip() -> None:
     assert abs(d.markup - 1.3) < 1e-6 and abs(d.holdback - 0.2) < 1e-6
 
 
+def test_a_day_the_learner_never_bids_in_resets_to_the_same_observation_whatever_ran_before() -> None:
+    """A one-order day may pass without the learner: reset must not show the last day's state."""
+    env = FulfilmentAuctionEnv(scenario="peak", fleet="district", n_orders=1)
+    seen = {}
+    for sim_seed in range(12):
+        obs, _ = env.reset(options={"sim_seed": sim_seed})
+        fresh, _ = FulfilmentAuctionEnv(scenario="peak", fleet="district", n_orders=1).reset(
+            options={"sim_seed": sim_seed})
+        assert np.array_equal(obs, fresh), sim_seed
+        seen[sim_seed] = env.context is None
+    assert any(seen.values()) and not all(seen.values()), seen  # both kinds of day were met
+
+
 def test_rl_policy_falls_back_to_the_heuristic_when_the_file_is_missing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     env = FulfilmentAuctionEnv(**SMALL)
     env.reset(seed=0)
@@ -204,6 +217,29 @@ def test_rl_policy_falls_back_when_the_file_is_incompatible(tmp_path: Path, capl
         assert len(caplog.records) == 1 and "unusable" in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("card, usable", [('[1, 2]', True), ('null', True), ('{"kind": "rider-pool"}', False),
+                                          ('{"algo": 3}', False)])
+def test_a_card_that_is_not_one_is_none_and_one_naming_the_unknown_falls_back(tmp_path: Path, card: str,
+                                                                                usable: bool) -> None:
+    """The zip itself loads. A card.json that is no JSON object is no card (the zip loads as
+    one without a card does); one that names a kind or algorithm bidhive does not know
+    cannot say how to use the policy, so the bidders stay on the heuristic, with one line.
+    Neither takes `simulate` down."""
+    from stable_baselines3 import PPO
+
+    zipped = tmp_path / "policy.zip"
+    PPO("MlpPolicy", FulfilmentAuctionEnv(**SMALL), n_steps=64, batch_size=64).save(zipped)
+    (tmp_path / "card.json").write_text(card)
+    assert RLPolicy(zipped).loaded == usable
+    args = ("simulate", "--scenario", "weekday", "--orders", "60", "--seed", "4", "--json", "--no-timing")
+    rl = subprocess.run([*CLI, *args, "--policy", f"rl:{zipped}"], capture_output=True, text=True, timeout=120)
+    assert rl.returncode == 0 and "Traceback" not in rl.stderr, rl.stderr
+    if not usable:
+        heur = subprocess.run([*CLI, *args, "--policy", "heuristic"], capture_output=True, text=True, timeout=120)
+        assert rl.stdout == heur.stdout and "bidding with the heuristic" in rl.stderr, rl.stderr
+        assert len(rl.stderr.strip().splitlines()) == 1
+
+
 def test_simulate_with_a_missing_rl_policy_runs_on_the_heuristic(tmp_path: Path) -> None:
     args = ("simulate", "--scenario", "weekday", "--orders", "120", "--seed", "4", "--json", "--no-timing")
     rl = subprocess.run([*CLI, *args, "--policy", f"rl:{tmp_path / 'missing.zip'}"], capture_output=True, text=True, timeout=120)
@@ -223,18 +259,23 @@ def test_train_and_evaluate_smoke(tmp_path: Path) -> None:
     )
     assert train.returncode == 0, train.stderr[-2000:]
     card = json.loads((out / "card.json").read_text())
-    assert card["timesteps"] == 256 and card["versions"]["stable-baselines3"]
+    from stable_baselines3 import PPO
+
+    assert card["timesteps"] == PPO.load(out / "policy.zip").num_timesteps and card["timesteps_requested"] == 256
+    assert card["versions"]["stable-baselines3"]
+    checkpoints = sorted((out / "checkpoints").glob("*.zip"))
+    assert checkpoints and all(read_card(c) == card for c in checkpoints)  # a checkpoint finds its run's card
     assert {"heuristic", "rl"} <= set(card["evaluation"]["summary"])
     assert (out / "policy.zip").is_file() and list((out / "tb").iterdir()) and (out / "learning_curve.png").is_file()
     drawn = (out / "learning_curve.png").stat().st_mtime_ns
     ev = subprocess.run(
-        [*CLI, "evaluate", "--policy", str(out / "policy.zip"), "--episodes", "2", "--rows", "heuristic,rl",
+        [*CLI, "evaluate", "--policy", str(out / "policy.zip"), "--episodes", "2", "--rows", "heuristic,rl,heuristic",
          "--workers", "1", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert ev.returncode == 0, ev.stderr[-2000:]
     report = json.loads(ev.stdout)
-    assert report["summary"]["rl"]["learner_reward"]["n"] == 2
+    assert report["summary"]["rl"]["learner_reward"]["n"] == report["summary"]["heuristic"]["learner_reward"]["n"] == 2
     assert report["paired"]["rl-heuristic"]["learner_reward"]["mean"] is not None
     assert min(report["seeds"]) >= 2**30  # held out: training draws seeds below 2**30
     assert report["learning_curve"] == str(out / "learning_curve.png")  # train's curve, not drawn again
