@@ -5,14 +5,15 @@ into the one-line message a user sees: file, key, what is wrong.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from market.types import Category
+from market.types import Category, Tier
 
 CONFIG_DIR = Path(os.environ.get("BIDHIVE_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
 
@@ -29,18 +30,53 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CityCfg(Strict):
+class Finite(Strict):
+    """Base of the market configs: NaN and infinity are errors, since numpy would spread them, not fail."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+Weight = Annotated[float, Field(ge=0)]
+W = TypeVar("W", dict[Any, float], tuple[float, ...])
+
+
+def _some_weight(weights: W) -> W:
+    """Weights are divided by their sum before `rng.choice`, so it must be positive and finite."""
+    total = sum(weights.values() if isinstance(weights, dict) else weights)
+    if total <= 0:
+        raise ValueError("needs at least one positive weight")
+    if total == math.inf:
+        raise ValueError("weights too large: their sum is infinite")
+    return weights
+
+
+def _per_hour(profile: tuple[float, ...]) -> tuple[float, ...]:
+    """The profile is repeated over the 60 minutes of each hour of one day."""
+    if len(profile) != 24:
+        raise ValueError(f"needs 24 values, one per hour (got {len(profile)})")
+    return profile
+
+
+def _every_tier(promise: dict[str, float]) -> dict[str, float]:
+    """Every order looks up its tier's promise, so a missing tier would fail mid-run."""
+    missing = [t.value for t in Tier if t.value not in promise]
+    if missing:
+        raise ValueError(f"needs a value for every tier, missing: {', '.join(missing)}")
+    return promise
+
+
+class CityCfg(Finite):
     origin_lat: float = Field(31.2304, ge=-90, le=90)
     origin_lon: float = Field(121.4737, ge=-180, le=180)
     size_km: float = Field(20.0, gt=0)
 
 
-class CatalogueCfg(Strict):
+class CatalogueCfg(Finite):
     skus: int = Field(400, ge=1, le=100_000)
-    zipf_a: float = Field(1.1, gt=0)
+    zipf_a: float = Field(1.1, gt=0, le=20)  # beyond, rare SKUs' popularity underflows to 0 and picks fail
 
 
-class AgentCfg(Strict):
+class AgentCfg(Finite):
     id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     reliability: float = Field(0.97, gt=0, le=1)
     categories: tuple[Category, ...] = (Category.AMBIENT,)
@@ -104,7 +140,7 @@ class LockerCfg(LegCfg):
     collect_mean_h: float = Field(5.0, gt=0)
 
 
-class FleetCfg(Strict):
+class FleetCfg(Finite):
     city: CityCfg = CityCfg()
     catalogue: CatalogueCfg = CatalogueCfg()
     warehouses: tuple[WarehouseCfg, ...] = Field(min_length=1)
@@ -123,7 +159,7 @@ class FleetCfg(Strict):
         return self
 
 
-class ProfileCfg(Strict):
+class ProfileCfg(Finite):
     """Score weights in money: lower score wins."""
 
     value_of_time_per_h: float = Field(ge=0)
@@ -136,13 +172,20 @@ class ProfileCfg(Strict):
     delay_mean_s: float = Field(900.0, gt=0)
 
 
-class SpikeCfg(Strict):
+class SpikeCfg(Finite):
     from_h: float = Field(ge=0, le=24)
     to_h: float = Field(ge=0, le=24)
     factor: float = Field(gt=0)
 
+    @model_validator(mode="after")
+    def _ordered(self) -> SpikeCfg:
+        """A spike covers [from_h, to_h) of one day; reversed, it would silently cover nothing."""
+        if self.to_h <= self.from_h:
+            raise ValueError("to_h must be later than from_h (a spike cannot wrap past midnight)")
+        return self
 
-class RoundCfg(Strict):
+
+class RoundCfg(Finite):
     window_s: float = Field(2.0, gt=0)
     max_batch: int = Field(64, ge=1, le=4096)
     max_attempts: int = Field(10, ge=1)
@@ -150,20 +193,20 @@ class RoundCfg(Strict):
     hold_ttl_s: float = Field(5.0, gt=0)
 
 
-class ScenarioCfg(Strict):
+class ScenarioCfg(Finite):
     name: str
     description: str = ""
     fleet: str = "default"
     profile: str = "balanced"
     payment: Literal["first_score", "second_score"] = "first_score"
     orders_per_day: int = Field(ge=1)
-    hourly_profile: tuple[float, ...] = Field(min_length=24, max_length=24)
+    hourly_profile: Annotated[tuple[Weight, ...], AfterValidator(_per_hour), AfterValidator(_some_weight)]
     spikes: tuple[SpikeCfg, ...] = ()
     vip_share: float = Field(0.1, ge=0, le=1)
-    category_mix: dict[Category, float]
+    category_mix: Annotated[dict[Category, Weight], AfterValidator(_some_weight)]
     locker_ok_share: float = Field(0.3, ge=0, le=1)
-    promise_min: dict[Literal["vip", "regular"], float]
-    channels: dict[str, float] = Field(default_factory=lambda: {"app": 1.0})
+    promise_min: Annotated[dict[Literal["vip", "regular"], Annotated[float, Field(gt=0)]], AfterValidator(_every_tier)]
+    channels: Annotated[dict[str, Weight], AfterValidator(_some_weight)] = Field(default_factory=lambda: {"app": 1.0})
     max_lines: int = Field(4, ge=1)
     max_qty: int = Field(3, ge=1)
     value_mean: float = Field(60.0, gt=0)
@@ -174,14 +217,6 @@ class ScenarioCfg(Strict):
     round: RoundCfg = RoundCfg()
     exact_every: int = Field(20, ge=0)
 
-    @model_validator(mode="after")
-    def _positive_mix(self) -> ScenarioCfg:
-        if sum(self.category_mix.values()) <= 0 or min(self.category_mix.values()) < 0:
-            raise ValueError("category_mix weights must be non-negative and not all zero")
-        if min(self.hourly_profile) < 0 or sum(self.hourly_profile) <= 0:
-            raise ValueError("hourly_profile weights must be non-negative and not all zero")
-        return self
-
 
 def _describe(err: ValidationError, most: int = 3) -> str:
     """The first few problems as 'key: reason' pairs on one line."""
@@ -190,15 +225,28 @@ def _describe(err: ValidationError, most: int = 3) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+def _read_text(path: Path) -> str:
+    """A config file's text; any path that is no readable UTF-8 file is a ConfigError saying why."""
     try:
-        return yaml.safe_load(path.read_text())
+        if not path.is_file():  # checked first, so a FIFO or device never blocks the read
+            raise ConfigError(f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    text = _read_text(path)
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise ConfigError(f"{path}: {where}: not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
 
 
 def parse_model(model: type[M], data: Any, source: str) -> M:
@@ -236,9 +284,18 @@ def load_scenario(name_or_path: str) -> ScenarioCfg:
 def _resolve_known(name_or_path: str, folder: str, what: str) -> Path:
     """`_resolve`, with the shipped names in the error when a bare name is not one of them."""
     path = _resolve(name_or_path, folder)
-    if not path.is_file() and not Path(name_or_path).suffix:
-        raise ConfigError(f"unknown {what} '{name_or_path}' (known: {', '.join(available(folder))})")
+    if not Path(name_or_path).suffix and not path.is_file():  # a path's own problems are _read_text's to say
+        raise ConfigError(f"unknown {what} '{name_or_path}' ({_known(folder)})")
     return path
+
+
+def _known(folder: str) -> str:
+    """The names a bare name could have been or, when there is no folder to hold them, which folder is missing."""
+    where = CONFIG_DIR / folder
+    if not where.is_dir():
+        missing = where if CONFIG_DIR.is_dir() else CONFIG_DIR
+        return f"config folder {missing} does not exist; BIDHIVE_CONFIG_DIR names the folder holding {folder}/"
+    return f"known: {', '.join(available(folder)) or f'none in {where}'}"
 
 
 def load_profiles(path: str | Path | None = None) -> dict[str, ProfileCfg]:

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+import market.config
 from market.config import ConfigError, available, load_fleet, load_profiles, load_scenario
+
+CONFIGS = Path(market.config.CONFIG_DIR)
 
 
 def test_shipped_configs_load() -> None:
@@ -55,3 +58,83 @@ def test_duplicate_agent_ids_rejected(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="repeated: a"):
         load_fleet(str(bad))
+
+
+def _denied(self: Path, *args: object, **kwargs: object) -> str:
+    raise PermissionError(13, "Permission denied", str(self))
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda p: p.write_bytes(b"\xfe\xff\x00journal\x93"), "not a text (UTF-8) file"),
+    (lambda p: p.mkdir(), "a folder, not a file"),
+    (lambda p: p.write_text("[" * 5000 + "]" * 5000), "not valid YAML (nested too deeply)"),
+])
+def test_unreadable_file_is_one_line(tmp_path: Path, make, expected: str) -> None:
+    bad = tmp_path / "scenario.yaml"
+    make(bad)
+    with pytest.raises(ConfigError) as err:
+        load_scenario(str(bad))
+    assert str(err.value) == f"{bad}: {expected}"
+
+
+def test_file_without_read_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("warehouses: []\n")
+    monkeypatch.setattr(Path, "read_text", _denied)  # chmod 000 does not stop root
+    with pytest.raises(ConfigError) as err:
+        load_fleet(str(bad))
+    assert str(err.value) == f"{bad}: cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ("channels: {app: 0.6, web: 0.3, marketplace: 0.1}", "channels: {}", "channels"),
+    ("channels: {app: 0.6, web: 0.3, marketplace: 0.1}", "channels: {app: 0}", "channels"),
+    ("channels: {app: 0.6, web: 0.3, marketplace: 0.1}", "channels: {app: -1, web: 2}", "channels.app"),
+    ("channels: {app: 0.6, web: 0.3, marketplace: 0.1}", "channels: {app: .inf}", "channels.app"),
+    ("promise_min: {vip: 60, regular: 150}", "promise_min: {vip: 60}", "promise_min"),
+    ("promise_min: {vip: 60, regular: 150}", "promise_min: {vip: 0, regular: 150}", "promise_min.vip"),
+    ("promise_min: {vip: 60, regular: 150}", "promise_min: {vip: 60, regular: -5}", "promise_min.regular"),
+    ("hourly_profile: [0.3,", "hourly_profile: [.nan,", "hourly_profile.0"),
+    ("hourly_profile: [0.3,", "hourly_profile: [.inf,", "hourly_profile.0"),
+    ("hourly_profile: [0.3,", "hourly_profile: [-0.3,", "hourly_profile.0"),
+    ("hourly_profile: [0.3, 0.2,", "hourly_profile: [0.3,", "hourly_profile"),
+    ("category_mix: {ambient: 0.72, chilled: 0.14,", "category_mix: {ambient: 1e308, chilled: 1e308,", "category_mix"),
+    ("vip_share: 0.1", "vip_share: 0.1\nspikes: [{from_h: 22, to_h: 2, factor: 3}]", "spikes.0"),
+    ("vip_share: 0.1", "vip_share: 0.1\nvalue_mean: .inf", "value_mean"),
+])
+def test_bad_scenario_value_names_the_field(tmp_path: Path, old: str, new: str, key: str) -> None:
+    text = (CONFIGS / "scenarios/weekday.yaml").read_text()
+    assert old in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(old, new))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(str(bad))
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: {key}: ") and "\n" not in msg
+
+
+@pytest.mark.parametrize(("old", "new", "key"), [
+    ("zipf_a: 1.1", "zipf_a: 300", "catalogue.zipf_a"),
+    ("size_km: 20", "size_km: .inf", "city.size_km"),
+    ("x_km: -8.0", "x_km: .nan", "warehouses.0.x_km"),
+])
+def test_bad_fleet_value_names_the_field(tmp_path: Path, old: str, new: str, key: str) -> None:
+    text = (CONFIGS / "fleets/default.yaml").read_text()
+    assert old in text
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as err:
+        load_fleet(str(bad))
+    assert str(err.value).startswith(f"{bad}: {key}: ")
+
+
+def test_missing_config_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(market.config, "CONFIG_DIR", tmp_path / "nope")
+    with pytest.raises(ConfigError, match=f"unknown scenario 'weekday' \\(config folder {tmp_path / 'nope'} does not"):
+        load_scenario("weekday")
+    monkeypatch.setattr(market.config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=f"unknown fleet 'default' \\(config folder {tmp_path / 'fleets'} does not"):
+        load_fleet("default")
+    (tmp_path / "fleets").mkdir()
+    with pytest.raises(ConfigError, match=f"known: none in {tmp_path / 'fleets'}"):
+        load_fleet("default")
