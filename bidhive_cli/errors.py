@@ -1,6 +1,51 @@
 """User-facing errors: every one becomes a single line and a non-zero exit."""
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 
 class UserError(ValueError):
     """A mistake in what the user asked for, not a bug: one line, exit code 2."""
+
+
+def check_png_path(path: Path, flag: str = "--plot") -> None:
+    """Where `flag` would write a PNG, checked before any work: a mistake there would
+    otherwise surface only after the run it was meant to draw, and lose it.
+
+    Raises:
+        UserError: Not a ``NAME.png``, or its folder is missing, not a folder, or not writable.
+    """
+    import os
+
+    if path.name.lower() == ".png":
+        raise UserError(f"{flag}: give the PNG a name before .png")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{flag} writes a PNG: give a file name ending in .png, not '{path.name}'")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name ending in .png")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        raise UserError(f"cannot write the plot: {file} is a file, not a folder" if file is not None
+                        else f"cannot write the plot: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write the plot: folder {folder} is not writable")
+
+
+def _warn_line(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+               line: Any = None) -> None:
+    print(f"bidhive: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Warnings (a torn journal tail) as one line each on stderr, not Python's two with a source line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _warn_line
+        yield

@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Iterator
+from typing import Annotated, Any, Optional
 
 import typer
 from typer._click.exceptions import ClickException  # typer 0.29 vendors click; its errors live here
@@ -45,7 +46,7 @@ def simulate(
     scenario: Annotated[str, typer.Option(help="Scenario name (configs/scenarios) or YAML path.")],
     policy: Annotated[str, typer.Option(help="static, truthful, heuristic or rl:PATH.")] = "heuristic",
     orders: Annotated[Optional[int], typer.Option(min=1, max=5_000_000, help="Orders in the day (default: the scenario's).")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed for demand, agents and the world.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed for demand, agents and the world.")] = 0,
     profile: Annotated[Optional[str], typer.Option(help="Strategy profile (default: the scenario's).")] = None,
     payment: Annotated[Optional[str], typer.Option(help="first_score or second_score (default: the scenario's).")] = None,
     journal: Annotated[Optional[Path], typer.Option(help="Write the auction journal to this file.")] = None,
@@ -55,21 +56,22 @@ def simulate(
 ) -> None:
     """Simulate a day of fulfilment auctions and print its KPIs."""
     sc = load_scenario(scenario)
-    rule = payment or sc.payment
+    rule = sc.payment if payment is None else payment
     if rule not in ("first_score", "second_score"):
         raise UserError(f"unknown payment rule '{rule}' (known: first_score, second_score)")
-    setup = SimSetup.build(
-        sc, make_policy(policy, rule), seed=seed, n_orders=orders,  # type: ignore[arg-type]
-        profile=load_profile(profile) if profile else None, profile_name=profile,
-        recorder=_journal_recorder(journal),
-    )
-    with _ray_bidders(policy, seed) if ray_mode else contextlib.nullcontext() as bidders:
-        sim = Simulator(setup, bidders=bidders)
-        with _progress(not json_out and sys.stderr.isatty()) as bar:
-            task = bar.add_task(f"{sc.name} / {policy}", total=len(sim.orders))
-            kpis = sim.run(lambda done, total: bar.update(task, completed=done))
-        if not timing:
-            kpis = sim.report(timing=False)
+    strategy = make_policy(policy, rule)  # type: ignore[arg-type]
+    chosen = load_profile(profile) if profile is not None else None
+    recorder = _journal_recorder(journal)
+    with _no_empty_journal(recorder, journal):
+        setup = SimSetup.build(sc, strategy, seed=seed, n_orders=orders, profile=chosen, profile_name=profile,
+                               recorder=recorder)
+        with _ray_bidders(policy, seed) if ray_mode else contextlib.nullcontext() as bidders:
+            sim = Simulator(setup, bidders=bidders)
+            with _progress(not json_out and sys.stderr.isatty()) as bar:
+                task = bar.add_task(f"{sc.name} / {policy}", total=len(sim.orders))
+                kpis = sim.run(lambda done, total: bar.update(task, completed=done))
+            if not timing:
+                kpis = sim.report(timing=False)
     if json_out:
         typer.echo(to_json(kpis))
     else:
@@ -83,6 +85,24 @@ def _ray_bidders(policy: str, seed: int):  # type: ignore[no-untyped-def]
     return ray_simulation(policy, seed)
 
 
+@contextlib.contextmanager
+def _no_empty_journal(recorder: Any, path: Path | None) -> Iterator[None]:
+    """A run that fails before its journal holds a record leaves no journal: the file would
+    only block the retry (a journal holds one run). One with records is kept: it is the
+    failed run's own record, and replay reads it."""
+    try:
+        yield
+    except BaseException:
+        if path is not None:
+            from market.journal import MAGIC
+
+            recorder.close()
+            with contextlib.suppress(OSError):
+                if path.stat().st_size <= len(MAGIC):
+                    path.unlink()
+        raise
+
+
 def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
     """The journal recorder for `--journal`, or the null recorder."""
     from market.recorder import NullRecorder
@@ -92,9 +112,11 @@ def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
     from market.journal import journal_files
     from market.journal_recorder import JournalRecorder
 
+    if path.is_dir():
+        raise UserError(f"--journal {path} is a folder: give a file name")
     try:
         journal_files(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     else:
         raise UserError(f"{path} already exists: a journal holds one run, give a new file name")

@@ -7,7 +7,6 @@ profile or order) ends as one line on stderr and a non-zero exit, never a traceb
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bidhive_cli.errors import UserError
+from bidhive_cli.errors import UserError, check_png_path, warnings_as_lines
 from bidhive_cli.output import fmt_value, stdout_console, to_json
 from market.clearing import PAYMENT_RULES
 from market.config import load_profile
@@ -32,17 +31,10 @@ KPI_ROWS = (
 )
 
 
-def _warn_line(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    """Warnings (a torn journal tail) as one line on stderr."""
-    typer.echo(f"bidhive: warning: {message}", err=True)
-
-
 @contextmanager
 def _user_facing(path: Path) -> Iterator[None]:
     """Warnings as single lines; OS errors about the journal as user errors."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _warn_line
+    with warnings_as_lines():
         try:
             yield
         except FileNotFoundError as err:
@@ -132,11 +124,11 @@ def replay(
     """Re-clear every round of an auction journal: verify it, compare a what-if, explain an order, plot KPIs."""
     if payment is not None and payment not in PAYMENT_RULES:
         raise UserError(f"unknown payment rule '{payment}' (known: {', '.join(PAYMENT_RULES)})")
-    what_if = load_profile(profile) if profile else None
-    if plot_to is not None and plot_to.suffix.lower() != ".png":
-        raise UserError(f"--plot writes a PNG: give a file name ending in .png, not '{plot_to.name}'")
-    if plot_to is not None and not plot_to.resolve().parent.is_dir():
-        raise UserError(f"cannot write the plot: folder {plot_to.resolve().parent} does not exist")
+    what_if = load_profile(profile) if profile is not None else None
+    if plot_to is not None:
+        check_png_path(plot_to)
+    if order is not None and (verify or plot_to is not None):
+        raise UserError("--order explains one order; run --verify or --plot without it")
     with _user_facing(file):
         if order is not None:
             result = explain(file, order, profile=what_if, payment=payment)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bidhive_cli.errors import UserError
+from bidhive_cli.errors import UserError, check_png_path
 from market.config import load_fleet, load_scenario
 from market.types import Kind
 
@@ -30,7 +30,7 @@ def train(
     scenario: Annotated[str, typer.Option(help="Scenario name (configs/scenarios) or YAML path.")],
     out: Annotated[Path, typer.Option(help="Run folder: policy.zip, card.json, TensorBoard logs, checkpoints.")],
     timesteps: Annotated[int, typer.Option(min=1, max=100_000_000, help="Environment steps (learner bids).")] = 40_000,
-    seed: Annotated[int, typer.Option(min=0, help="Seed for the model and every env.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the model and every env.")] = 0,
     algo: Annotated[str, typer.Option(help="ppo or sac.")] = "ppo",
     reward: Annotated[str, typer.Option(help="profit (the learner's own) or network (the fleet's cost).")] = "profit",
     kind: Annotated[str, typer.Option(help="Kind of the learning bidder.")] = Kind.RIDER_POOL.value,
@@ -55,10 +55,19 @@ def train(
         Kind(kind)
     except ValueError:
         raise UserError(f"unknown kind '{kind}' (known: {', '.join(k.value for k in Kind)})") from None
-    if peers is not None and not (peers.startswith("rl:") and Path(peers[3:]).is_file()):
-        raise UserError(f"--peers must be rl:PATH to an existing policy.zip, got '{peers}'")
+    if fleet != "scenario":
+        load_fleet(fleet)  # here, not in each training env's process
+    if peers is not None:
+        if not (peers.startswith("rl:") and Path(peers[3:]).is_file()):
+            raise UserError(f"--peers must be rl:PATH to an existing policy.zip, got '{peers}'")
+        _usable(Path(peers[3:]))
+    if not str(out).strip() or out == Path("."):
+        raise UserError("--out names the run's own folder: give a new one (not the current folder)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the run")
+    blocked = next((p for p in out.resolve().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     if out.exists() and (out / "policy.zip").exists():
         raise UserError(f"{out} already holds a trained policy: give a new --out folder")
     from policies.train import TrainArgs, train as run_training
@@ -109,15 +118,21 @@ def evaluate(
     from envs.evaluation import POLICIES, dumps, evaluate as run_eval, learning_curve, summary_table
     from policies.rl import read_card
 
+    if policy.is_dir():
+        raise UserError(f"--policy {policy} is a folder: give its policy.zip")
     if not policy.is_file():
         raise UserError(f"{policy}: file not found")
+    if plot is not None:
+        check_png_path(plot)  # before the evaluation, which a bad path would otherwise lose
     _usable(policy)
-    if scenario:
+    if scenario is not None:
         load_scenario(scenario)
     chosen = tuple(dict.fromkeys(r.strip() for r in rows.split(",") if r.strip()))  # a row twice would count twice
+    if not chosen:
+        raise UserError(f"--rows names no row (known: {', '.join(POLICIES)})")
     for r in chosen:
         _choice(r, POLICIES, "row")
-    if fleet and fleet != "scenario":
+    if fleet is not None and fleet != "scenario":
         load_fleet(fleet)
     if not read_card(policy):
         typer.echo(f"bidhive: no card.json beside {policy} (nor in the folder above): it is evaluated in the "

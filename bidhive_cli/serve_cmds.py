@@ -1,6 +1,7 @@
 """`bidhive serve`: run the HTTP service on an embedded local Ray (or RAY_ADDRESS)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from bidhive_cli.errors import UserError
+from bidhive_cli.errors import UserError, warnings_as_lines
 
 if TYPE_CHECKING:
     from serve.config import ServeCfg
@@ -22,7 +23,8 @@ def _preflight(journal: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            JournalWriter(path).close()  # recovers a torn tail, proves the lock is free
+            with warnings_as_lines():
+                JournalWriter(path).close()  # recovers a torn tail, proves the lock is free
     except JournalLocked:
         raise UserError(f"journal {path} is in use by another bidhive process") from None
     except JournalError as err:
@@ -30,6 +32,8 @@ def _preflight(journal: str) -> None:
     except OSError as err:
         raise UserError(f"journal {path}: {err.strerror or err}") from None
 
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: How long `bidhive serve` waits for a port that only closing connections hold (TCP's
 #: TIME_WAIT lasts a minute on Linux).
@@ -39,10 +43,13 @@ PORT_WAIT_S = 70.0
 def _claim_port(host: str, port: int) -> None:
     """Fails in one line, before Ray starts, on a port another process listens on; waits
     for one that only the closing connections of a service stopped moments ago hold."""
-    from serve.runner import listening, port_free, wait_port_free
+    from serve.runner import bind_error, listening, wait_port_free
 
-    if port_free(host, port):
+    err = bind_error(host, port)
+    if err is None:
         return
+    if err.errno != errno.EADDRINUSE:
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}")
     if listening(host, port):
         raise UserError(f"{host}:{port} is in use; pick another with --port")
     typer.echo(f"bidhive: {host}:{port} is held by the closing connections of a service stopped moments ago; "
@@ -85,14 +92,16 @@ def serve(
     cfg = with_env_token(cfg)  # here, so a bad one is one line before Ray starts
     _check_names(cfg)
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
+    if level not in LOG_LEVELS:
+        raise UserError(f"BIDHIVE_LOG: unknown level '{level}' (known: {', '.join(LOG_LEVELS)})")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from runtime.local_ray import clear_killed_sessions, embedded_requested
 
     if embedded_requested():
-        clear_killed_sessions()  # a killed service's replica may still hold the journal
+        clear_killed_sessions()  # a killed service's replica may still hold the journal (and the port)
+    _claim_port(listen.host, listen.port)  # first: the journal's check cuts a torn tail, a change to keep for a start
     _preflight(cfg.journal)
-    _claim_port(listen.host, listen.port)
     # Serve's own start-up lines name its proxy's port ("ready at http://127.0.0.1:29806/"),
     # not the one bidhive serves on; they show at BIDHIVE_LOG=INFO. Importing Serve sets
     # its logger up, so the level is set after that.

@@ -128,8 +128,8 @@ def with_env_token(cfg: ServeCfg) -> ServeCfg:
 class Listen(Strict):
     """Where the HTTP proxy listens (Serve's `http_options`)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, pattern=r"^\S+$")  # "" would mean every address
+    port: int = Field(8000, ge=1, le=65535)
 
 
 def load_serve_cfg(path: str | Path | None = None, **overrides: Any) -> tuple[ServeCfg, Listen]:
@@ -139,11 +139,25 @@ def load_serve_cfg(path: str | Path | None = None, **overrides: Any) -> tuple[Se
     """
     file = Path(path) if path else DEFAULT_CONFIG
     raw = _read_yaml(file)
-    if not isinstance(raw, dict) or not raw.get("applications"):
-        raise ConfigError(f"{file}: not a Serve config (no applications)")
-    args = dict(raw["applications"][0].get("args") or {})
-    http = dict(raw.get("http_options") or {})
+    apps = raw.get("applications") if isinstance(raw, dict) else None
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{file}: not a Serve config (no list of applications)")
+    args = _mapping(_mapping(apps[0], f"{file}: applications[0]").get("args"), f"{file}: applications[0].args")
+    http = _mapping(raw.get("http_options"), f"{file}: http_options")
     given = {k: v for k, v in overrides.items() if v is not None}
-    listen = parse_model(Listen, {k: given.pop(k, http.get(k, d)) for k, d in (("host", "127.0.0.1"), ("port", 8000))},
+    flags = {k: given.pop(k) for k in ("host", "port") if k in given}
+    parse_model(Listen, flags, "the command line")  # a bad flag is named as one, not as the file's
+    parse_model(ServeCfg, given, "the command line")
+    listen = parse_model(Listen, {"host": "127.0.0.1", "port": 8000, **{k: v for k, v in http.items()
+                                                                         if k in ("host", "port")}, **flags},
                          f"{file}: http_options")
     return parse_model(ServeCfg, {**args, **given}, f"{file}: applications[0].args"), listen
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """A YAML mapping as a dict (nothing there: empty); anything else is the file's mistake."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(value).__name__}")
+    return dict(value)

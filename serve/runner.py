@@ -101,13 +101,19 @@ def spare_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int
 
 def port_free(host: str, port: int) -> bool:
     """Whether `host:port` can be bound now (checked before Ray starts, for a one-line error)."""
+    return bind_error(host, port) is None
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why `host:port` cannot be bound now (in use, or an address this machine does not
+    have or cannot resolve), or None where it can."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as err:  # socket.gaierror too: a name that does not resolve
+            return err
+    return None
 
 
 def listening(host: str, port: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,26 @@ def test_simulate_table() -> None:
         (("evaluate", "--policy", "README.md"), "README.md is not a policy the rl row can use (not an SB3 zip)"),
         (("train", "--scenario", "peak", "--out", "README.md"), "--out README.md is a file"),
         (("train", "--scenario", "peak", "--out", "x", "--others", "static"), "--others static ignores price"),
+        # a run's output where a file stands, or nowhere: refused before any work, not a traceback after it
+        (("simulate", "--scenario", "weekday", "--journal", "README.md/x.bhj"), "cannot write the journal"),
+        (("simulate", "--scenario", "weekday", "--journal", "docs"), "--journal docs is a folder"),
+        (("simulate", "--scenario", "weekday", "--seed", str(2**64)), "--seed"),
+        (("replay", "README.md", "--plot", "README.md/kpis.png"), "README.md is a file, not a folder"),
+        (("replay", "README.md", "--plot", ".png"), "give the PNG a name"),
+        (("replay", "README.md", "--order", "o-1", "--verify"), "--order explains one order"),
+        (("train", "--scenario", "peak", "--out", "README.md/run"), "README.md is a file, not a folder"),
+        (("train", "--scenario", "peak", "--out", ""), "--out names the run's own folder"),
+        (("train", "--scenario", "peak", "--out", "x", "--seed", str(2**32)), "--seed"),
+        (("train", "--scenario", "peak", "--out", "x", "--fleet", "nope"), "unknown fleet 'nope'"),
+        (("train", "--scenario", "peak", "--out", "x", "--peers", "rl:README.md"), "not a policy the rl row can use"),
+        (("evaluate", "--policy", "docs"), "--policy docs is a folder"),
+        (("evaluate", "--policy", "policies/pretrained/peak/policy.zip", "--plot", "README.md/c.png"),
+         "README.md is a file, not a folder"),
+        (("evaluate", "--policy", "policies/pretrained/peak/policy.zip", "--rows", ","), "--rows names no row"),
+        # an empty value is a mistake, not the default
+        (("simulate", "--scenario", "weekday", "--profile", ""), "unknown profile ''"),
+        (("simulate", "--scenario", "weekday", "--payment", ""), "unknown payment rule ''"),
+        (("evaluate", "--policy", "policies/pretrained/peak/policy.zip", "--scenario", ""), "unknown scenario ''"),
     ],
 )
 def test_bad_input_is_one_readable_line(args: tuple[str, ...], expected: str) -> None:
@@ -52,6 +73,20 @@ def test_bad_input_is_one_readable_line(args: tuple[str, ...], expected: str) ->
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_a_run_that_fails_before_its_first_record_leaves_no_journal(tmp_path: Path) -> None:
+    """The file would only block the retry (a journal holds one run); one with records stays."""
+    from bidhive_cli.main import _journal_recorder, _no_empty_journal
+
+    for fail_after_record in (False, True):
+        path = tmp_path / f"j-{fail_after_record}.bhj"
+        recorder = _journal_recorder(path)
+        with pytest.raises(RuntimeError), _no_empty_journal(recorder, path):
+            if fail_after_record:
+                recorder.writer.append("run_started", shell="test")
+            raise RuntimeError("the run failed")
+        assert path.exists() == fail_after_record
 
 
 def test_bench_clearing_quick_prints_json() -> None:

@@ -223,6 +223,9 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
     (["--bidders", "threads"], "bidders"),
     (["--fleet", "nope"], "unknown fleet 'nope' (known: default, district, metro)"),  # before Ray starts
     (["--policy", "cheapest"], "unknown policy 'cheapest'"),
+    (["--bidders", "threads"], "the command line: bidders"),  # the flag, not the config file, is wrong
+    (["--host", ""], "the command line: host"),
+    (["--host", "192.0.2.123", "--port", "18555"], "cannot listen on 192.0.2.123:18555"),  # not this machine's
 ])
 def test_bad_serve_arguments_are_one_line_and_exit_2(args: list[str], says: str) -> None:
     run = subprocess.run([str(BIN), "serve", *args], capture_output=True, text=True, timeout=60)
@@ -236,6 +239,28 @@ def test_a_bad_token_in_the_environment_is_one_line_naming_it(token: str, says: 
     run = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 2 and "BIDHIVE_TOKEN: token:" in run.stderr and says in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and token not in run.stderr
+
+
+@pytest.mark.parametrize("text, says", [
+    ("applications: x\n", "no list of applications"),
+    ("applications: [1]\n", "applications[0]: expected a mapping"),
+    ("applications:\n  - args: [1, 2]\n", "applications[0].args: expected a mapping"),
+    ("http_options: x\napplications:\n  - args: {}\n", "http_options: expected a mapping"),
+    ("http_options:\n  port: 0\napplications:\n  - args: {}\n", "http_options: port"),
+])
+def test_a_config_file_of_the_wrong_shape_is_one_line_naming_where(tmp_path: Path, text: str, says: str) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(text)
+    run = subprocess.run([str(BIN), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+def test_an_unknown_log_level_is_one_line() -> None:
+    run = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "BIDHIVE_LOG": "chatty"})
+    assert run.returncode == 2 and "BIDHIVE_LOG: unknown level 'CHATTY'" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
 
 
 def test_a_bad_setting_in_the_config_file_is_one_line_naming_it(tmp_path: Path) -> None:
