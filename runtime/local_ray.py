@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -598,11 +599,26 @@ def start_local_ray(
     except BaseException:
         handle.shutdown(timeout_s=5.0)
         raise
+    _sigterm_to_python()
     node = ray._private.worker._global_node
     handle.address = ray.get_runtime_context().gcs_address
     handle.session_dir = node.get_session_dir_path() if node is not None else ""
     _ACTIVE = handle
     return handle
+
+
+def _sigterm_to_python() -> None:
+    """Hands SIGTERM back to Python after `ray.init`, as a SystemExit (code 143) that
+    `finally` blocks see. Ray's driver installs a C++ crash handler for it too, which
+    prints a stack dump and ends the process on the spot: a service manager's stop then
+    left the cluster's processes and temp dir to the next start. Its handlers for real
+    crashes (SIGSEGV, SIGABRT) stay."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager

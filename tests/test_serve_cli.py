@@ -186,11 +186,15 @@ def test_a_service_killed_outright_is_cleared_and_resumed_by_the_next_start(shor
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) -> None:
-    """A Ctrl-C while Ray and Serve start (here: once the replica has opened its journal)
-    ends the command at once with the shell's code for it (130), and takes down what had
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path, sig: signal.Signals,
+                                                              code: int) -> None:
+    """A Ctrl-C (SIGINT to the process group) or a service manager's stop (SIGTERM to the
+    command) while Ray and Serve start (here: once the replica has opened its journal) ends
+    the command at once with the shell's code for it (130, 143), and takes down what had
     started: no process, no Ray temp dir. Started as a background job of a script is, with
-    SIGINT ignored, which Python keeps unless told otherwise: the Ctrl-C was lost then."""
+    SIGINT ignored, which Python keeps unless told otherwise: the Ctrl-C was lost then. A
+    SIGTERM went to Ray's crash handler: a stack dump, and everything left running."""
     journal = short_tmp / "j.bhj"
     proc = _start_serve(short_tmp, "--bidders", "ray", "--fleet", "district", "--port", str(spare_port()),
                         sigint_ignored=True)
@@ -202,15 +206,18 @@ def test_ctrl_c_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path) ->
         while not journal.exists() and proc.poll() is None and time.monotonic() < end:
             time.sleep(0.02)
         assert journal.exists(), "the replica never opened its journal"
-        os.killpg(proc.pid, signal.SIGINT)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         try:
-            code = proc.wait(timeout=90)
+            exited = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            pytest.fail("still running 90 s after Ctrl-C; it said:\n" + "".join(lines)[-4000:])
+            pytest.fail(f"still running 90 s after {sig.name}; it said:\n" + "".join(lines)[-4000:])
         reader.join(10)
         said = "".join(lines)
-        assert code == 130, said
-        assert "bidhive is serving" not in said and "Traceback" not in said, said
+        assert exited == code, said
+        assert "bidhive is serving" not in said and "Traceback" not in said and "SIGTERM received" not in said, said
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
