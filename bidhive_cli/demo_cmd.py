@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import httpx
@@ -138,7 +139,7 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-async def _preflight(client: httpx.AsyncClient, url: str) -> None:
+async def _preflight(client: httpx.AsyncClient, url: str, token_given: bool) -> None:
     """Fails in one line when nothing answers at `url`, or when it wants another token."""
     try:
         health = await client.get("/healthz", timeout=5.0)
@@ -148,6 +149,8 @@ async def _preflight(client: httpx.AsyncClient, url: str) -> None:
                         f"start it with `bidhive serve` or pass --url") from None
     if health.status_code == 404 or "auctioneer" not in health.text:
         raise UserError(f"{url} answers, but it is not a bidhive service (GET /healthz: {health.status_code})")
+    if auth.status_code == 401 and token_given:
+        raise UserError(f"{url} refused the bearer token given (--token or BIDHIVE_TOKEN)")
     if auth.status_code == 401:
         raise UserError(f"{url} wants a bearer token: pass --token or set BIDHIVE_TOKEN")
 
@@ -294,12 +297,13 @@ class LiveView:
             await asyncio.sleep(0.25)
 
 
-async def _run(url: str, bodies: list[dict[str, Any]], rate: float, concurrency: int, token: str | None,
-               live: bool) -> tuple[Tally, float]:
+async def _run(url: str, make_bodies: Callable[[], list[dict[str, Any]]], rate: float, concurrency: int,
+               token: str | None, live: bool) -> tuple[Tally, float]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=_headers(token), limits=limits,
                                  timeout=httpx.Timeout(30.0, connect=5.0)) as client:
-        await _preflight(client, url)
+        await _preflight(client, url, token_given=bool(token))
+        bodies = make_bodies()  # after the check: a million bodies take half a minute to draw
         tally = Tally()
         view = LiveView(len(bodies), tally)
         console = Console(stderr=True, quiet=not live)
@@ -331,9 +335,13 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Print the KPIs as JSON.")] = False,
 ) -> None:
     """Place a stream of synthetic orders against a running service and print its KPIs."""
+    from market.config import load_fleet, load_scenario
+
     base = _base_url(url)
-    bodies = synthetic_bodies(orders, fleet, scenario, seed)
-    tally, wall_s = asyncio.run(_run(base, bodies, rate, concurrency, token, sys.stderr.isatty()))
+    load_fleet(fleet)  # a misspelt name first, then the service, then the orders
+    load_scenario(scenario)
+    tally, wall_s = asyncio.run(_run(base, lambda: synthetic_bodies(orders, fleet, scenario, seed), rate, concurrency,
+                                     token, sys.stderr.isatty()))
     result = kpis(tally, wall_s)
     if json_out:
         typer.echo(to_json(result))

@@ -21,7 +21,7 @@ from bidhive_cli.errors import UserError, check_png_path, warnings_as_lines
 from bidhive_cli.output import fmt_value, stdout_console, to_json
 from market.clearing import PAYMENT_RULES
 from market.config import load_profile
-from market.journal import JournalError
+from market.journal import MAGIC, JournalError
 from market.replay import ReplayError, ReplayReport, explain, plot, replay as run_replay
 
 KPI_ROWS = (
@@ -129,6 +129,9 @@ def replay(
         check_png_path(plot_to)
     if order is not None and (verify or plot_to is not None):
         raise UserError("--order explains one order; run --verify or --plot without it")
+    if file.is_file() and file.stat().st_size < len(MAGIC):  # a header torn at creation: no run to warn about
+        raise UserError(f"{file}: {'empty' if not file.stat().st_size else 'too short'} (no journal header): "
+                        "nothing to replay")
     with _user_facing(file):
         if order is not None:
             result = explain(file, order, profile=what_if, payment=payment)

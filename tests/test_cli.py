@@ -89,6 +89,13 @@ def test_a_run_that_fails_before_its_first_record_leaves_no_journal(tmp_path: Pa
         assert path.exists() == fail_after_record
 
 
+def test_an_empty_journal_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.bhj").write_bytes(b"")
+    out = bidhive("replay", str(tmp_path / "empty.bhj"))
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"bidhive: {tmp_path / 'empty.bhj'}: empty (no journal header): nothing to replay"], out.stderr
+
+
 def test_bench_clearing_quick_prints_json() -> None:
     out = bidhive("bench", "clearing", "--quick")
     assert out.returncode == 0, out.stderr

@@ -1,8 +1,13 @@
 """`bidhive demo`: one readable line when no service listens; bodies the service accepts; KPI arithmetic."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,6 +26,51 @@ def test_demo_without_a_service_is_one_line_and_exit_2() -> None:
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the bidhive service" in lines[0] and url in lines[0], out.stderr
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "BIDHIVE_TOKEN"}
+    return subprocess.run([sys.executable, "-m", "bidhive_cli.main", "demo", *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_a_million_orders_against_no_service_fail_at_once() -> None:
+    """The service is looked for before a million bodies are drawn (half a minute)."""
+    started = time.monotonic()
+    out = _demo("--url", f"http://127.0.0.1:{spare_port()}", "--orders", "1000000")
+    assert out.returncode == 2 and "cannot reach" in out.stderr and time.monotonic() - started < 20, out.stderr
+
+
+class _Guarded(BaseHTTPRequestHandler):
+    """A bidhive-like service that wants a token nobody has."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        ok = self.path == "/healthz"
+        body = b'{"status":"ok","auctioneer":"running"}' if ok else b'{"detail":"missing or wrong bearer token"}'
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def guarded() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_missing_token_and_a_refused_one_are_told_apart(guarded: str) -> None:
+    none = _demo("--url", guarded, "--orders", "5")
+    wrong = _demo("--url", guarded, "--orders", "5", "--token", "not-the-token")
+    assert none.returncode == 2 and "wants a bearer token: pass --token" in none.stderr, none.stderr
+    assert wrong.returncode == 2 and "refused the bearer token given" in wrong.stderr, wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("fleet", ["default", "metro"])
