@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bidhive_cli.errors import UserError, check_png_path
+from bidhive_cli.errors import UserError, check_png_path, warnings_as_lines
 from market.config import load_fleet, load_scenario
 from market.types import Kind
 
@@ -35,7 +35,8 @@ def train(
     reward: Annotated[str, typer.Option(help="profit (the learner's own) or network (the fleet's cost).")] = "profit",
     kind: Annotated[str, typer.Option(help="Kind of the learning bidder.")] = Kind.RIDER_POOL.value,
     fleet: Annotated[str, typer.Option(help="Fleet to train in ('scenario' for the scenario's own).")] = "district",
-    orders: Annotated[int, typer.Option(min=1, max=5_000_000, help="Orders in a training day (4,300 suits the district fleet; about 30,000 for --fleet scenario).")] = 4300,
+    orders: Annotated[Optional[int], typer.Option(min=1, max=5_000_000, help="Orders in a training day (default 4,300, which suits the district fleet; about 30,000 for --fleet scenario; with --journal, all of its orders).")] = None,
+    journal: Annotated[Optional[Path], typer.Option(help="Trace-driven: every training day replays this journal's orders (real demand) instead of the scenario's generator.")] = None,
     others: Annotated[str, typer.Option(help="Policy of the other bidders: heuristic or truthful.")] = "heuristic",
     peers: Annotated[Optional[str], typer.Option(help="rl:PATH: the other bidders of the learner's kind bid with this frozen policy (self-play).")] = None,
     n_envs: Annotated[int, typer.Option(min=1, max=16, help="Parallel training envs.")] = 2,
@@ -70,11 +71,15 @@ def train(
         raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     if out.exists() and (out / "policy.zip").exists():
         raise UserError(f"{out} already holds a trained policy: give a new --out folder")
-    from policies.train import TrainArgs, train as run_training
+    if journal is not None:
+        _demand_in(journal)
+    from policies.train import DEFAULT_ORDERS, TrainArgs, train as run_training
 
     args = TrainArgs(
         scenario=scenario, timesteps=timesteps, out=str(out), seed=seed, algo=algo, reward=reward,  # type: ignore[arg-type]
-        kind=kind, fleet=None if fleet == "scenario" else fleet, n_orders=orders, others=others, peers=peers, n_envs=n_envs,
+        kind=kind, fleet=None if fleet == "scenario" else fleet, others=others, peers=peers, n_envs=n_envs,
+        n_orders=orders if orders is not None or journal is not None else DEFAULT_ORDERS,
+        journal=str(journal.resolve()) if journal is not None else None,
         eval_every=eval_every, card_episodes=card_episodes, progress=progress and sys.stderr.isatty(),
     )
     card = run_training(args)
@@ -82,6 +87,22 @@ def train(
     (out / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     typer.echo(json.dumps({k: card[k] for k in ("algo", "scenario", "seed", "timesteps", "learn_wall_s", "wall_s")}, sort_keys=True))
     typer.echo(f"wrote {out / 'policy.zip'}, {out / 'card.json'}, {out / 'learning_curve.png'}")
+
+
+def _demand_in(journal: Path) -> None:
+    """A journal a training day can replay: readable, and holding orders."""
+    from envs.fulfilment import orders_from_journal
+    from market.journal import JournalError
+
+    if not journal.is_file():
+        raise UserError(f"--journal {journal}: {'a folder, not a journal' if journal.is_dir() else 'file not found'}")
+    try:
+        with warnings_as_lines():
+            found = orders_from_journal(journal)
+    except (JournalError, OSError) as err:
+        raise UserError(f"--journal {journal}: {err}") from None
+    if not found:
+        raise UserError(f"--journal {journal} holds no orders to train on")
 
 
 def _usable(policy: Path) -> None:
@@ -134,6 +155,9 @@ def evaluate(
         _choice(r, POLICIES, "row")
     if fleet is not None and fleet != "scenario":
         load_fleet(fleet)
+    trace = (read_card(policy).get("env") or {}).get("journal")
+    if trace and not Path(trace).is_file():
+        raise UserError(f"{policy} was trained on the orders of the journal {trace}, which is not there now")
     if not read_card(policy):
         typer.echo(f"bidhive: no card.json beside {policy} (nor in the folder above): it is evaluated in the "
                    "default env, which may not be the one it was trained in", err=True)

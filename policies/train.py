@@ -47,6 +47,7 @@ class TrainArgs:
     n_orders: int | None = DEFAULT_ORDERS
     others: str = "heuristic"
     peers: str | None = None  # rl:PATH: the learner's own kind bids with a frozen earlier policy (self-play)
+    journal: str | None = None  # a journal whose orders are every training day's demand (trace-driven)
     holdback: bool = True
     n_envs: int = 2
     vec: Literal["dummy", "subproc"] = "subproc"
@@ -60,7 +61,8 @@ class TrainArgs:
         """Arguments of `bidhive/FulfilmentAuction-v0` for this run."""
         kw = {"scenario": self.scenario, "n_orders": self.n_orders, "fleet": self.fleet, "kind": self.kind,
               "reward": self.reward, "others": self.others, "holdback": self.holdback}
-        return {**kw, "peers": self.peers} if self.peers else kw
+        extra = {"peers": self.peers, "journal": self.journal}
+        return {**kw, **{k: v for k, v in extra.items() if v}}
 
 
 def package_versions() -> dict[str, str]:

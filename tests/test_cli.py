@@ -57,6 +57,8 @@ def test_simulate_table() -> None:
         (("train", "--scenario", "peak", "--out", "x", "--seed", str(2**32)), "--seed"),
         (("train", "--scenario", "peak", "--out", "x", "--fleet", "nope"), "unknown fleet 'nope'"),
         (("train", "--scenario", "peak", "--out", "x", "--peers", "rl:README.md"), "not a policy the rl row can use"),
+        (("train", "--scenario", "peak", "--out", "x", "--journal", "README.md"), "README.md is not a bidhive journal"),
+        (("train", "--scenario", "peak", "--out", "x", "--journal", "docs"), "--journal docs: a folder"),
         (("evaluate", "--policy", "docs"), "--policy docs is a folder"),
         (("evaluate", "--policy", "policies/pretrained/peak/policy.zip", "--plot", "README.md/c.png"),
          "README.md is a file, not a folder"),

@@ -309,6 +309,29 @@ def test_env_draws_its_order_stream_from_a_journal(tmp_path: Path) -> None:
     assert info["kpis"]["orders"] == 100
 
 
+def test_train_from_a_journal_and_evaluate_on_its_demand(tmp_path: Path) -> None:
+    """`bidhive train --journal`: every day replays the journal's orders, all of them by
+    default; the card names the journal, so `evaluate` replays the same demand."""
+    journal, out = tmp_path / "day.bhj", tmp_path / "run"
+    sim = subprocess.run([*CLI, "simulate", "--scenario", "peak", "--orders", "200", "--journal", str(journal),
+                          "--json", "--no-timing"], capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    train = subprocess.run([*CLI, "train", "--scenario", "peak", "--journal", str(journal), "--timesteps", "128",
+                            "--out", str(out), "--n-envs", "1", "--eval-every", "128", "--card-episodes", "1",
+                            "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["env"]["journal"] == str(journal.resolve()) and card["env"]["n_orders"] is None
+    ev = subprocess.run([*CLI, "evaluate", "--policy", str(out / "policy.zip"), "--episodes", "1", "--rows", "rl",
+                         "--workers", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(ev.stdout)["env"]["journal"] == str(journal.resolve())
+    journal.unlink()
+    gone = subprocess.run([*CLI, "evaluate", "--policy", str(out / "policy.zip"), "--episodes", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 2 and "which is not there now" in gone.stderr, gone.stderr
+
+
 def test_self_play_peers_bid_with_the_shipped_policy() -> None:
     """With peers=rl:PATH the other rider pool bids with the policy; the learner still follows the env."""
     pretrained = Path(__file__).resolve().parents[1] / "policies" / "pretrained" / "peak" / "policy.zip"
