@@ -236,6 +236,10 @@ class JournalRecorder:
         idempotency key and body hash), so the record that accepts it also carries them."""
         self._order_tags[order_id] = fields
 
+    def untag_order(self, order_id: str) -> None:
+        """Forgets `tag_order`'s fields for an order that will not be journaled after all."""
+        self._order_tags.pop(order_id, None)
+
     def order_received(self, order: Order, now: float) -> None:
         """Journals an order in full, before any bidder is asked about it."""
         if not self._started:

@@ -182,6 +182,22 @@ class AuctioneerHost:
             self._wake.notify()
         return fut
 
+    def withdraw(self, order_id: str) -> bool:
+        """Takes an order back out of the inbox, if the loop has not taken it in yet (nor
+        journaled it); whether it did. A caller that could not tell its client the order
+        was accepted makes "not accepted" true this way."""
+        with self._wake:
+            for i, (orders, alone) in enumerate(self._inbox):
+                kept = [o for o in orders if o.order_id != order_id]
+                if len(kept) < len(orders):
+                    if kept:
+                        self._inbox[i] = (kept, alone)
+                    else:
+                        del self._inbox[i]
+                    self._submitted -= len(orders) - len(kept)
+                    return True
+        return False
+
     @property
     def alive(self) -> bool:
         """The round loop is running and has not failed."""

@@ -392,7 +392,8 @@ class OrderDesk:
         it takes it in, which a long round may delay past the answer's timeout.
 
         Returns:
-            False when the loop stopped, or did not take the order in `timeout_s`, or the
+            False when the loop stopped, or did not take the order in `timeout_s` (it is
+            then taken back out of the inbox, so it is not traded later either), or the
             journal closed with it unsynced: the order is not known to be on disk, and the
             client must not be told it was accepted.
         """
@@ -403,9 +404,26 @@ class OrderDesk:
                 journaled = self.index.knows(order_id)
             if journaled:
                 return self._synced()
-            if stopped or time.monotonic() >= end:
+            if stopped:
                 return False
+            if time.monotonic() >= end:
+                if self._withdraw(order_id):
+                    return False
+                end = time.monotonic() + timeout_s  # taken in just now: it is being journaled
             time.sleep(0.005)
+
+    def _withdraw(self, order_id: str) -> bool:
+        """Takes back an order the loop has not taken in, as if it had never been placed:
+        its key is free again, and it no longer counts as open."""
+        with self._lock:
+            if not self.host.withdraw(order_id):
+                return False
+            waiter = self._waiters.pop(order_id, None)
+            self._open -= 1
+            if waiter is not None and waiter[2] is not None:
+                self.idem.release(waiter[2])
+            self.recorder.untag_order(order_id)
+            return True
 
     def _synced(self) -> bool:
         """Syncs the journal. On a journal closed meanwhile (the keeper restarted this desk)

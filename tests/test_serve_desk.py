@@ -318,6 +318,27 @@ def test_a_pending_answer_waits_until_the_order_is_in_the_journal(tmp_path: Path
         desk.close()
 
 
+def test_an_order_not_taken_in_by_the_answers_deadline_is_taken_back(tmp_path: Path) -> None:
+    """"Not accepted; retry" must be true: an order still in the inbox when `sync` gives up
+    is withdrawn, so it is never traded later (a retry without a key would trade it twice),
+    its key is free for the retry, and it no longer counts as open."""
+    journal = tmp_path / "j.bhj"
+    desk = OrderDesk(_cfg(journal))
+    try:
+        go_on = _stall(desk)
+        body = {**BODY, "customer_id": "c-slow"}
+        placed = desk.place(OrderIn.model_validate(body), body_hash(body), "k-slow")
+        assert desk.sync(placed.order_id, timeout_s=0.2) is False
+        go_on.set()
+        retried = _place(desk, 1, key="k-slow", customer_id="c-slow")  # the retry is a new order, not a 409
+        assert retried["order_id"] != placed.order_id and retried["status"] in ("awarded", "unfulfilled")
+        assert desk.host.wait_idle(30) and desk._open == 0
+    finally:
+        desk.close()
+    received = [r["order_id"] for r in read_journal(journal) if r["type"] == "order_received"]
+    assert received == [retried["order_id"]], received
+
+
 def test_a_generated_id_skips_one_a_client_chose_that_is_not_journaled_yet(tmp_path: Path) -> None:
     desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
     try:
