@@ -62,6 +62,7 @@ def train(
         if not (peers.startswith("rl:") and Path(peers[3:]).is_file()):
             raise UserError(f"--peers must be rl:PATH to an existing policy.zip, got '{peers}'")
         _usable(Path(peers[3:]))
+        peers = f"rl:{Path(peers[3:]).resolve()}"  # the card names it so that evaluate finds it from anywhere
     if not str(out).strip() or out == Path("."):
         raise UserError("--out names the run's own folder: give a new one (not the current folder)")
     if out.exists() and not out.is_dir():

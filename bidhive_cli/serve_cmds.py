@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -20,11 +21,16 @@ def _preflight(journal: str) -> None:
     from market.journal import JournalError, JournalLocked, JournalWriter
 
     path = Path(journal)
+    blocked = next((p for p in path.resolve().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"journal {path}: {blocked} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             with warnings_as_lines():
                 JournalWriter(path).close()  # recovers a torn tail, proves the lock is free
+        else:
+            _can_create_in(path.parent)
     except JournalLocked:
         raise UserError(f"journal {path} is in use by another bidhive process") from None
     except JournalError as err:
@@ -34,6 +40,15 @@ def _preflight(journal: str) -> None:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+def _can_create_in(folder: Path) -> None:
+    """Fails in one line where the replica could not create the journal."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".bidhive-probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot create the journal in {folder}: {err.strerror or err}") from None
+
 
 #: How long `bidhive serve` waits for a port that only closing connections hold (TCP's
 #: TIME_WAIT lasts a minute on Linux).

@@ -233,6 +233,8 @@ def test_a_stop_during_start_up_aborts_it_and_leaves_nothing(short_tmp: Path, si
     (["--bidders", "threads"], "the command line: bidders"),  # the flag, not the config file, is wrong
     (["--host", ""], "the command line: host"),
     (["--host", "192.0.2.123", "--port", "18555"], "cannot listen on 192.0.2.123:18555"),  # not this machine's
+    (["--journal", "README.md/j.bhj"], "README.md is a file, not a folder"),
+    (["--journal", "/proc/j.bhj"], "cannot create the journal in /proc"),
 ])
 def test_bad_serve_arguments_are_one_line_and_exit_2(args: list[str], says: str) -> None:
     run = subprocess.run([str(BIN), "serve", *args], capture_output=True, text=True, timeout=60)
