@@ -49,3 +49,19 @@ def warnings_as_lines() -> Iterator[None]:
         warnings.simplefilter("always")
         warnings.showwarning = _warn_line
         yield
+
+
+@contextlib.contextmanager
+def exit_143_when_terminated() -> Iterator[None]:
+    """A SIGTERM while an embedded Ray runs (`runtime.local_ray.Terminated`, a kind of
+    KeyboardInterrupt that typer would report as 130) ends the command with 143, the
+    shell's code for it, once the cleanup it raised through has run."""
+    from runtime.local_ray import Terminated
+
+    try:
+        yield
+    except Terminated:
+        import typer
+
+        print("bidhive: terminated", file=sys.stderr)
+        raise typer.Exit(143) from None

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -12,7 +12,7 @@ from typer._click.exceptions import ClickException  # typer 0.29 vendors click; 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.registry import BENCHMARKS
-from bidhive_cli.errors import UserError
+from bidhive_cli.errors import UserError, exit_143_when_terminated
 from bidhive_cli.output import print_kpis, to_json
 from bidhive_cli.replay_cmd import USER_ERRORS as REPLAY_ERRORS
 from bidhive_cli.replay_cmd import replay
@@ -62,7 +62,7 @@ def simulate(
     strategy = make_policy(policy, rule)  # type: ignore[arg-type]
     chosen = load_profile(profile) if profile is not None else None
     recorder = _journal_recorder(journal)
-    with _no_empty_journal(recorder, journal):
+    with _no_empty_journal(recorder, journal), exit_143_when_terminated():
         setup = SimSetup.build(sc, strategy, seed=seed, n_orders=orders, profile=chosen, profile_name=profile,
                                recorder=recorder)
         with _ray_bidders(policy, seed) if ray_mode else contextlib.nullcontext() as bidders:
@@ -96,8 +96,8 @@ def _no_empty_journal(recorder: Any, path: Path | None) -> Iterator[None]:
         if path is not None:
             from market.journal import MAGIC
 
-            recorder.close()
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # the run's own error is the one to show
+                recorder.close()
                 if path.stat().st_size <= len(MAGIC):
                     path.unlink()
         raise

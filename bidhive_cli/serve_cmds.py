@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from bidhive_cli.errors import UserError, warnings_as_lines
+from bidhive_cli.errors import UserError, exit_143_when_terminated, warnings_as_lines
 
 if TYPE_CHECKING:
     from serve.config import ServeCfg
@@ -107,7 +107,7 @@ def serve(
     cfg = with_env_token(cfg)  # here, so a bad one is one line before Ray starts
     _check_names(cfg)
     level = os.environ.get("BIDHIVE_LOG", "WARNING").upper()
-    if level not in LOG_LEVELS:
+    if not isinstance(logging.getLevelName(level), int):  # every name logging takes (WARN, NOTSET too)
         raise UserError(f"BIDHIVE_LOG: unknown level '{level}' (known: {', '.join(LOG_LEVELS)})")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,7 +124,8 @@ def serve(
 
     logging.getLogger("ray.serve").setLevel(level)
     try:
-        run_service(cfg, listen, say=typer.echo)
+        with exit_143_when_terminated():
+            run_service(cfg, listen, say=typer.echo)
     except ServiceStartError as err:  # not the user's mistake (exit 1), but one readable line all the same
         typer.echo(f"bidhive: {err}", err=True)
         raise typer.Exit(1) from None

@@ -44,6 +44,7 @@ OBS_DIM = len(OBS_NAMES)
 OBS_LOW = np.array([0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32)
 OBS_HIGH = np.ones(OBS_DIM, dtype=np.float32)
 
+CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoint zips (`policies.train`)
 MARKUP_RANGE = (1.0, 3.0)  # a learned bidder never sells below cost; 3.0 is policies.base.MAX_MARKUP
 HOLDBACK_MAX = 0.5
 ROUND_SIZE_SCALE = 64.0
@@ -99,17 +100,19 @@ def encode_action(decision: BidDecision, holdback: bool = True) -> np.ndarray:
 
 
 def read_card(policy_path: str | Path) -> dict[str, Any]:
-    """The `card.json` of a policy zip: beside it, else in the folder above, where
-    `bidhive train` writes it for the run's checkpoints (``OUT/checkpoints/*.zip``);
-    {} when there is none, or it is unreadable or not a JSON object."""
+    """The `card.json` of a policy zip: beside it, or for a checkpoint of a run
+    (``OUT/checkpoints/*.zip``, as `bidhive train` writes them) the run's own; {} when
+    there is none, or it is unreadable or not a JSON object. No other folder's card is
+    taken: it would describe another policy."""
     here = Path(policy_path).parent
-    for card in (here / "card.json", here.parent / "card.json"):
-        try:
-            found = json.loads(card.read_text())
-        except (OSError, ValueError):
-            continue
-        return found if isinstance(found, dict) else {}
-    return {}
+    card = here / "card.json"
+    if not card.exists() and here.name == CHECKPOINTS:
+        card = here.parent / "card.json"
+    try:
+        found = json.loads(card.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _check_card(card: dict[str, Any]) -> None:

@@ -26,6 +26,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
+from policies.rl import CHECKPOINTS
+
 
 DEFAULT_FLEET = "district"  # 9 bidders, ~1/7 of the city's last-mile capacity (configs/fleets/district.yaml)
 DEFAULT_ORDERS = 4300  # a peak-profile day as capacity-bound for the district as 30,000 are for the city
@@ -133,7 +135,7 @@ def make_callbacks(args: TrainArgs, out: Path, eval_env: Any) -> list[Any]:
     every = max(1, args.eval_every // args.n_envs)
     return [
         Charts(),
-        CheckpointCallback(save_freq=every, save_path=str(out / "checkpoints"), name_prefix="policy"),
+        CheckpointCallback(save_freq=every, save_path=str(out / CHECKPOINTS), name_prefix="policy"),
         EvalCallback(eval_env, n_eval_episodes=args.eval_episodes, eval_freq=every, log_path=str(out / "eval"),
                      best_model_save_path=None, deterministic=True, verbose=0),
     ]

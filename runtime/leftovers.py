@@ -26,7 +26,7 @@ from pathlib import Path
 
 from runtime.owner import Owner, all_pids, proc_cmdline, proc_name, process_start, read_owner, wait_gone
 
-__all__ = ["AUTH_TOKEN_FILE", "RAY_OWNER", "RAY_TEMP_PREFIX", "SESSION_ENV", "claim_dead_dirs",
+__all__ = ["AUTH_TOKEN_FILE", "RAY_OWNER", "RAY_TEMP_PREFIX", "SESSION_ENV", "claim", "claim_dead_dirs", "dead_dirs",
            "reap_dead_ray_sessions", "session_processes"]
 
 logger = logging.getLogger(__name__)
@@ -55,19 +55,32 @@ def claim_dead_dirs(root: str | Path, prefix: str, owner_file: str,
     or one whose owner file was written for another dir. A dir an earlier start claimed
     is claimed again once that start is gone too (it was killed part way).
     """
+    for path, owner, name in dead_dirs(root, prefix, owner_file):
+        if wanted(owner) and (claimed := claim(path, name)) is not None:
+            yield claimed, owner, name
+
+
+def dead_dirs(root: str | Path, prefix: str, owner_file: str) -> Iterator[tuple[Path, Owner, str]]:
+    """`claim_dead_dirs` without the claim: for a caller that must do something first (take
+    the lock of what the dir belongs to) and then `claim` the dir itself."""
     for path in sorted(Path(root).glob(f"{prefix}*")):
         name, _, claimer = path.name.partition(_CLAIMED)
         if claimer and (not claimer.isdigit() or process_start(int(claimer)) is not None):
             continue
         owner = read_owner(path, owner_file) if _ours(path, owner_file) else None
-        if owner is None or owner.dir_name != name or not owner.dead() or not wanted(owner):
-            continue
-        claimed = path.with_name(f"{name}{_CLAIMED}{os.getpid()}")
-        try:
-            path.rename(claimed)
-        except OSError:  # another start took it first
-            continue
-        yield claimed, owner, name
+        if owner is not None and owner.dir_name == name and owner.dead():
+            yield path, owner, name
+
+
+def claim(path: Path, name: str) -> Path | None:
+    """Renames a dead dir found by `dead_dirs` to this process's claim; None where another
+    start claimed it first (a rename is atomic: one of them wins)."""
+    claimed = path.with_name(f"{name}{_CLAIMED}{os.getpid()}")
+    try:
+        path.rename(claimed)
+    except OSError:
+        return None
+    return claimed
 
 
 def _ours(path: Path, owner_file: str) -> bool:

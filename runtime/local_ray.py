@@ -46,6 +46,7 @@ __all__ = [
     "ListeningSocket",
     "LocalRay",
     "SocketAddress",
+    "Terminated",
     "clear_killed_sessions",
     "embedded_requested",
     "is_loopback",
@@ -404,6 +405,7 @@ class LocalRay:
     session_dir: str
     _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
     _saved_cluster_flag: bool | None = field(default=None, repr=False)
+    _saved_sigterm: Any = field(default=None, repr=False)
     closed: bool = False
 
     def pids(self, include_driver: bool = True) -> set[int]:
@@ -462,6 +464,10 @@ class LocalRay:
                 os.environ[key] = value
         if self._saved_cluster_flag is not None:
             _set_cluster_flag(self._saved_cluster_flag)
+        main = threading.current_thread() is threading.main_thread()
+        if main and self._saved_sigterm is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, self._saved_sigterm)  # a handler set since (the service's) stays
+        self._saved_sigterm = None
         _refresh_auth_state()
         self._saved_env = {}
         self._saved_cluster_flag = None
@@ -599,26 +605,33 @@ def start_local_ray(
     except BaseException:
         handle.shutdown(timeout_s=5.0)
         raise
-    _sigterm_to_python()
     node = ray._private.worker._global_node
     handle.address = ray.get_runtime_context().gcs_address
     handle.session_dir = node.get_session_dir_path() if node is not None else ""
     _ACTIVE = handle
+    handle._saved_sigterm = _sigterm_to_python()  # last: from here on the handle's cleanup is reachable
     return handle
 
 
-def _sigterm_to_python() -> None:
-    """Hands SIGTERM back to Python after `ray.init`, as a SystemExit (code 143) that
-    `finally` blocks see. Ray's driver installs a C++ crash handler for it too, which
-    prints a stack dump and ends the process on the spot: a service manager's stop then
-    left the cluster's processes and temp dir to the next start. Its handlers for real
-    crashes (SIGSEGV, SIGABRT) stay."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is while an embedded cluster runs. A kind of
+    KeyboardInterrupt, so what stops cleanly on Ctrl-C (the start-up's cleanup, pytest)
+    stops on it too; the CLI exits 143 on it."""
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+def _sigterm_to_python() -> Any:
+    """Hands SIGTERM back to Python after `ray.init` (as `Terminated`); returns the handler
+    it replaces, or None off the main thread. Ray's driver installs a C++ crash handler for
+    it too, which prints a stack dump and ends the process on the spot: a service
+    manager's stop then left the cluster's processes and temp dir to the next start. Its
+    handlers for real crashes (SIGSEGV, SIGABRT) stay."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import asyncio
 import email.message
 import hmac
 import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from runtime.gc_pauses import bound_gc_pauses
 from runtime.local_ray import keep_replica_grpc_on_loopback
-from serve.config import ServeCfg, with_env_token
+from serve.config import TOKEN_ENV, ServeCfg, with_env_token
 from serve.desk import DeskError, OrderDesk
 from serve.idempotency import body_hash
 from serve.keeper import DeskKeeper
@@ -230,7 +231,9 @@ class BidhiveIngress:
     def __init__(self, cfg: ServeCfg) -> None:
         keep_replica_grpc_on_loopback()  # `serve run` workers lack bidhive serve's preload
         Limits.max_body_bytes = cfg.max_body_bytes
-        Limits.token = cfg.token  # `build` took it from BIDHIVE_TOKEN where the config had none
+        # `build` took it from BIDHIVE_TOKEN where the config had none; the replica's own
+        # variable still counts (`serve run` may give it to the replicas only)
+        Limits.token = cfg.token or os.environ.get(TOKEN_ENV) or None
         self.cfg = cfg
         self.keeper = DeskKeeper(cfg)
         bound_gc_pauses()  # the replica is set up: later full collections walk only what is new

@@ -49,7 +49,7 @@ from agents.base import Agent
 from agents.durable import NOT_STATE, SnapshotStore
 from market.config import FleetCfg
 from market.journal import JournalLocked, JournalWriter, journal_files, journal_head, sync_dir
-from runtime.leftovers import claim_dead_dirs
+from runtime.leftovers import claim, dead_dirs
 from runtime.owner import Owner, read_owner, write_owner
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, SERVICE_PROCESS_ENV
 
@@ -71,7 +71,7 @@ SAVED_BY = {
     "stop": "the state saved at the last stop",
     "cut_short": "the state the bidders had when the last stop was cut short, saved once they were gone",
     "replica_died": "the state the bidders had when the service's replica died, saved by the next fleet",
-    "killed": "the state the bidders had when the service was killed, saved by a later start on the journal",
+    "killed": "the state the bidders had when the service was killed, saved by a later start",
 }
 
 
@@ -227,52 +227,67 @@ def rescue_dead_fleets(root: str | Path) -> list[str]:
     A service killed with SIGKILL (or by the OOM killer) saves nothing and leaves its
     bidders' snapshots in `root` (``/dev/shm``: memory). Those hold every commit its
     journal holds, as at a clean stop (`save_after_kill`), so the next start on that
-    journal resumes them. The journal's torn last record, if any, is cut first, as the
-    next writer would cut it, and the journal stays locked until the save is done, so the
-    saved extent is the one that writer finds. A journal some live service holds has moved
-    on from the dead fleet: its dir is only removed. Dead fleets of other journals are
-    saved beside theirs too, so memory is not held until a start on that journal that may
-    never come. One whose journal is not there is only removed: the next start on a
-    journal that comes back (a folder mounted again) takes a new fleet, as after a reboot.
-    One whose journal cannot be looked at (an unreadable folder) is left for later.
+    journal resumes them. Any start saves them, so memory is not held until a start on
+    that journal that may never come. The journal's lock is taken before the dir is
+    claimed and held until the save is done: a start on that journal meanwhile waits for
+    it, or finds the saved fleet, never a claimed dir without its save. Its torn last
+    record, if any, is cut first, as the next writer would cut it, so the saved extent is
+    the one that writer finds. A dir whose journal a live service holds is left to a later
+    start; one whose journal is certainly gone (its folder is there, the file is not) is
+    only removed; one whose journal cannot be seen (an unmounted or unreadable folder) is
+    left for later.
     """
     saved: list[str] = []
     try:
-        for path, owner, name in claim_dead_dirs(root, FLEET_DIR_PREFIX, OWNER,
-                                                 lambda owner: _theirs(owner) != ""):
+        for path, owner, name in dead_dirs(root, FLEET_DIR_PREFIX, OWNER):
             theirs = _theirs(owner)
             try:
-                if theirs and _save_dead(path, Path(theirs), owner):
+                if theirs is None:  # nothing could ever resume it
+                    _remove(claim(path, name))
+                elif theirs and _save_dead(path, name, Path(theirs), owner):
                     logger.warning("saved the bidders' state a killed service (pid %d) left in %s beside %s",
                                    owner.pid, name, theirs)
                     saved.append(name)
             except Exception:  # noqa: BLE001 - that journal's next start takes a new fleet
                 logger.exception("the state a killed service's bidders left in %s could not be saved", name)
-            finally:
-                shutil.rmtree(path, ignore_errors=True)
     except Exception:  # noqa: BLE001 - what is left stays for a later start
         logger.exception("could not look for the fleets killed services left in %s", root)
     return saved
 
 
 def _theirs(owner: Owner) -> str | None:
-    """The journal a dead fleet's dir names; None where it is not there, "" where that
-    cannot be told (no journal named, or an error looking at it)."""
+    """The journal a dead fleet's dir names, if it is there; None where it is certainly
+    gone (its folder is there, the file is not); "" where that cannot be told (no journal
+    named, or its folder not there or not readable: an unmounted volume comes back)."""
     named = owner.facts.get("journal")
     if not isinstance(named, str) or not named:
         return ""
     try:
-        return named if Path(named).is_file() else None
+        if Path(named).is_file():
+            return named
+        return None if Path(named).parent.is_dir() else ""
     except OSError:
         return ""
 
 
-def _save_dead(state_dir: Path, journal: Path, owner: Owner) -> bool:
-    """`save_after_kill` under the journal's lock; whether it saved. The owner was the
-    service's process (`bidhive serve`: the service was killed), else the replica's."""
+def _save_dead(path: Path, name: str, journal: Path, owner: Owner) -> bool:
+    """`save_after_kill` of a dead dir, claimed and removed under the journal's lock;
+    whether it saved. The owner was the service's process (`bidhive serve`: the service
+    was killed), else the replica's."""
     saved_by = "killed" if owner.facts.get("service") else "replica_died"
     with _locked(journal) as at_rest:
-        return at_rest and save_after_kill(state_dir, journal, saved_by)
+        if not at_rest:  # a live service holds it, or it is gone since: left to a later start
+            return False
+        claimed = claim(path, name)
+        try:
+            return claimed is not None and save_after_kill(claimed, journal, saved_by)
+        finally:
+            _remove(claimed)
+
+
+def _remove(claimed: Path | None) -> None:
+    if claimed is not None:
+        shutil.rmtree(claimed, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -193,30 +193,34 @@ def test_a_killed_services_fleet_is_saved_and_taken_up_by_the_next_start(tmp_pat
     assert BidderHost(RIDERS_W, str(new_run)).agent.committed_units == 1
 
 
-def test_a_killed_services_fleet_is_not_saved_where_a_live_service_holds_the_journal(tmp_path: Path) -> None:
-    """A service already running on that journal has moved on from the dead fleet."""
-    journal, root, _ = _killed_service(tmp_path)
+def test_a_killed_services_fleet_is_left_while_a_live_service_holds_the_journal(tmp_path: Path) -> None:
+    """The journal's lock comes before the claim: while another process holds it (that
+    journal's own restart, under way), the dir is not touched, so that start can save and
+    resume it; once nobody holds it, a start saves it."""
+    journal, root, dead = _killed_service(tmp_path)
     with pytest.warns(TornTailWarning), JournalWriter(journal):
         assert rescue_dead_fleets(root) == []
-    assert not saved_fleet_path(journal).exists() and not any(root.iterdir())
+        assert not saved_fleet_path(journal).exists() and [p.name for p in root.iterdir()] == [dead.name]
+    assert rescue_dead_fleets(root) == [dead.name] and not any(root.iterdir())
 
 
 def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path) -> None:
     """A start saves a killed service's fleet beside that service's journal whatever journal
     it starts on, so that memory is not held until a start on that journal; one whose
-    journal is not there (deleted, or its whole folder) is removed; one that names no
+    journal is certainly gone (deleted from a folder that is there) is removed; one whose
+    journal's folder is not there (an unmounted volume comes back), one that names no
     journal, and a live service's, stay."""
     journal, root, dead = _killed_service(tmp_path)
     unknown = root / "bidhive-serve-cc-x"
     unknown.mkdir()
     dead_owner(unknown, "fleet.json", fingerprint=FINGERPRINT)
-    for gone, named in (("bb-x", tmp_path / "deleted.bhj"), ("bb-y", tmp_path / "deleted" / "j.bhj")):
+    for gone, named in (("bb-x", tmp_path / "deleted.bhj"), ("bb-y", tmp_path / "unmounted" / "j.bhj")):
         (root / f"bidhive-serve-{gone}").mkdir()
         dead_owner(root / f"bidhive-serve-{gone}", "fleet.json", fingerprint=FINGERPRINT, journal=str(named))
     live = root / "bidhive-serve-dd-x"
     live.mkdir()
     write_owner(live, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
-    left = sorted((live.name, unknown.name))
+    left = sorted((live.name, unknown.name, "bidhive-serve-bb-y"))
     with pytest.warns(TornTailWarning):
         assert rescue_dead_fleets(root) == [dead.name]
     assert sorted(p.name for p in root.iterdir()) == left

@@ -240,6 +240,19 @@ def test_a_card_that_is_not_one_is_none_and_one_naming_the_unknown_falls_back(tm
         assert len(rl.stderr.strip().splitlines()) == 1
 
 
+def test_a_card_is_the_policys_own_or_its_runs_for_a_checkpoint(tmp_path: Path) -> None:
+    """Another folder's card would describe another policy (its kind, env, journal)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "other").mkdir()
+    (run / "card.json").write_text(json.dumps({"kind": "crowd"}))
+    assert read_card(run / "policy.zip") == {"kind": "crowd"}
+    assert read_card(run / "checkpoints" / "policy_128_steps.zip") == {"kind": "crowd"}
+    assert read_card(run / "other" / "policy.zip") == {}
+    (run / "checkpoints" / "card.json").write_text("{not json")
+    assert read_card(run / "checkpoints" / "policy_128_steps.zip") == {}  # its own card, unreadable: none
+
+
 def test_simulate_with_a_missing_rl_policy_runs_on_the_heuristic(tmp_path: Path) -> None:
     args = ("simulate", "--scenario", "weekday", "--orders", "120", "--seed", "4", "--json", "--no-timing")
     rl = subprocess.run([*CLI, *args, "--policy", f"rl:{tmp_path / 'missing.zip'}"], capture_output=True, text=True, timeout=120)

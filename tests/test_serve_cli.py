@@ -265,11 +265,16 @@ def test_a_config_file_of_the_wrong_shape_is_one_line_naming_where(tmp_path: Pat
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
 
 
-def test_an_unknown_log_level_is_one_line() -> None:
-    run = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "BIDHIVE_LOG": "chatty"})
+def test_an_unknown_log_level_is_one_line_and_every_name_logging_takes_passes() -> None:
+    def serve(level: str) -> subprocess.CompletedProcess[str]:  # a journal it cannot use: it stops there
+        return subprocess.run([str(BIN), "serve", "--journal", "README.md/j.bhj"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "BIDHIVE_LOG": level})
+
+    run = serve("chatty")
     assert run.returncode == 2 and "BIDHIVE_LOG: unknown level 'CHATTY'" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+    for level in ("warn", "NOTSET", "debug"):
+        assert "is a file, not a folder" in serve(level).stderr, level
 
 
 def test_a_bad_setting_in_the_config_file_is_one_line_naming_it(tmp_path: Path) -> None:
