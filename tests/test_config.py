@@ -1,6 +1,7 @@
 """Config loading: shipped configs are valid, bad ones fail with one precise line."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,16 @@ def test_file_without_read_permission(tmp_path: Path, monkeypatch: pytest.Monkey
     ("vip_share: 0.1", "vip_share: 0.1\nvalue_mean: .inf", "value_mean"),
 ])
 def test_bad_scenario_value_names_the_field(tmp_path: Path, old: str, new: str, key: str) -> None:
-    text = (CONFIGS / "scenarios/weekday.yaml").read_text()
+    _names_the_field(load_scenario, CONFIGS / "scenarios/weekday.yaml", tmp_path / "bad.yaml", old, new, key)
+
+
+def _names_the_field(load: Callable[[str], object], shipped: Path, bad: Path, old: str, new: str, key: str) -> None:
+    """A shipped config with one value made bad fails in one line naming the file and the field."""
+    text = shipped.read_text()
     assert old in text
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace(old, new))
+    bad.write_text(text.replace(old, new, 1))
     with pytest.raises(ConfigError) as err:
-        load_scenario(str(bad))
+        load(str(bad))
     msg = str(err.value)
     assert msg.startswith(f"{bad}: {key}: ") and "\n" not in msg
 
@@ -119,13 +124,7 @@ def test_bad_scenario_value_names_the_field(tmp_path: Path, old: str, new: str, 
     ("x_km: -8.0", "x_km: .nan", "warehouses.0.x_km"),
 ])
 def test_bad_fleet_value_names_the_field(tmp_path: Path, old: str, new: str, key: str) -> None:
-    text = (CONFIGS / "fleets/default.yaml").read_text()
-    assert old in text
-    bad = tmp_path / "fleet.yaml"
-    bad.write_text(text.replace(old, new, 1))
-    with pytest.raises(ConfigError) as err:
-        load_fleet(str(bad))
-    assert str(err.value).startswith(f"{bad}: {key}: ")
+    _names_the_field(load_fleet, CONFIGS / "fleets/default.yaml", tmp_path / "fleet.yaml", old, new, key)
 
 
 def test_missing_config_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
