@@ -15,8 +15,8 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional
 
 import httpx

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,8 +21,6 @@ def check_png_path(path: Path, flag: str = "--plot") -> None:
     Raises:
         UserError: Not a ``NAME.png``, or its folder is missing, not a folder, or not writable.
     """
-    import os
-
     if path.name.lower() == ".png":
         raise UserError(f"{flag}: give the PNG a name before .png")
     if path.suffix.lower() != ".png":
@@ -30,11 +29,17 @@ def check_png_path(path: Path, flag: str = "--plot") -> None:
         raise UserError(f"{flag} {path} is a folder: give a file name ending in .png")
     folder = path.resolve().parent
     if not folder.is_dir():
-        file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        file = file_in_the_way(path)
         raise UserError(f"cannot write the plot: {file} is a file, not a folder" if file is not None
                         else f"cannot write the plot: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write the plot: folder {folder} is not writable")
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where one of `path`'s folders should be, if one does: nothing
+    can be written there, and "no such folder" would not say why."""
+    return next((p for p in path.resolve().parents if p.exists() and not p.is_dir()), None)
 
 
 def _warn_line(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bidhive_cli.errors import UserError, check_png_path, warnings_as_lines
+from bidhive_cli.errors import UserError, check_png_path, file_in_the_way, warnings_as_lines
 from market.config import load_fleet, load_scenario
 from market.types import Kind
 
@@ -67,7 +67,7 @@ def train(
         raise UserError("--out names the run's own folder: give a new one (not the current folder)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the run")
-    blocked = next((p for p in out.resolve().parents if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(out)
     if blocked is not None:
         raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     if out.exists() and (out / "policy.zip").exists():
@@ -156,12 +156,13 @@ def evaluate(
         _choice(r, POLICIES, "row")
     if fleet is not None and fleet != "scenario":
         load_fleet(fleet)
-    trace = (read_card(policy).get("env") or {}).get("journal")
+    card = read_card(policy)
+    trace = (card.get("env") or {}).get("journal")
     if trace and not Path(trace).is_file():
         raise UserError(f"{policy} was trained on the orders of the journal {trace}, which is not there now")
-    if not read_card(policy):
-        typer.echo(f"bidhive: no card.json beside {policy} (nor in the folder above): it is evaluated in the "
-                   "default env, which may not be the one it was trained in", err=True)
+    if not card:
+        typer.echo(f"bidhive: no card.json for {policy} (beside it, or its run's for a checkpoint): it is "
+                   "evaluated in the default env, which may not be the one it was trained in", err=True)
     report = run_eval(policy, scenario=scenario, episodes=episodes, policies=chosen, n_orders=orders, workers=workers,
                       fleet=fleet, self_play=self_play)
     beside = policy.with_name("learning_curve.png")  # `train` drew it from the same logs: left as it is

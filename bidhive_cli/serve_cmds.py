@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from bidhive_cli.errors import UserError, exit_143_when_terminated, warnings_as_lines
+from bidhive_cli.errors import UserError, exit_143_when_terminated, file_in_the_way, warnings_as_lines
 
 if TYPE_CHECKING:
     from serve.config import ServeCfg
@@ -21,7 +21,7 @@ def _preflight(journal: str) -> None:
     from market.journal import JournalError, JournalLocked, JournalWriter
 
     path = Path(journal)
-    blocked = next((p for p in path.resolve().parents if p.exists() and not p.is_dir()), None)
+    blocked = file_in_the_way(path)
     if blocked is not None:
         raise UserError(f"journal {path}: {blocked} is a file, not a folder")
     try:
@@ -39,7 +39,8 @@ def _preflight(journal: str) -> None:
         raise UserError(f"journal {path}: {err.strerror or err}") from None
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # the ones the error names
+
 
 def _can_create_in(folder: Path) -> None:
     """Fails in one line where the replica could not create the journal."""

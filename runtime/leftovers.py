@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.owner import Owner, all_pids, proc_cmdline, proc_name, process_start, read_owner, wait_gone
@@ -41,11 +41,10 @@ RESCANS = 4
 _CLAIMED = ".dead-"  # a dead run's dir, renamed by the start that clears it: ``{name}.dead-{pid}``
 
 
-def claim_dead_dirs(root: str | Path, prefix: str, owner_file: str,
-                    wanted: Callable[[Owner], bool] = lambda _: True) -> Iterator[tuple[Path, Owner, str]]:
-    """The dirs under `root` named `prefix*` whose owner process is dead (and that are
-    `wanted`), each renamed first so that two starts never clear the same one (a rename is
-    atomic: one of them wins).
+def claim_dead_dirs(root: str | Path, prefix: str, owner_file: str) -> Iterator[tuple[Path, Owner, str]]:
+    """The dirs under `root` named `prefix*` whose owner process is dead, each renamed
+    first so that two starts never clear the same one (a rename is atomic: one of them
+    wins).
 
     Yields:
         The dir as renamed, its owner, and its name before (what its processes carry).
@@ -56,7 +55,7 @@ def claim_dead_dirs(root: str | Path, prefix: str, owner_file: str,
     is claimed again once that start is gone too (it was killed part way).
     """
     for path, owner, name in dead_dirs(root, prefix, owner_file):
-        if wanted(owner) and (claimed := claim(path, name)) is not None:
+        if (claimed := claim(path, name)) is not None:
             yield claimed, owner, name
 
 

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from market.auctioneer import BatchPolicy
 from market.config import CONFIG_DIR, ConfigError, Strict, _read_yaml, parse_model
+from serve.models import KEY_PATTERN
 
 DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
 
@@ -102,7 +103,7 @@ class ServeCfg(Strict):
     reserve_base: float = Field(10.0, ge=0)
     reserve_share: float = Field(0.4, ge=0)
     retain_orders: int = Field(1_000_000, ge=10_000, le=100_000_000)
-    token: str | None = Field(None, min_length=8, max_length=512, pattern=r"^[\x21-\x7e]+$")
+    token: str | None = Field(None, min_length=8, max_length=512, pattern=KEY_PATTERN)  # a header carries it
 
     @property
     def journal_rotate_bytes(self) -> int | None:

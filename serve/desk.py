@@ -350,8 +350,6 @@ class OrderDesk:
                                 retry_after_s=5)
 
     def _accept(self, body: OrderIn, digest: str, key: str | None) -> Placed:
-        if not self.host.alive:
-            raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
         if self._open >= self.cfg.max_open_orders:
             self.metrics.inc("orders_shed_total")
             raise DeskError(503, f"overloaded: {self._open} orders in the market; retry shortly", retry_after_s=1)
