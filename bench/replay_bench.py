@@ -29,6 +29,12 @@ Three figures:
   in two processes, pair after pair, so both meet the same machine (`_simultaneous`);
   its median of pairs is the target's figure.
 
+The issue states the target as a share of ``simulate``'s throughput: the journaled run
+keeps at least 90% of the orders per second of the run without it, a throughput loss
+of ``1 - t_null / t_journal``. The ``overhead_*`` fields are added run time
+(``t_journal / t_null - 1``), a stricter reading (10% of throughput lost is 11.1% of
+added time); both are printed, and ``met`` follows the issue's.
+
 Run ``python -m bench.replay_bench`` (prints JSON) or ``bidhive bench replay``.
 """
 from __future__ import annotations
@@ -212,6 +218,7 @@ def _overhead(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[str, 
         out[name] = {"wall_s": round(w, 3), "cpu_s": round(c, 3), "rounds_per_s": round(rounds / w),
                      "overhead_wall": round(w / base_w - 1.0, 4), "overhead_cpu": round(c / base_c - 1.0, 4),
                      "overhead_wall_median_of_reps": round(statistics.median(pairs), 4),
+                     "throughput_loss_wall": round(throughput_loss(w / base_w - 1.0), 4),
                      "journal_bytes_per_round": round(sizes[name] / max(1, rounds))}
     return out
 
@@ -275,14 +282,40 @@ def _simultaneous(n_orders: int, pairs: int, seed: int = 11) -> dict[str, Any]:
     per_pair = sorted(j / n - 1.0 for j, n in zip(journal, null))
     return {"pairs": pairs, "orders": n_orders,
             "median_of_pairs": round(statistics.median(per_pair), 4),
+            "throughput_loss_median_of_pairs": round(statistics.median(throughput_loss(x) for x in per_pair), 4),
             "quartiles_of_pairs": [round(q, 4) for q in statistics.quantiles(per_pair, n=4)] if pairs > 1 else [],
             "ratio_of_medians": round(statistics.median(journal) / statistics.median(null) - 1.0, 4),
             "ratio_of_minimums": round(min(journal) / min(null) - 1.0, 4)}
 
 
+def throughput_loss(added_time: float) -> float:
+    """The share of throughput a run loses when its time grows by ``added_time`` (0.1: 10% longer)."""
+    return 1.0 - 1.0 / (1.0 + added_time)
+
+
 def _load() -> list[float]:
     """The 1, 5 and 15 minute load averages: the machine is shared, so every figure carries them."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def _overhead_target(overhead: dict[str, Any]) -> dict[str, Any]:
+    """The journal target's verdict: throughput lost (the issue's measure) by both estimators."""
+    pairs, best = overhead["simultaneous"], overhead["interval"]
+    return {
+        "measured": pairs["throughput_loss_median_of_pairs"],
+        "measured_end_to_end": best["throughput_loss_wall"],
+        "added_time": pairs["median_of_pairs"],
+        "added_time_end_to_end": best["overhead_wall"],
+        "measured_taped_hooks": overhead["isolated"]["interval"]["overhead"],
+        "target": TARGET_OVERHEAD,
+        "met": max(pairs["throughput_loss_median_of_pairs"], best["throughput_loss_wall"]) <= TARGET_OVERHEAD,
+        "note": "measured: simulate's throughput lost to the journal, 1 - t_null / t_journal, whole simulations "
+                "without and with it, the two of a pair at the same time (median of the pairs); "
+                "measured_end_to_end: the same from the best of sequential runs, which met needs under the "
+                "target too. added_time: the same runs as t_journal / t_null - 1. The taped hook calls "
+                "(added time) leave out what the journal costs in place (about 0.6x of it, "
+                "`bidhive bench journal-ablation`), so they are not used for met",
+    }
 
 
 def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
@@ -318,18 +351,7 @@ def run(quick: bool = False, directory: str | None = None) -> dict[str, Any]:
                 "met": reclear["end_to_end_rounds_per_s"] >= TARGET_ROUNDS_PER_S,
                 "note": "met: one process, wall time; the CPU figure and the one with workers are given beside it",
             },
-            "journal_overhead_interval": {
-                "measured": overhead["simultaneous"]["median_of_pairs"],
-                "measured_end_to_end": overhead["interval"]["overhead_wall"],
-                "measured_taped_hooks": overhead["isolated"]["interval"]["overhead"],
-                "target": TARGET_OVERHEAD,
-                "met": max(overhead["simultaneous"]["median_of_pairs"], overhead["interval"]["overhead_wall"])
-                <= TARGET_OVERHEAD,
-                "note": "measured: whole simulations without and with the journal, the two of a pair at the same "
-                        "time (median of the pairs); met needs the best-of-runs figure under the target too. The "
-                        "taped hook calls leave out what the journal costs in place (about 0.6x of it, "
-                        "`bidhive bench journal-ablation`), so they are not used for met",
-            },
+            "journal_overhead_interval": _overhead_target(overhead),
         },
     }
 
