@@ -244,7 +244,9 @@ def rescue_dead_fleets(root: str | Path) -> list[str]:
             try:
                 if theirs is None:  # nothing could ever resume it
                     _remove(claim(path, name))
-                elif theirs and _save_dead(path, name, Path(theirs), owner):
+                elif not theirs:
+                    _say_left(path, owner)
+                elif _save_dead(path, name, Path(theirs), owner):
                     logger.warning("saved the bidders' state a killed service (pid %d) left in %s beside %s",
                                    owner.pid, name, theirs)
                     saved.append(name)
@@ -253,6 +255,24 @@ def rescue_dead_fleets(root: str | Path) -> list[str]:
     except Exception:  # noqa: BLE001 - what is left stays for a later start
         logger.exception("could not look for the fleets killed services left in %s", root)
     return saved
+
+
+def _say_left(path: Path, owner: Owner) -> None:
+    """Names a dead fleet left for later, what it holds (memory, under ``/dev/shm``) and how
+    to free it: nothing else would tell an operator whose journal's volume never comes back."""
+    journal = owner.facts.get("journal") or "(none named)"
+    logger.warning("the bidders of a service that died (pid %d) left %s (%.1f MB of memory), kept for the next "
+                   "start that can see their journal %s; remove it to free the memory (that journal then "
+                   "starts with a new fleet)", owner.pid, path, _megabytes(path), journal)
+
+
+def _megabytes(path: Path) -> float:
+    """The size of the files under `path`, in MB (what can be read of it)."""
+    total = 0
+    for file in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += file.stat().st_size if file.is_file() else 0
+    return total / 1e6
 
 
 def _theirs(owner: Owner) -> str | None:

@@ -204,12 +204,14 @@ def test_a_killed_services_fleet_is_left_while_a_live_service_holds_the_journal(
     assert rescue_dead_fleets(root) == [dead.name] and not any(root.iterdir())
 
 
-def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path) -> None:
+def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     """A start saves a killed service's fleet beside that service's journal whatever journal
     it starts on, so that memory is not held until a start on that journal; one whose
     journal is certainly gone (deleted from a folder that is there) is removed; one whose
     journal's folder is not there (an unmounted volume comes back), one that names no
-    journal, and a live service's, stay."""
+    journal, and a live service's, stay, the dead ones each named in a warning that says
+    what they hold and how to free it."""
     journal, root, dead = _killed_service(tmp_path)
     unknown = root / "bidhive-serve-cc-x"
     unknown.mkdir()
@@ -221,9 +223,14 @@ def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path) -
     live.mkdir()
     write_owner(live, "fleet.json", fingerprint=FINGERPRINT, journal=str(journal.resolve()))  # this live process's
     left = sorted((live.name, unknown.name, "bidhive-serve-bb-y"))
-    with pytest.warns(TornTailWarning):
+    (root / "bidhive-serve-bb-y" / "riders-w.snap").write_bytes(b"x" * 250_000)
+    with pytest.warns(TornTailWarning), caplog.at_level("WARNING", logger=fleet_state.logger.name):
         assert rescue_dead_fleets(root) == [dead.name]
     assert sorted(p.name for p in root.iterdir()) == left
+    kept = [r.getMessage() for r in caplog.records if "remove it to free the memory" in r.getMessage()]
+    assert len(kept) == 2, kept
+    assert any("bidhive-serve-bb-y (0.3 MB" in m and str(tmp_path / "unmounted" / "j.bhj") in m for m in kept), kept
+    assert any(unknown.name in m and "(none named)" in m for m in kept), kept
     new_run = tmp_path / "run-2"
     new_run.mkdir()
     origin = carry_fleet(journal, FINGERPRINT, new_run)
