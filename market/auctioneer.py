@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from market.config import CONFIG_DIR, FleetCfg, Strict, _read_yaml, parse_model
+from market.config import CONFIG_DIR, ConfigError, Finite, FleetCfg, Strict, _read_yaml, parse_model
 from market.engine import MarketEngine, RoundOutcome
 from market.geo import CityGrid
 from market.round import Round
@@ -50,11 +50,12 @@ def region_of_round(round_id: int) -> int:
 
 
 # -- regions -----------------------------------------------------------------------------------
-class RegionCfg(Strict):
+class RegionCfg(Finite):
     """One auctioneer's territory: the orders it takes and the bidders it asks.
 
     Attributes:
-        bbox_km: (x0, y0, x1, y1) in km from the city origin; orders delivered inside go here.
+        bbox_km: (x0, y0, x1, y1) in km from the city origin, x0 < x1 and y0 < y1; orders
+            delivered inside go here (NaN would send every order to it: finite only).
         bidders: explicit bidder ids; empty means every bidder located within the box
             grown by `margin_km`, plus bidders without a location (the crowd).
     """
@@ -64,12 +65,27 @@ class RegionCfg(Strict):
     bidders: tuple[str, ...] = ()
     margin_km: float = Field(3.0, ge=0)
 
+    @model_validator(mode="after")
+    def _box_has_area(self) -> RegionCfg:
+        x0, y0, x1, y1 = self.bbox_km
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"bbox_km is (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {self.bbox_km}")
+        return self
+
 
 class RegionsCfg(Strict):
     """The regions of one fleet, one auctioneer each."""
 
     fleet: str = "default"
     regions: tuple[RegionCfg, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RegionsCfg:
+        names = [r.name for r in self.regions]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"region names must be unique, repeated: {', '.join(dupes)}")
+        return self
 
 
 def load_regions(name_or_path: str | Path | None = None) -> RegionsCfg:
@@ -84,19 +100,29 @@ def _located(fleet: FleetCfg) -> list[tuple[str, float | None, float | None]]:
 
 
 def region_bidders(region: RegionCfg, fleet: FleetCfg) -> list[str]:
-    """The bidder ids a region's auctioneer asks, in fleet order."""
+    """The bidder ids a region's auctioneer asks, in fleet order.
+
+    Raises:
+        ConfigError: unknown bidder ids, or a region without a warehouse or without a
+            last-mile bidder (no order of it could ever be served).
+    """
     every = _located(fleet)
     known = {i for i, _, _ in every}
     if region.bidders:
         unknown = sorted(set(region.bidders) - known)
         if unknown:
-            raise ValueError(f"region {region.name}: unknown bidders {', '.join(unknown)}")
-        chosen = set(region.bidders)
-        return [i for i, _, _ in every if i in chosen]
-    x0, y0, x1, y1 = region.bbox_km
-    m = region.margin_km
-    return [i for i, x, y in every
-            if x is None or y is None or (x0 - m <= x <= x1 + m and y0 - m <= y <= y1 + m)]
+            raise ConfigError(f"region {region.name}: unknown bidders {', '.join(unknown)}")
+        chosen = [i for i, _, _ in every if i in set(region.bidders)]
+    else:
+        x0, y0, x1, y1 = region.bbox_km
+        m = region.margin_km
+        chosen = [i for i, x, y in every
+                  if x is None or y is None or (x0 - m <= x <= x1 + m and y0 - m <= y <= y1 + m)]
+    warehouses = {w.id for w in fleet.warehouses}
+    if not warehouses.intersection(chosen) or not set(chosen) - warehouses:
+        raise ConfigError(f"region {region.name} needs a warehouse and a last-mile bidder, has "
+                          f"{', '.join(chosen) or 'none'} (grow bbox_km or margin_km, or list its bidders)")
+    return chosen
 
 
 def assign_regions(orders: Sequence[Order], regions: Sequence[RegionCfg], grid: CityGrid) -> np.ndarray:

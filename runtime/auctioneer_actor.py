@@ -28,8 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from agents.fleet import Fleet, build_fleet
 from market.auctioneer import (AuctioneerCore, BatchPolicy, OrdersClock, RegionsCfg, RoundRecord, assign_regions,
@@ -44,6 +45,10 @@ from policies.registry import make_policy
 from runtime.ray_bidders import RayBidders
 
 logger = logging.getLogger("bidhive.auctioneer")
+T = TypeVar("T")
+
+#: How long a query waits for the round loop to run it (a round takes milliseconds).
+READ_WAIT_S = 30.0
 
 #: Failures of the machine rather than of a round's orders: a disk that is full or gone
 #: (OSError), or a journal that stopped after one (JournalError). No order is blamed for them.
@@ -155,7 +160,7 @@ class AuctioneerHost:
                 for fn, fut in calls:
                     _run_call(fn, core, fut)
                 for orders, alone in batches:
-                    core.submit(orders, alone)
+                    core.submit(self._new_only(orders), alone)
                     self._accepted += len(orders)
                 if core.due_in() == 0.0:
                     core.step()
@@ -165,6 +170,19 @@ class AuctioneerHost:
             logger.exception("auctioneer %s: round loop died", self.name)
             self._blamed = () if isinstance(err, MACHINE_FAULTS) else core.in_hand
             self._error = f"{type(err).__name__}: {err}"
+
+    def _new_only(self, orders: list[Order]) -> list[Order]:
+        """The orders the core has not seen: a driver that sends a batch again (a retry
+        after a timeout) must not end the round loop, and every open order with it, on
+        the ledger's "submitted twice"."""
+        seen = self.core.ledger.orders
+        new: dict[str, Order] = {}
+        for o in orders:
+            if o.order_id not in seen:
+                new.setdefault(o.order_id, o)
+        if len(new) < len(orders):
+            logger.warning("auctioneer %s: %d order(s) submitted again, ignored", self.name, len(orders) - len(new))
+        return list(new.values())
 
     def submit(self, orders: list[Order], alone: bool = False) -> int:
         """Queues orders for the next rounds (`alone`: a round each); returns how many."""
@@ -242,25 +260,40 @@ class AuctioneerHost:
 
     def outcomes(self) -> dict[str, tuple[str, str, tuple[str, str] | None]]:
         """Per order id: (status, reason, (source id, leg id) when awarded)."""
-        return {oid: (st.status, st.reason, st.award) for oid, st in self.core.ledger.orders.items()}
+        return self._read(lambda core: {oid: (st.status, st.reason, st.award)
+                                        for oid, st in core.ledger.orders.items()})
 
     def status(self) -> dict[str, Any]:
         """Counts, round latencies, bidder facts and KPIs (without utilization)."""
-        core = self.core
-        bidders: RayBidders = core.bidders  # type: ignore[assignment]
-        return {
-            "name": self.name, "error": self._error, "orders": core.ledger.counts(),
-            "latency": core.latencies_ms(), "bidders": bidders.summary(), "orphaned": dict(bidders.orphaned),
-            "kpis": core.engine.kpis.report({}, timing=True),
-        }
+        def read(core: AuctioneerCore) -> dict[str, Any]:
+            bidders: RayBidders = core.bidders  # type: ignore[assignment]
+            return {
+                "name": self.name, "error": self._error, "orders": core.ledger.counts(),
+                "latency": core.latencies_ms(), "bidders": bidders.summary(), "orphaned": dict(bidders.orphaned),
+                "kpis": core.engine.kpis.report({}, timing=True),
+            }
+        return self._read(read)
 
     def round_records(self) -> list[dict[str, Any]]:
         """Every settled round's timing."""
-        return [asdict(r) for r in self.core.records]
+        return self._read(lambda core: [asdict(r) for r in core.records])
 
     def round_facts(self) -> list[dict[str, Any]]:
         """Every round's bidder facts (asked, received, timed out, ...)."""
-        return [asdict(f) for f in self.core.bidders.facts]  # type: ignore[attr-defined]
+        return self._read(lambda core: [asdict(f) for f in core.bidders.facts])  # type: ignore[attr-defined]
+
+    def _read(self, fn: Callable[[AuctioneerCore], T]) -> T:
+        """`fn(core)` on the round loop, between two steps: the actor answers queries on
+        other threads, and a read while a round settles could see its dicts change size.
+        Once the loop is not running, nothing else touches the core: read it here."""
+        if self.alive:
+            fut = self.call(fn)
+            try:
+                return fut.result(timeout=READ_WAIT_S)
+            except FutureTimeout:
+                if self.alive or not fut.cancel():
+                    raise
+        return fn(self.core)
 
 
 def _run_call(fn: Callable[[AuctioneerCore], Any], core: AuctioneerCore, fut: Future[Any]) -> None:
