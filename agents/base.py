@@ -211,6 +211,9 @@ class Agent(ABC):
         if rnd.round_id in self.holds:
             self._peeked = None
             raise HoldError(f"round {rnd.round_id} already holds capacity")
+        # A bidder shared by regions sees each region's market clock; its own time never
+        # goes back, so a job another region's later round freed it from is not sold twice.
+        now = max(now, self.now_s)
         ready = self._prepared(rnd, now)
         if ready is None:
             return None

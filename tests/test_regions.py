@@ -2,13 +2,23 @@
 over in-process agents) under a driver that sends orders again or polls while rounds run."""
 from __future__ import annotations
 
+import collections
+import dataclasses
+import itertools
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from market.auctioneer import BatchPolicy, RegionCfg, load_regions, region_bidders
-from market.config import ConfigError
+from agents.fleet import build_fleet
+from agents.rider_pool import RiderPool
+from market.auctioneer import (AuctioneerCore, BatchPolicy, OrdersClock, RegionCfg, load_regions, region_bidders,
+                               round_id_base)
+from market.config import ConfigError, load_profile
+from market.engine import LocalBidders, MarketEngine
+from market.types import AwardLine
+from policies.registry import make_policy
 from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
 from tests.test_ray_runtime import FLEET, SEED, orders_at
 
@@ -92,3 +102,43 @@ def test_queries_while_rounds_run_read_the_core_between_steps() -> None:
         assert len(host.outcomes()) == 60 and max(reads) <= 60
     finally:
         host.stop()
+
+
+def test_a_rider_shared_by_regions_whose_clocks_differ_is_never_booked_twice_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each region's market clock follows its own orders. Fed backlogs an hour apart, the
+    region ahead moved a shared rider pool's clock past a job's end and freed the rider,
+    and the region behind then sold that rider for a pickup inside the job (reproduced:
+    one overlap in 12 jobs). A bidder's own time never goes back now."""
+    jobs: list[tuple[str, int, float, float]] = []
+    commit_line = RiderPool._commit_line
+
+    def logged(self: RiderPool, line: AwardLine, now: float, payload: Any) -> None:
+        commit_line(self, line, now, payload)
+        rider = next(job for job in self._completions if job[1] == self._completion_seq)[2][0]
+        jobs.append((self.agent_id, rider, line.pickup_s, line.done_s))
+
+    monkeypatch.setattr(RiderPool, "_commit_line", logged)
+    fleet, policy = build_fleet(FLEET, SEED), make_policy("heuristic")
+    cores = []
+    for region in range(2):  # both over the same agents: every bidder shared
+        engine = MarketEngine(fleet, policy, load_profile("balanced"), LocalBidders(fleet.agents, policy.strategy),
+                              seed=SEED + region, _round_id=round_id_base(region))
+        cores.append(AuctioneerCore(engine, BatchPolicy(window_s=0.0, max_batch=8, retry_after_s=0.0, max_attempts=3),
+                                    market=OrdersClock(follow_wall=False)))
+    west_orders = orders_at(24, 3, t0=36_000.0, spread_s=120.0)
+    east_orders = [dataclasses.replace(o, order_id="E" + o.order_id)
+                   for o in orders_at(24, 4, t0=39_600.0, spread_s=120.0)]
+    for k in range(0, 24, 8):
+        for core, orders in zip(cores, (west_orders, east_orders)):
+            core.submit(orders[k:k + 8])
+            core.step(flush=True)
+    for core in cores:
+        assert core.run_until_idle(30)
+    assert len(jobs) >= 8
+    by_rider: dict[tuple[str, int], list[tuple[float, float]]] = collections.defaultdict(list)
+    for agent_id, rider, pickup_s, done_s in jobs:
+        by_rider[agent_id, rider].append((pickup_s, done_s))
+    overlaps = [(key, a, b) for key, spans in by_rider.items()
+                for a, b in itertools.pairwise(sorted(spans)) if b[0] < a[1]]
+    assert overlaps == []
