@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -129,7 +129,7 @@ class AuctioneerHost:
         self._inbox: collections.deque[tuple[list[Order], bool]] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[AuctioneerCore], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
-        self._stop = self._drain = False
+        self._stop = self._drain = self._closed = False
         self._error: str | None = None
         self._blamed: tuple[str, ...] = ()
         self._submitted = self._accepted = 0
@@ -170,6 +170,18 @@ class AuctioneerHost:
             logger.exception("auctioneer %s: round loop died", self.name)
             self._blamed = () if isinstance(err, MACHINE_FAULTS) else core.in_hand
             self._error = f"{type(err).__name__}: {err}"
+        finally:
+            self._close_calls()
+
+    def _close_calls(self) -> None:
+        """Cancels the calls the loop will never run, now and from now on, so their callers
+        hear at once instead of waiting out their timeouts."""
+        with self._wake:
+            self._closed = True
+            left = list(self._calls)
+            self._calls.clear()
+        for _, fut in left:
+            fut.cancel()
 
     def _new_only(self, orders: list[Order]) -> list[Order]:
         """The orders the core has not seen: a driver that sends a batch again (a retry
@@ -196,6 +208,9 @@ class AuctioneerHost:
         """Runs `fn(core)` on the round loop between two steps (e.g. a profile switch)."""
         fut: Future[Any] = Future()
         with self._wake:
+            if self._closed:  # the loop has ended: it would never run
+                fut.cancel()
+                return fut
             self._calls.append((fn, fut))
             self._wake.notify()
         return fut
@@ -286,10 +301,12 @@ class AuctioneerHost:
         """`fn(core)` on the round loop, between two steps: the actor answers queries on
         other threads, and a read while a round settles could see its dicts change size.
         Once the loop is not running, nothing else touches the core: read it here."""
-        if self.alive:
+        if self.alive and threading.current_thread() is not self._thread:
             fut = self.call(fn)
             try:
                 return fut.result(timeout=READ_WAIT_S)
+            except CancelledError:  # the loop ended before it got to it
+                pass
             except FutureTimeout:
                 if self.alive or not fut.cancel():
                     raise

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -477,14 +477,18 @@ class OrderDesk:
         """`fn(core)` run on the round loop between two steps.
 
         Raises:
-            DeskError: 503 when the loop is not running, or has not started `fn` within
-                `timeout_s`; `fn` then never runs, so the caller was told the truth.
+            DeskError: 503 when the loop is not running, ends before it gets to `fn`, or
+                has not started `fn` within `timeout_s`; `fn` then never runs, so the
+                caller was told the truth.
         """
         if not self.host.alive:
             raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
         fut = self.host.call(fn)
         try:
             return fut.result(timeout=timeout_s)
+        except CancelledError:  # the loop ended before it got to it
+            raise DeskError(503, "the auctioneer stopped before it got to it; nothing changed",
+                            retry_after_s=5) from None
         except TimeoutError:
             if fut.cancel():
                 raise DeskError(503, f"the auctioneer did not get to it within {timeout_s:g} s; nothing changed",

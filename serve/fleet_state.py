@@ -260,7 +260,12 @@ def rescue_dead_fleets(root: str | Path) -> list[str]:
 def _say_left(path: Path, owner: Owner) -> None:
     """Names a dead fleet left for later, what it holds (memory, under ``/dev/shm``) and how
     to free it: nothing else would tell an operator whose journal's volume never comes back."""
-    journal = owner.facts.get("journal") or "(none named)"
+    journal = owner.facts.get("journal")
+    if not journal:
+        logger.warning("the bidders of a service that died (pid %d) left %s (%.1f MB of memory), which names no "
+                       "journal, so no start will resume it; remove it to free the memory", owner.pid, path,
+                       _megabytes(path))
+        return
     logger.warning("the bidders of a service that died (pid %d) left %s (%.1f MB of memory), kept for the next "
                    "start that can see their journal %s; remove it to free the memory (that journal then "
                    "starts with a new fleet)", owner.pid, path, _megabytes(path), journal)

@@ -230,7 +230,7 @@ def test_dead_fleets_of_other_journals_are_saved_beside_theirs(tmp_path: Path,
     kept = [r.getMessage() for r in caplog.records if "remove it to free the memory" in r.getMessage()]
     assert len(kept) == 2, kept
     assert any("bidhive-serve-bb-y (0.3 MB" in m and str(tmp_path / "unmounted" / "j.bhj") in m for m in kept), kept
-    assert any(unknown.name in m and "(none named)" in m for m in kept), kept
+    assert any(unknown.name in m and "names no journal, so no start will resume it" in m for m in kept), kept
     new_run = tmp_path / "run-2"
     new_run.mkdir()
     origin = carry_fleet(journal, FINGERPRINT, new_run)

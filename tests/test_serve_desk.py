@@ -288,6 +288,34 @@ def test_a_switch_the_round_loop_cannot_take_is_a_503_and_never_applies(tmp_path
     assert changes == ["cost_first"]
 
 
+def test_a_switch_queued_when_the_round_loop_ends_is_a_503_at_once(tmp_path: Path) -> None:
+    """A switch waiting for the loop between two steps is told as soon as the loop ends
+    without it, not after its whole timeout."""
+    desk = OrderDesk(_cfg(tmp_path / "j.bhj"))
+    outcome: list[BaseException | dict[str, Any]] = []
+    try:
+        go_on = _stall(desk)
+
+        def switch() -> None:
+            try:
+                outcome.append(desk.set_profile("time_first", timeout_s=60))
+            except DeskError as err:
+                outcome.append(err)
+        waiting = threading.Thread(target=switch)
+        waiting.start()
+        time.sleep(0.2)  # queued behind the stalled step
+        desk.host._stop = True  # the loop ends after this step, as at a stop
+        started = time.monotonic()
+        go_on.set()
+        waiting.join(10)
+        assert time.monotonic() - started < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], DeskError), outcome
+        assert outcome[0].status == 503 and "nothing changed" in outcome[0].detail
+    finally:
+        desk.close()
+    assert not [r for r in read_journal(tmp_path / "j.bhj") if r["type"] == "profile_changed"]
+
+
 def test_a_pending_answer_waits_until_the_order_is_in_the_journal(tmp_path: Path) -> None:
     """A 202 tells the client its order is accepted: `sync` returns only once the round loop
     has journaled the order, and says False when the loop stopped before taking it."""
