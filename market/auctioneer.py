@@ -112,7 +112,8 @@ def region_bidders(region: RegionCfg, fleet: FleetCfg) -> list[str]:
         unknown = sorted(set(region.bidders) - known)
         if unknown:
             raise ConfigError(f"region {region.name}: unknown bidders {', '.join(unknown)}")
-        chosen = [i for i, _, _ in every if i in set(region.bidders)]
+        wanted = set(region.bidders)
+        chosen = [i for i, _, _ in every if i in wanted]
     else:
         x0, y0, x1, y1 = region.bbox_km
         m = region.margin_km

@@ -303,7 +303,9 @@ def test_a_switch_queued_when_the_round_loop_ends_is_a_503_at_once(tmp_path: Pat
                 outcome.append(err)
         waiting = threading.Thread(target=switch)
         waiting.start()
-        time.sleep(0.2)  # queued behind the stalled step
+        end = time.monotonic() + 10
+        while not desk.host._calls and time.monotonic() < end:  # queued behind the stalled step
+            time.sleep(0.01)
         desk.host._stop = True  # the loop ends after this step, as at a stop
         started = time.monotonic()
         go_on.set()
