@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import Field, model_validator
 
-from market.config import CONFIG_DIR, ConfigError, Finite, FleetCfg, Strict, _read_yaml, parse_model
+from market.config import CONFIG_DIR, ConfigError, Finite, FleetCfg, Strict, _read_yaml, parse_model, repeated
 from market.engine import MarketEngine, RoundOutcome
 from market.geo import CityGrid
 from market.round import Round
@@ -81,8 +81,7 @@ class RegionsCfg(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> RegionsCfg:
-        names = [r.name for r in self.regions]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated(r.name for r in self.regions)
         if dupes:
             raise ValueError(f"region names must be unique, repeated: {', '.join(dupes)}")
         return self

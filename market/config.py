@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -48,6 +50,11 @@ def _some_weight(weights: W) -> W:
     if total == math.inf:
         raise ValueError("weights too large: their sum is infinite")
     return weights
+
+
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted: what a "must be unique" error lists."""
+    return sorted(n for n, k in Counter(names).items() if k > 1)
 
 
 def _per_hour(profile: tuple[float, ...]) -> tuple[float, ...]:
@@ -150,8 +157,7 @@ class FleetCfg(Finite):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> FleetCfg:
-        ids = [a.id for group in (self.warehouses, self.rider_pools, self.crowd, self.lockers) for a in group]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = repeated(a.id for group in (self.warehouses, self.rider_pools, self.crowd, self.lockers) for a in group)
         if dupes:
             raise ValueError(f"agent ids must be unique, repeated: {', '.join(dupes)}")
         if not (self.rider_pools or self.crowd or self.lockers):

@@ -55,6 +55,14 @@ READ_WAIT_S = 30.0
 MACHINE_FAULTS = (OSError, JournalError)
 
 
+class LoopEnded(RuntimeError):
+    """The round loop is not running, or ended before it ran a call: the call never ran."""
+
+
+class LoopBusy(RuntimeError):
+    """The round loop did not start a call in time; the call was taken back and never runs."""
+
+
 @dataclass(frozen=True)
 class AuctioneerSpec:
     """What one region's auctioneer is built from.
@@ -297,19 +305,37 @@ class AuctioneerHost:
         """Every round's bidder facts (asked, received, timed out, ...)."""
         return self._read(lambda core: [asdict(f) for f in core.bidders.facts])  # type: ignore[attr-defined]
 
+    def run_on_loop(self, fn: Callable[[AuctioneerCore], T], timeout_s: float) -> T:
+        """`fn(core)` run on the round loop between two steps, waited for.
+
+        Raises:
+            LoopEnded: the loop is not running, or ended before it got to `fn`.
+            LoopBusy: the loop did not start `fn` within `timeout_s`.
+            In both cases `fn` never runs, so a caller can say "nothing changed"; what
+            `fn` itself raises comes through as it is.
+        """
+        if not self.alive:
+            raise LoopEnded("the auctioneer is not running")
+        fut = self.call(fn)
+        try:
+            return fut.result(timeout=timeout_s)
+        except CancelledError:
+            raise LoopEnded("the auctioneer stopped before it got to it; nothing changed") from None
+        except FutureTimeout:
+            if fut.cancel():
+                raise LoopBusy(f"the auctioneer did not get to it within {timeout_s:g} s; nothing changed") from None
+        return fut.result()  # it started just now (or ended with a TimeoutError of its own): as it finishes
+
     def _read(self, fn: Callable[[AuctioneerCore], T]) -> T:
         """`fn(core)` on the round loop, between two steps: the actor answers queries on
         other threads, and a read while a round settles could see its dicts change size.
-        Once the loop is not running, nothing else touches the core: read it here."""
-        if self.alive and threading.current_thread() is not self._thread:
-            fut = self.call(fn)
+        From the loop itself, or once the loop is not running, nothing else touches the
+        core: read it here."""
+        if threading.current_thread() is not self._thread:
             try:
-                return fut.result(timeout=READ_WAIT_S)
-            except CancelledError:  # the loop ended before it got to it
+                return self.run_on_loop(fn, READ_WAIT_S)
+            except LoopEnded:
                 pass
-            except FutureTimeout:
-                if self.alive or not fut.cancel():
-                    raise
         return fn(self.core)
 
 

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +35,7 @@ from market.journal import journal_head
 from market.journal_recorder import JournalRecorder
 from market.replay import order_from_record
 from runtime import gc_pauses
-from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec
+from runtime.auctioneer_actor import AuctioneerHost, AuctioneerSpec, LoopBusy, LoopEnded
 from serve.config import FLEET_DIR_PREFIX, FLEET_DIR_PREFIX_ENV, BatchCfg, ServeCfg
 from serve.fleet_state import (
     FleetOrigin, as_taken, carry_fleet, carry_into, claim_state_dir, fleet_fingerprint, rescue_dead_fleets,
@@ -474,26 +474,19 @@ class OrderDesk:
         return {"profile": name, "previous": previous}
 
     def _on_loop(self, fn: Callable[[AuctioneerCore], Any], timeout_s: float) -> Any:
-        """`fn(core)` run on the round loop between two steps.
+        """`fn(core)` run on the round loop between two steps (`AuctioneerHost.run_on_loop`).
 
         Raises:
             DeskError: 503 when the loop is not running, ends before it gets to `fn`, or
                 has not started `fn` within `timeout_s`; `fn` then never runs, so the
                 caller was told the truth.
         """
-        if not self.host.alive:
-            raise DeskError(503, "the auctioneer is not running", retry_after_s=5)
-        fut = self.host.call(fn)
         try:
-            return fut.result(timeout=timeout_s)
-        except CancelledError:  # the loop ended before it got to it
-            raise DeskError(503, "the auctioneer stopped before it got to it; nothing changed",
-                            retry_after_s=5) from None
-        except TimeoutError:
-            if fut.cancel():
-                raise DeskError(503, f"the auctioneer did not get to it within {timeout_s:g} s; nothing changed",
-                                retry_after_s=1) from None
-            return fut.result()  # it started just now: let it finish
+            return self.host.run_on_loop(fn, timeout_s)
+        except LoopEnded as err:
+            raise DeskError(503, str(err), retry_after_s=5) from None
+        except LoopBusy as err:
+            raise DeskError(503, str(err), retry_after_s=1) from None
 
     # -- health and metrics ----------------------------------------------------------------
     def health(self, timeout_s: float = 2.0) -> tuple[bool, dict[str, Any]]:

@@ -49,11 +49,16 @@ def test_a_region_that_could_serve_no_order_is_refused(region: RegionCfg) -> Non
         region_bidders(region, FLEET)
 
 
+def _host(max_batch: int = 4) -> AuctioneerHost:
+    return AuctioneerHost(AuctioneerSpec(region_index=0, fleet=FLEET, seed=SEED,
+                                         batch=BatchPolicy(window_s=0.0, max_batch=max_batch, retry_after_s=0.0)),
+                          None)
+
+
 def test_orders_sent_again_are_ignored_and_the_round_loop_lives_on() -> None:
     """A driver that retries `submit` after a timeout sends orders the auctioneer has: the
     ledger refuses a known id, which used to end the round loop and every open order."""
-    host = AuctioneerHost(AuctioneerSpec(region_index=0, fleet=FLEET, seed=SEED,
-                                         batch=BatchPolicy(window_s=0.0, max_batch=8, retry_after_s=0.0)), None)
+    host = _host(max_batch=8)
     try:
         orders = orders_at(20, 3)
         host.submit(orders[:12])
@@ -67,12 +72,6 @@ def test_orders_sent_again_are_ignored_and_the_round_loop_lives_on() -> None:
     finally:
         host.stop()
     assert len(host.outcomes()) == 20  # read in place once the loop has stopped
-
-
-def _host(max_batch: int = 4) -> AuctioneerHost:
-    return AuctioneerHost(AuctioneerSpec(region_index=0, fleet=FLEET, seed=SEED,
-                                         batch=BatchPolicy(window_s=0.0, max_batch=max_batch, retry_after_s=0.0)),
-                          None)
 
 
 def test_queries_run_on_the_round_loop_while_it_runs_and_in_place_once_it_ends() -> None:
