@@ -11,11 +11,17 @@ twin runs a few tens of milliseconds away, on the same machine state. Then it ru
 with one part of the journal's work taken out at a time:
 
 - ``none``: both arms unjournaled (what the estimator reads when there is nothing to find);
-- ``full``: the journal as shipped, ``interval`` fsync;
+- ``full``: the journal as ``bidhive simulate`` writes it: ``interval`` fsync, in bursts
+  (`market.journal_batch`);
+- ``at_once``: every record written in its hook, as the Ray and HTTP shells write it
+  (the difference to ``full`` is what the bursts save);
 - ``fsync_never``: no syncs;
 - ``no_encode``: records built and framed, but the payload written is a constant instead
-  of the codec's encoding (the difference to ``full`` is the codec's share);
+  of the codec's encoding (the difference to ``at_once`` is the codec's share);
 - ``no_writer``: records built by the recorder, then dropped (the recorder's own share).
+
+``fsync_never``, ``no_encode`` and ``no_writer`` write at once, so ``at_once`` is theirs
+to compare with.
 
 Each variant runs ``--reps`` times in fresh processes, variants interleaved; the figures
 are each variant's runs and their median.
@@ -39,10 +45,11 @@ from typing import Any
 import market.journal as journal_module
 from bench.replay_bench import overhead_day
 from bench.stats import machine
+from market.journal_batch import simulation_journal
 from market.journal_recorder import JournalRecorder
 from market.recorder import NullRecorder, Recorder
 
-VARIANTS = ("none", "full", "fsync_never", "no_encode", "no_writer")
+VARIANTS = ("none", "full", "at_once", "fsync_never", "no_encode", "no_writer")
 CHUNK_ROUNDS = 64
 ORDERS = 2500
 SEED = 11
@@ -54,6 +61,8 @@ def _recorder(variant: str, path: Path) -> Recorder:
     patches the journal module for good: each run has a process of its own)."""
     if variant == "none":
         return NullRecorder()
+    if variant == "full":
+        return simulation_journal(path)
     recorder = JournalRecorder(path, fsync="never" if variant == "fsync_never" else "interval")
     if variant == "no_encode":  # the writer looks `pack` up in its module on every record
         journal_module.pack = lambda record, keys_checked=False: _CONSTANT_PAYLOAD  # type: ignore[assignment]

@@ -16,7 +16,10 @@ Three figures:
   kept for comparison: ``per_round_read_rebuild`` (``JournalReplay.rounds()``, each round
   rebuilt) and ``per_round_clear_only`` (``build_book`` + the mechanism per round).
 - ``overhead``: a simulation (``weekday``, default fleet, the same seed) with a
-  `NullRecorder` against the same run journaled under each fsync policy, interleaved
+  `NullRecorder` against the same run journaled as ``bidhive simulate`` journals it (in
+  bursts, `market.journal_batch.simulation_journal`) under each fsync policy, and with
+  every record written in its hook (``interval_at_once``, as the Ray and HTTP shells
+  write), interleaved
   in one process, in alternating order; each figure is the best of its runs (the machine
   is shared, so the minimum is the least noisy estimate), and
   ``overhead_wall_median_of_reps`` is the median of each repetition's ratio to the null
@@ -54,6 +57,7 @@ from bench.fleets import synthetic_fleet
 from bench.journal_bench import read_rate
 from bench.stats import machine
 from market.journal import journal_files
+from market.journal_batch import simulation_journal
 from market.journal_recorder import JournalRecorder
 from market.recorder import NullRecorder, Recorder
 from market.replay import CHUNK_ROUNDS, JournalReplay, ReadStep, by_columns, clear, make_mechanism, replay
@@ -66,6 +70,8 @@ T = TypeVar("T")
 TARGET_ROUNDS_PER_S = 20_000
 TARGET_OVERHEAD = 0.10
 FSYNC_POLICIES = ("never", "interval", "always")
+AT_ONCE = "interval_at_once"
+"""The `_overhead` arm whose journal writes every record in its hook (no bursts)."""
 PARALLEL_WORKERS = 2
 
 
@@ -192,17 +198,14 @@ def _sim(recorder: Recorder, n_orders: int, seed: int) -> tuple[float, float, in
 
 def _overhead(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[str, Any]:
     """Simulation wall and CPU time without a journal and with one per fsync policy."""
-    wall: dict[str, list[float]] = {k: [] for k in ("null", *FSYNC_POLICIES)}
+    arms = ("null", *FSYNC_POLICIES, AT_ONCE)
+    wall: dict[str, list[float]] = {k: [] for k in arms}
     cpu: dict[str, list[float]] = {k: [] for k in wall}
     sizes: dict[str, int] = {}
     rounds = 0
     for rep in range(reps):
         for name in (list(wall) if rep % 2 == 0 else list(wall)[::-1]):  # alternate: drift hits both alike
-            if name == "null":
-                recorder: Recorder = NullRecorder()
-            else:
-                path = tmp / f"overhead-{name}-{rep}.bhj"
-                recorder = JournalRecorder(path, fsync=name)  # type: ignore[arg-type]
+            recorder = _overhead_recorder(name, tmp / f"overhead-{name}-{rep}.bhj")
             w, c, rounds = _sim(recorder, n_orders, seed)
             wall[name].append(w)
             cpu[name].append(c)
@@ -212,7 +215,7 @@ def _overhead(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[str, 
     out: dict[str, Any] = {"orders": n_orders, "rounds": rounds, "reps": reps,
                            "null": {"wall_s": round(base_w, 3), "cpu_s": round(base_c, 3),
                                     "rounds_per_s": round(rounds / base_w)}}
-    for name in FSYNC_POLICIES:
+    for name in arms[1:]:
         w, c = min(wall[name]), min(cpu[name])
         pairs = [j / n - 1.0 for j, n in zip(wall[name], wall["null"])]
         out[name] = {"wall_s": round(w, 3), "cpu_s": round(c, 3), "rounds_per_s": round(rounds / w),
@@ -221,6 +224,16 @@ def _overhead(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[str, 
                      "throughput_loss_wall": round(throughput_loss(w / base_w - 1.0), 4),
                      "journal_bytes_per_round": round(sizes[name] / max(1, rounds))}
     return out
+
+
+def _overhead_recorder(arm: str, path: Path) -> Recorder:
+    """An `_overhead` arm's recorder: none, `simulate`'s journal under an fsync policy, or
+    `AT_ONCE` (``interval``, every record written in its hook, as the Ray and HTTP shells do)."""
+    if arm == "null":
+        return NullRecorder()
+    if arm == AT_ONCE:
+        return JournalRecorder(path, fsync="interval")
+    return simulation_journal(path, fsync=arm)  # type: ignore[arg-type]
 
 
 class _Tape:
@@ -259,7 +272,7 @@ def _recorder_cost(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[
 def _child_sim(mode: str, n_orders: int, seed: int) -> None:
     """One simulation in this process (a child of `_simultaneous`); prints its wall seconds."""
     with tempfile.TemporaryDirectory() as tmp:
-        recorder: Recorder = NullRecorder() if mode == "null" else JournalRecorder(Path(tmp) / "run.bhj")
+        recorder: Recorder = NullRecorder() if mode == "null" else simulation_journal(Path(tmp) / "run.bhj")
         print(json.dumps(_sim(recorder, n_orders, seed)[0]))
         recorder.close()
 

@@ -61,7 +61,7 @@ def simulate(
         raise UserError(f"unknown payment rule '{rule}' (known: first_score, second_score)")
     strategy = make_policy(policy, rule)  # type: ignore[arg-type]
     chosen = load_profile(profile) if profile is not None else None
-    recorder = _journal_recorder(journal)
+    recorder = _journal_recorder(journal, in_process=not ray_mode)
     with _no_empty_journal(recorder, journal), exit_143_when_terminated():
         setup = SimSetup.build(sc, strategy, seed=seed, n_orders=orders, profile=chosen, profile_name=profile,
                                recorder=recorder)
@@ -103,8 +103,10 @@ def _no_empty_journal(recorder: Any, path: Path | None) -> Iterator[None]:
         raise
 
 
-def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
-    """The journal recorder for `--journal`, or the null recorder."""
+def _journal_recorder(path: Path | None, *, in_process: bool):  # type: ignore[no-untyped-def]
+    """The journal recorder for `--journal`, or the null recorder. With the bidders in this
+    process the journal is written in bursts (`market.journal_batch`); with Ray bidders,
+    every record at once, before any bidder hears of its round."""
     from market.recorder import NullRecorder
 
     if path is None:
@@ -120,8 +122,10 @@ def _journal_recorder(path: Path | None):  # type: ignore[no-untyped-def]
         pass
     else:
         raise UserError(f"{path} already exists: a journal holds one run, give a new file name")
+    from market.journal_batch import simulation_journal
+
     try:
-        return JournalRecorder(path, fsync="interval")
+        return simulation_journal(path) if in_process else JournalRecorder(path, fsync="interval")
     except OSError as err:
         raise UserError(f"cannot write the journal {path}: {err.strerror or err}") from None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -174,13 +174,13 @@ class MarketEngine:
     ) -> None:
         """Counts the awards that were committed; refused ones become unserved (`commit_refused`)."""
         refused = set(refused)
-        if refused:
-            reason = list(out.alloc.reason)
+        if refused:  # a new allocation: the journal may not have written the cleared one yet
+            winner, reason = out.alloc.winner.copy(), list(out.alloc.reason)
             for o in refused:
-                out.alloc.winner[o] = -1
+                winner[o] = -1
                 reason[o] = COMMIT_REFUSED
                 out.delivered_s.pop(o, None)
-            out.alloc.reason = tuple(reason)
+            out.alloc = replace(out.alloc, winner=winner, reason=tuple(reason))
         for o, facts in out.award_facts:
             if o not in refused:
                 self.kpis.awarded(*facts)

@@ -81,12 +81,13 @@ def test_a_run_that_fails_before_its_first_record_leaves_no_journal(tmp_path: Pa
     """The file would only block the retry (a journal holds one run); one with records stays."""
     from bidhive_cli.main import _journal_recorder, _no_empty_journal
 
-    for fail_after_record in (False, True):
-        path = tmp_path / f"j-{fail_after_record}.bhj"
-        recorder = _journal_recorder(path)
+    for fail_after_record, in_process in ((False, True), (True, True), (False, False), (True, False)):
+        path = tmp_path / f"j-{fail_after_record}-{in_process}.bhj"
+        recorder = _journal_recorder(path, in_process=in_process)
         with pytest.raises(RuntimeError), _no_empty_journal(recorder, path):
             if fail_after_record:
-                recorder.writer.append("run_started", shell="test")
+                journal = recorder.journal if in_process else recorder
+                journal.writer.append("run_started", shell="test")
             raise RuntimeError("the run failed")
         assert path.exists() == fail_after_record
 

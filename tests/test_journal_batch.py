@@ -1,0 +1,116 @@
+"""The journal written in bursts (`BatchedRecorder`) is the journal written at once."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from market.config import load_profile, load_scenario
+from market.engine import LocalBidders
+from market.journal import read_journal
+from market.journal_batch import BatchedRecorder
+from market.journal_recorder import JournalRecorder
+from market.recorder import Recorder
+from market.replay import replay
+from market.simulator import SimSetup, Simulator
+from policies.registry import make_policy
+from tests.factories import refuse_commits
+
+
+class RefusingBidders(LocalBidders):
+    """Winners refuse the commits of every third round with awards: the engine then takes
+    awards back after the journal was told of the round's allocation."""
+
+    def __init__(self, agents: Any, strategy: Any) -> None:
+        super().__init__(agents, strategy)
+        self.award_rounds = 0
+
+    def settle(self, round_id: int, awards: dict[str, Any], quoted: list[str], now: float) -> set[int] | None:
+        self.award_rounds += bool(awards)
+        if not awards or self.award_rounds % 3:
+            return super().settle(round_id, awards, quoted, now)
+        return refuse_commits(self, round_id, awards, quoted, now)
+
+
+def _journal(path: Path, burst_calls: int | None, scenario: str, seed: int, n_orders: int, *,
+             policy: str = "heuristic", payment: str | None = None, refusing: bool = False,
+             switch_at: int | None = None) -> bytes:
+    """One seeded run's journal bytes: written at once (``burst_calls`` None) or in bursts."""
+    sc = load_scenario(scenario)
+    rule = payment or sc.payment
+    journal = JournalRecorder(path, timing=False)
+    recorder: Recorder = journal if burst_calls is None else BatchedRecorder(journal, burst_calls)
+    setup = SimSetup.build(sc, make_policy(policy, rule), seed=seed, n_orders=n_orders, recorder=recorder)
+    bidders = (lambda fleet, pol: RefusingBidders(fleet.agents, pol.strategy)) if refusing else None
+    sim = Simulator(setup, bidders=bidders)
+    for k, _ in enumerate(sim.rounds()):
+        if k == switch_at:  # an operator's live switch, between two rounds
+            sim.engine.profile = load_profile("time_first")
+            recorder.profile_changed("time_first", sim.now)
+    recorder.close()
+    return path.read_bytes()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(burst_calls=st.sampled_from([1, 2, 7, 64, 320, 10_000]), seed=st.integers(0, 2**16),
+       scenario=st.sampled_from(["weekday", "peak"]), payment=st.sampled_from(["first_score", "second_score"]))
+def test_a_journal_in_bursts_is_byte_identical(tmp_path: Path, burst_calls: int, seed: int, scenario: str,
+                                               payment: str) -> None:
+    at_once = _journal(tmp_path / f"a-{seed}.bhj", None, scenario, seed, 150, payment=payment)
+    in_bursts = _journal(tmp_path / f"b-{seed}.bhj", burst_calls, scenario, seed, 150, payment=payment)
+    assert in_bursts == at_once
+
+
+@pytest.mark.parametrize("kind", ["refused_commits", "profile_switch", "static_policy"])
+def test_runs_that_change_course_journal_the_same_in_bursts(tmp_path: Path, kind: str) -> None:
+    """Refused commits (the engine takes awards back after journaling the round), a live
+    profile switch, and a policy that quotes every bidder: the same bytes, and they verify."""
+    opts: dict[str, Any] = {"refusing": kind == "refused_commits", "switch_at": 40 if kind == "profile_switch" else None,
+                            "policy": "static" if kind == "static_policy" else "heuristic"}
+    at_once = _journal(tmp_path / "a.bhj", None, "weekday", 5, 400, **opts)
+    in_bursts = _journal(tmp_path / "b.bhj", 64, "weekday", 5, 400, **opts)
+    assert in_bursts == at_once
+    records = list(read_journal(tmp_path / "b.bhj"))
+    if kind == "refused_commits":
+        assert any("refused" in r for r in records if r["type"] == "hold_released")
+    if kind == "profile_switch":
+        assert any(r["type"] == "profile_changed" for r in records)
+    report = replay(tmp_path / "b.bhj")
+    assert report.ok, report.first_mismatch
+
+
+def test_a_failed_burst_raises_from_its_hook_and_writes_nothing_after_the_failure(tmp_path: Path) -> None:
+    """The fifth round's opening fails (a full disk): the records before it are in the file,
+    nothing after it is, and the journal is closed all the same."""
+    path = tmp_path / "fail.bhj"
+    journal = JournalRecorder(path, timing=False)
+    recorder = BatchedRecorder(journal, burst_calls=10_000)
+    sim = Simulator(SimSetup.build(load_scenario("weekday"), make_policy("heuristic"), seed=2, n_orders=100,
+                                   recorder=recorder))
+    real_round_opened, opened = journal.round_opened, []
+
+    def fails_on_the_fifth(rnd: Any, attempts: list[int]) -> None:
+        opened.append(rnd.round_id)
+        if len(opened) == 5:
+            raise OSError(28, "No space left on device")
+        real_round_opened(rnd, attempts)
+
+    journal.round_opened = fails_on_the_fifth  # type: ignore[method-assign]
+    steps = sim.rounds()
+    for _ in range(20):
+        next(steps)
+    with pytest.raises(OSError, match="No space left"):
+        recorder.close()
+    assert journal.writer.closed and len(opened) == 5
+    records = list(read_journal(path))
+    assert [r["round_id"] for r in records if r["type"] == "round_opened"] == opened[:4]
+    assert max(r["round_id"] for r in records if "round_id" in r) == opened[3]
+    assert records[-1]["type"] == "order_received"  # the fifth round's orders came before its opening
+
+
+def test_burst_calls_below_one_is_refused(tmp_path: Path) -> None:
+    with JournalRecorder(tmp_path / "x.bhj") as journal, pytest.raises(ValueError, match="at least 1"):
+        BatchedRecorder(journal, burst_calls=0)
