@@ -1,6 +1,12 @@
 """The journal written in bursts (`BatchedRecorder`) is the journal written at once."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +16,7 @@ from hypothesis import strategies as st
 
 from market.config import load_profile, load_scenario
 from market.engine import LocalBidders
-from market.journal import read_journal
+from market.journal import TornTailWarning, read_journal
 from market.journal_batch import BatchedRecorder
 from market.journal_recorder import JournalRecorder
 from market.recorder import Recorder
@@ -18,6 +24,8 @@ from market.replay import replay
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
 from tests.factories import refuse_commits
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RefusingBidders(LocalBidders):
@@ -114,3 +122,30 @@ def test_a_failed_burst_raises_from_its_hook_and_writes_nothing_after_the_failur
 def test_burst_calls_below_one_is_refused(tmp_path: Path) -> None:
     with JournalRecorder(tmp_path / "x.bhj") as journal, pytest.raises(ValueError, match="at least 1"):
         BatchedRecorder(journal, burst_calls=0)
+
+
+def test_simulate_killed_mid_run_leaves_a_journal_that_replays_and_verifies(tmp_path: Path) -> None:
+    """SIGKILL runs no clean-up: the bursts not yet written are lost with the process, and
+    what reached the file is a complete prefix (at most a torn last frame) that verifies."""
+    path = tmp_path / "killed.bhj"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "bidhive_cli.main", "simulate", "--scenario", "weekday",
+                             "--orders", "200000", "--journal", str(path), "--json"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while (not path.exists() or path.stat().st_size < 400_000) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TornTailWarning)
+        report = replay(path)
+    assert report.ok, report.first_mismatch
+    assert report.rounds > 100 and report.verified_rounds == report.rounds
