@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,11 +60,19 @@ def warnings_as_lines() -> Iterator[None]:
 
 @contextlib.contextmanager
 def exit_143_when_terminated() -> Iterator[None]:
-    """A SIGTERM while an embedded Ray runs (`runtime.local_ray.Terminated`, a kind of
-    KeyboardInterrupt that typer would report as 130) ends the command with 143, the
-    shell's code for it, once the cleanup it raised through has run."""
-    from runtime.local_ray import Terminated
+    """A SIGTERM ends the command with 143, the shell's code for it, once the cleanup it
+    raised through has run: a simulation's journal gets the records it had in hand.
 
+    Python's default for SIGTERM ends the process on the spot, so inside this block it
+    raises `runtime.local_ray.Terminated` instead (a kind of KeyboardInterrupt, which typer
+    would report as 130), as it does while an embedded Ray runs. A handler someone else
+    installed is left alone.
+    """
+    from runtime.local_ray import Terminated, raise_terminated
+
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     except Terminated:
@@ -70,3 +80,6 @@ def exit_143_when_terminated() -> Iterator[None]:
 
         print("bidhive: terminated", file=sys.stderr)
         raise typer.Exit(143) from None
+    finally:
+        if ours and signal.getsignal(signal.SIGTERM) is raise_terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -54,6 +54,7 @@ __all__ = [
     "listening_addresses",
     "local_ray",
     "peer_addresses",
+    "raise_terminated",
     "session_pids",
     "start_local_ray",
 ]
@@ -465,7 +466,7 @@ class LocalRay:
         if self._saved_cluster_flag is not None:
             _set_cluster_flag(self._saved_cluster_flag)
         main = threading.current_thread() is threading.main_thread()
-        if main and self._saved_sigterm is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        if main and self._saved_sigterm is not None and signal.getsignal(signal.SIGTERM) is raise_terminated:
             signal.signal(signal.SIGTERM, self._saved_sigterm)  # a handler set since (the service's) stays
         self._saved_sigterm = None
         _refresh_auth_state()
@@ -627,10 +628,11 @@ def _sigterm_to_python() -> Any:
     handlers for real crashes (SIGSEGV, SIGABRT) stay."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+def raise_terminated(signum: int, frame: Any) -> None:
+    """The SIGTERM handler that raises `Terminated` where the main thread is."""
     raise Terminated(f"signal {signum}")
 
 

@@ -124,28 +124,57 @@ def test_burst_calls_below_one_is_refused(tmp_path: Path) -> None:
         BatchedRecorder(journal, burst_calls=0)
 
 
-def test_simulate_killed_mid_run_leaves_a_journal_that_replays_and_verifies(tmp_path: Path) -> None:
-    """SIGKILL runs no clean-up: the bursts not yet written are lost with the process, and
-    what reached the file is a complete prefix (at most a torn last frame) that verifies."""
-    path = tmp_path / "killed.bhj"
+def _simulate_until(path: Path, journal_bytes: int) -> subprocess.Popen[str]:
+    """`bidhive simulate --journal path` on a long day, once its journal holds that many bytes."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "bidhive_cli.main", "simulate", "--scenario", "weekday",
                              "--orders", "200000", "--journal", str(path), "--json"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while (not path.exists() or path.stat().st_size < 400_000) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not path.exists() or path.stat().st_size < journal_bytes) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"simulate ended early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.02)
+    return proc
+
+
+def _verified_rounds(path: Path) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TornTailWarning)
         report = replay(path)
     assert report.ok, report.first_mismatch
-    assert report.rounds > 100 and report.verified_rounds == report.rounds
+    assert report.verified_rounds == report.rounds
+    return report.rounds
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_simulate_stopped_mid_run_leaves_a_journal_that_replays_and_verifies(tmp_path: Path, sig: int) -> None:
+    """SIGKILL runs no clean-up: the burst in hand is lost with the process, and what reached
+    the file is a complete prefix (at most a torn last frame). SIGTERM writes the burst in
+    hand and ends with 143 and one line."""
+    path = tmp_path / "stopped.bhj"
+    proc = _simulate_until(path, 400_000)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 143), err
+    if sig == signal.SIGTERM:
+        assert err.strip().splitlines() == ["bidhive: terminated"], err
+    assert _verified_rounds(path) > 100
+
+
+def test_close_writes_the_calls_in_hand(tmp_path: Path) -> None:
+    path = tmp_path / "closed.bhj"
+    recorder = BatchedRecorder(JournalRecorder(path, timing=False), burst_calls=10_000)
+    steps = Simulator(SimSetup.build(load_scenario("weekday"), make_policy("heuristic"), seed=4, n_orders=100,
+                                     recorder=recorder)).rounds()
+    for _ in range(21):  # the 21st step trades the 20th round
+        next(steps)
+    assert recorder.journal.writer.next_seq == 1  # run_started only
+    recorder.close()
+    cleared = [r for r in read_journal(path) if r["type"] == "round_cleared"]
+    assert len(cleared) == 20 and _verified_rounds(path) == 20
