@@ -62,7 +62,7 @@ def simulate(
     strategy = make_policy(policy, rule)  # type: ignore[arg-type]
     chosen = load_profile(profile) if profile is not None else None
     recorder = _journal_recorder(journal, in_process=not ray_mode)
-    with _no_empty_journal(recorder, journal), exit_143_when_terminated():
+    with exit_143_when_terminated(), _no_empty_journal(recorder, journal):  # SIGTERM still raises while it closes
         setup = SimSetup.build(sc, strategy, seed=seed, n_orders=orders, profile=chosen, profile_name=profile,
                                recorder=recorder)
         with _ray_bidders(policy, seed) if ray_mode else contextlib.nullcontext() as bidders:

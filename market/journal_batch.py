@@ -1,17 +1,16 @@
 """The journal in bursts, for a run whose bidders all live in the journal's own process.
 
-A `JournalRecorder` called once a hook spends about twice as long in place as the same
-calls made back to back: between two rounds the simulation evicts the journal's code and
-data from the caches (`bench.journal_ablation`). `BatchedRecorder` keeps a run's hook
+A `JournalRecorder` called once a hook costs a simulation about 1.6 times what the same
+calls cost made back to back: between two rounds the simulation evicts the journal's code
+and data from the caches (`bench.journal_ablation`). `BatchedRecorder` keeps a run's hook
 calls and plays them into the journal a burst at a time, in the order they were made, so
 the file holds the same records, byte for byte, as when every hook writes at once.
 
 Only for a run where nobody outside the process can act on a round before its records
-are written: ``bidhive simulate`` with in-process bidders. There a record written a burst
-later is as safe as one written at once: under ``interval`` fsync both sit in the
-process's memory until the next sync, and a crash takes the bidders with them. A shell
-whose bidders or clients are elsewhere (Ray, the HTTP service) writes each record at
-once, so an award is in the journal before anyone hears of it.
+are written: ``bidhive simulate`` with in-process bidders. A crash there takes the
+bidders with it, and loses at most one burst more than ``interval`` fsync already could.
+A shell whose bidders or clients are elsewhere (Ray, the HTTP service) writes each
+record at once, so an award is in the journal before anyone hears of it.
 """
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ from market.types import Order, Quote
 __all__ = ["BURST_CALLS", "BatchedRecorder", "simulation_journal"]
 
 BURST_CALLS = 320
-"""Hook calls kept before a burst: about 64 single-order rounds of five records each.
+"""Hook calls kept before a burst: about 80 single-order rounds (four hook calls, about
+five records each; some 30 ms of a `weekday` simulation, more for slower rounds).
 Measured in place (`bench.journal_ablation`), 64 rounds took the journal's cost to a
 simulation from about 10% to under 8%; 512 gave most of it back (more of the run's
 objects kept alive)."""
@@ -45,8 +45,8 @@ class BatchedRecorder:
     journal in bursts is byte-identical to the journal written at once.
 
     A burst that fails (a full disk, a value the codec rejects) raises from the hook call
-    that started it, and the calls after the failing one are dropped: the journal writes
-    nothing after a failed record, as `JournalWriter` itself does.
+    that started it, and the calls after the failing one are dropped, so the journal
+    stays a prefix of the run with no record missing in its middle.
 
     Args:
         journal: The recorder the calls go to; closed by `close`.
@@ -67,10 +67,22 @@ class BatchedRecorder:
             self._burst()
 
     def _burst(self) -> None:
-        """Plays the kept calls in order; after a failure the rest are dropped."""
+        """Plays the kept calls in order; after a failure the rest are dropped.
+
+        Ctrl-C or SIGTERM (`KeyboardInterrupt`) in the middle puts the calls not yet
+        written back, for `close` to write: a call counts as written once the journal's
+        ``seq`` has moved since the call before it.
+        """
+        writer = self.journal.writer
+        done, seq = 0, writer.next_seq
         calls, self._calls = self._calls, []
-        for hook, args in calls:
-            hook(*args)
+        try:
+            for hook, args in calls:
+                hook(*args)
+                done, seq = done + 1, writer.next_seq
+        except KeyboardInterrupt:
+            self._calls = calls[done + (writer.next_seq != seq):]
+            raise
 
     def run_started(self, info: dict[str, Any]) -> None:
         """Written at once: it checks the run can be journaled at all."""

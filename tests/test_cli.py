@@ -114,3 +114,39 @@ def test_bench_snapshot_quick_saves_and_resumes_a_killed_fleet() -> None:
     killed = result["killed_and_started_by_pending_jobs"]
     assert set(killed) == {"0", "500"} and all(r["bidders"] == 25 and r["start_rescue_ms"] > 0 for r in killed.values())
     assert result["leftovers"]["process_scan_ms"] > 0
+
+
+def test_sigterm_inside_a_command_raises_and_ends_with_143_and_the_handler_comes_back() -> None:
+    """Python's default SIGTERM ends the process on the spot, skipping the command's clean-up;
+    inside `exit_143_when_terminated` it raises and the command ends with 143. A handler
+    someone else installed is left alone, in the block and after it."""
+    import os
+    import signal
+
+    import typer
+
+    from bidhive_cli.errors import exit_143_when_terminated
+    from runtime.local_ray import raise_terminated
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cleaned = []
+    try:
+        with pytest.raises(typer.Exit) as stopped, exit_143_when_terminated():
+            try:
+                assert signal.getsignal(signal.SIGTERM) is raise_terminated
+                os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line
+                pytest.fail("SIGTERM did not raise")
+            finally:
+                cleaned.append(True)
+        assert stopped.value.exit_code == 143 and cleaned == [True]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+        def theirs(signum: int, frame: object) -> None:
+            """Someone else's handler."""
+
+        signal.signal(signal.SIGTERM, theirs)
+        with exit_143_when_terminated():
+            assert signal.getsignal(signal.SIGTERM) is theirs
+        assert signal.getsignal(signal.SIGTERM) is theirs
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -119,6 +119,50 @@ def test_a_failed_burst_raises_from_its_hook_and_writes_nothing_after_the_failur
     assert records[-1]["type"] == "order_received"  # the fifth round's orders came before its opening
 
 
+class _Tape:
+    """Keeps a run's hook calls, to play them into recorders later."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, hook: str) -> Any:
+        return lambda *args, **kwargs: self.calls.append((hook, args, kwargs))
+
+
+@pytest.mark.parametrize("when", ["before_its_record", "after_its_record"])
+def test_ctrl_c_in_a_burst_leaves_the_rest_for_close(tmp_path: Path, when: str) -> None:
+    """Ctrl-C or SIGTERM lands in a burst, before or after the interrupted call wrote its
+    record: close writes every call not yet written, once, so nothing is lost or doubled."""
+    tape = _Tape()
+    Simulator(SimSetup.build(load_scenario("weekday"), make_policy("heuristic"), seed=6, n_orders=200,
+                             recorder=tape)).run()  # type: ignore[arg-type]
+    at_once = JournalRecorder(tmp_path / "a.bhj", timing=False)
+    for hook, args, kwargs in tape.calls:
+        getattr(at_once, hook)(*args, **kwargs)
+    at_once.close()
+    journal = JournalRecorder(tmp_path / "b.bhj", timing=False)
+    real, cleared = journal.round_cleared, []
+
+    def interrupted_once(*args: Any) -> None:
+        cleared.append(args[0].round_id)
+        if len(cleared) == 10 and when == "before_its_record":
+            raise KeyboardInterrupt
+        real(*args)
+        if len(cleared) == 10:
+            raise KeyboardInterrupt
+
+    journal.round_cleared = interrupted_once  # type: ignore[method-assign]
+    recorder, interrupts = BatchedRecorder(journal, burst_calls=64), 0
+    for hook, args, kwargs in tape.calls:
+        try:
+            getattr(recorder, hook)(*args, **kwargs)
+        except KeyboardInterrupt:
+            interrupts += 1
+    recorder.close()
+    assert interrupts == 1
+    assert (tmp_path / "b.bhj").read_bytes() == (tmp_path / "a.bhj").read_bytes()
+
+
 def test_burst_calls_below_one_is_refused(tmp_path: Path) -> None:
     with JournalRecorder(tmp_path / "x.bhj") as journal, pytest.raises(ValueError, match="at least 1"):
         BatchedRecorder(journal, burst_calls=0)
