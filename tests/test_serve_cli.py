@@ -384,16 +384,23 @@ def test_a_port_held_only_by_closing_connections_is_waited_for(
         f"bidhive: 127.0.0.1:{port} is still held by connections, though nothing listens there; pick another with --port")
 
 
+_SIGINT_AT_DEFAULT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+"""Runs a command with SIGINT at its default. A shell's background job (`make test &`) starts
+with SIGINT ignored, its children inherit that, and Python then leaves it ignored: `serve run`
+would sleep through the test's Ctrl-C."""
+
+
 def _serve_run(tmp: Path, config: Path) -> subprocess.Popen[str]:
     """`serve run CONFIG` in a session of its own, as the README says to run it on one machine
     (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`); the Ray it starts keeps its files under `tmp`
-    (`RAY_TMPDIR`, and `HOME` for the auth token Ray writes there)."""
+    (`RAY_TMPDIR`, and `HOME` for the auth token Ray writes there). Ctrl-C reaches it however
+    the tests were started (`_SIGINT_AT_DEFAULT`)."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_TMPDIR": str(tmp / "ray"), "HOME": str(tmp / "home"), "TMPDIR": str(tmp)}
     (tmp / "home").mkdir(exist_ok=True)
     with (tmp / "serve-run.log").open("a") as log:
-        return subprocess.Popen([str(SERVE_CLI), "run", str(config)], stdout=log, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=tmp, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-c", _SIGINT_AT_DEFAULT, str(SERVE_CLI), "run", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp, start_new_session=True)
 
 
 def _healthy(proc: subprocess.Popen[str], url: str, log: Path) -> dict[str, object]:
