@@ -30,9 +30,9 @@ __all__ = ["BURST_CALLS", "BatchedRecorder", "simulation_journal"]
 BURST_CALLS = 320
 """Hook calls kept before a burst: about 80 single-order rounds (four hook calls, about
 five records each; some 30 ms of a `weekday` simulation, more for slower rounds).
-Measured in place (`bench.journal_ablation`), 64 rounds took the journal's cost to a
-simulation from about 10% to under 8%; 512 gave most of it back (more of the run's
-objects kept alive)."""
+Measured in place (the `bench.journal_ablation` estimator), 320 calls took the journal's
+cost to a simulation from about 10.2% to 7.7%; 32 calls gave 9.1%, and 640 or 1,280 gave
+about 9% (the kept rounds no longer stay in the caches)."""
 
 
 class BatchedRecorder:
