@@ -198,7 +198,8 @@ def _sim(recorder: Recorder, n_orders: int, seed: int) -> tuple[float, float, in
 
 
 def _overhead(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[str, Any]:
-    """Simulation wall and CPU time without a journal and with one per fsync policy."""
+    """Simulation wall and CPU time without a journal, with `simulate`'s per fsync policy, and
+    with one written at once (`AT_ONCE`)."""
     arms = ("null", *FSYNC_POLICIES, AT_ONCE)
     wall: dict[str, list[float]] = {k: [] for k in arms}
     cpu: dict[str, list[float]] = {k: [] for k in wall}
@@ -237,8 +238,8 @@ def _overhead_recorder(arm: str, path: Path) -> Recorder:
     return simulation_journal(path, fsync=arm)  # type: ignore[arg-type]
 
 
-class _Tape:
-    """A recorder that keeps every hook call, to time a real recorder on them later."""
+class HookTape:
+    """A recorder that keeps every hook call, to play them into a real recorder later."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
@@ -248,13 +249,18 @@ class _Tape:
             self.calls.append((name, args, kwargs))
         return hook
 
+    def play(self, recorder: Recorder) -> None:
+        """Makes every kept call on `recorder`, in order."""
+        for hook, args, kwargs in self.calls:
+            getattr(recorder, hook)(*args, **kwargs)
+
 
 def _recorder_cost(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[str, Any]:
     """The journal's own time per round, isolated: the run's hook calls replayed into a recorder.
 
     Less noisy than comparing whole simulations, and it counts only the journal's work.
     """
-    tape = _Tape()
+    tape = HookTape()
     wall, _, rounds = _sim(tape, n_orders, seed)  # type: ignore[arg-type]
     null_wall = min([wall] + [_sim(NullRecorder(), n_orders, seed)[0] for _ in range(reps - 1)])
     out: dict[str, Any] = {"null_sim_us_per_round": round(null_wall / rounds * 1e6, 1)}
@@ -263,15 +269,14 @@ def _recorder_cost(tmp: Path, n_orders: int, reps: int, seed: int = 11) -> dict[
         for rep in range(reps):
             recorder = JournalRecorder(tmp / f"tape-{name}-{rep}.bhj", fsync=name)  # type: ignore[arg-type]
             t0 = time.perf_counter()
-            for hook, args, kwargs in tape.calls:
-                getattr(recorder, hook)(*args, **kwargs)
+            tape.play(recorder)
             best = min(best, time.perf_counter() - t0)
         out[name] = {"us_per_round": round(best / rounds * 1e6, 1), "overhead": round(best / null_wall, 4)}
     return out
 
 
 def _child_sim(mode: str, n_orders: int, seed: int) -> None:
-    """One simulation in this process (a child of `_simultaneous`); prints its wall seconds."""
+    """One simulation in this process (a child of `_simultaneous`); prints its wall and CPU seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         recorder: Recorder = NullRecorder() if mode == "null" else simulation_journal(Path(tmp) / "run.bhj")
         print(json.dumps(_sim(recorder, n_orders, seed)[:2]))

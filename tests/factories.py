@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,12 @@ if TYPE_CHECKING:  # the desk brings Ray in; the market tests that use this modu
 
 GRID = CityGrid(31.2304, 121.4737)
 LEG_KINDS = (Kind.RIDER_POOL, Kind.CROWD, Kind.LOCKER)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a `python -m bidhive_cli.main` child: this checkout first on its path."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 ORDER_BODY: dict[str, Any] = {
     "customer_id": "c-1", "items": [{"sku": "sku-00003", "qty": 1}],
     "destination": {"lat": 31.2304, "lon": 121.4737}, "promise_minutes": 120, "value": 40.0,

@@ -1,7 +1,6 @@
 """The journal written in bursts (`BatchedRecorder`) is the journal written at once."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,9 +22,8 @@ from market.recorder import Recorder
 from market.replay import replay
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
-from tests.factories import refuse_commits
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.replay_bench import HookTape
+from tests.factories import REPO, cli_env, refuse_commits
 
 
 class RefusingBidders(LocalBidders):
@@ -119,26 +117,15 @@ def test_a_failed_burst_raises_from_its_hook_and_writes_nothing_after_the_failur
     assert records[-1]["type"] == "order_received"  # the fifth round's orders came before its opening
 
 
-class _Tape:
-    """Keeps a run's hook calls, to play them into recorders later."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __getattr__(self, hook: str) -> Any:
-        return lambda *args, **kwargs: self.calls.append((hook, args, kwargs))
-
-
 @pytest.mark.parametrize("when", ["before_its_record", "after_its_record"])
 def test_ctrl_c_in_a_burst_leaves_the_rest_for_close(tmp_path: Path, when: str) -> None:
     """Ctrl-C or SIGTERM lands in a burst, before or after the interrupted call wrote its
     record: close writes every call not yet written, once, so nothing is lost or doubled."""
-    tape = _Tape()
+    tape = HookTape()
     Simulator(SimSetup.build(load_scenario("weekday"), make_policy("heuristic"), seed=6, n_orders=200,
                              recorder=tape)).run()  # type: ignore[arg-type]
     at_once = JournalRecorder(tmp_path / "a.bhj", timing=False)
-    for hook, args, kwargs in tape.calls:
-        getattr(at_once, hook)(*args, **kwargs)
+    tape.play(at_once)
     at_once.close()
     journal = JournalRecorder(tmp_path / "b.bhj", timing=False)
     real, cleared = journal.round_cleared, []
@@ -170,10 +157,9 @@ def test_burst_calls_below_one_is_refused(tmp_path: Path) -> None:
 
 def _simulate_until(path: Path, journal_bytes: int) -> subprocess.Popen[str]:
     """`bidhive simulate --journal path` on a long day, once its journal holds that many bytes."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "bidhive_cli.main", "simulate", "--scenario", "weekday",
                              "--orders", "200000", "--journal", str(path), "--json"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while (not path.exists() or path.stat().st_size < journal_bytes) and time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -20,15 +19,13 @@ from market.journal_recorder import JournalRecorder
 from market.replay import JournalReplay, bidders_by_order, clear, explain, make_mechanism, replay, verify
 from market.simulator import SimSetup, Simulator
 from policies.registry import make_policy
-from tests.factories import refuse_commits, untimed
+from tests.factories import REPO, cli_env, refuse_commits, untimed
 
-REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "bidhive_cli.main"]
 
 
 def bidhive(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=cli_env())
 
 
 def record(path: Path, policy: str = "heuristic", n_orders: int = 300, seed: int = 21, payment: str = "first_score",
@@ -540,9 +537,8 @@ def test_a_reader_that_stops_early_is_not_a_verify_failure(heuristic: tuple[Path
     """`bidhive replay J --verify | head -1`: exit 141, as a process killed by SIGPIPE, not
     the 1 that means "the journal differs", and no traceback."""
     path, _ = heuristic
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([*CLI, "replay", str(path), "--verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=REPO, env=env)
+                            cwd=REPO, env=cli_env())
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.readline().startswith(b"journal ")
     proc.stdout.close()  # the reader goes away; the report is still to come
